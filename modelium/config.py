@@ -1,0 +1,225 @@
+"""Modelium configuration: `modelium.yaml`, overridden by `MODELIUM_*` environment variables.
+
+Every key is optional. Nested keys are reached from the environment with a double underscore:
+`MODELIUM_ORCHESTRATION__POLICIES__EVICT_AFTER_IDLE_SECONDS=60`. Values from the environment are
+parsed as YAML scalars/lists, so `MODELIUM_VLLM__ENABLED=true` is a boolean and
+`MODELIUM_ORCHESTRATION__MODEL_DISCOVERY__WATCH_DIRECTORIES='[/a, /b]'` is a list.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from modelium.names import sanitize_node_id
+
+ENV_PREFIX = "MODELIUM_"
+# Environment variables with the prefix that are not configuration keys.
+_ENV_NOT_KEYS = {"MODELIUM_CONFIG"}
+DEFAULT_CONFIG_FILE = "modelium.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and the source."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RuntimeToggle(_Section):
+    enabled: bool = False
+
+
+class ModelDiscovery(_Section):
+    watch_directories: list[Path] = Field(default_factory=lambda: [Path("./models/incoming")])
+    # A model directory is handed over only after its files stopped changing for this long.
+    settle_seconds: float = Field(default=3.0, ge=0.0, le=3600.0)
+    # Polling works on network and container mounts where inotify sees nothing.
+    polling: bool = False
+    poll_interval_seconds: float = Field(default=1.0, gt=0.0, le=600.0)
+
+
+class Policies(_Section):
+    evict_after_idle_seconds: float = Field(default=300.0, gt=0.0)
+
+
+class Orchestration(_Section):
+    model_discovery: ModelDiscovery = Field(default_factory=ModelDiscovery)
+    policies: Policies = Field(default_factory=Policies)
+
+
+class Metrics(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9090, ge=0, le=65535)
+
+
+class Temporal(_Section):
+    # None: start an embedded dev server (SQLite under state_dir). Otherwise host:port of a cluster.
+    address: str | None = None
+    namespace: str = "default"
+    port: int = Field(default=7233, ge=1, le=65535)
+    ui_port: int = Field(default=8233, ge=1, le=65535)
+    ui: bool = True
+    startup_timeout_seconds: float = Field(default=60.0, gt=0.0)
+
+
+class Gateway(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # Usage counts are coalesced into one signal per model per interval; 0 sends one per request.
+    usage_flush_seconds: float = Field(default=1.0, ge=0.0, le=60.0)
+    # How long a model's endpoint, read from its workflow, is reused before it is read again.
+    endpoint_cache_seconds: float = Field(default=2.0, ge=0.0, le=300.0)
+    request_timeout_seconds: float = Field(default=300.0, gt=0.0)
+    max_tokens_limit: int = Field(default=4096, ge=1)
+
+
+class Node(_Section):
+    id: str = Field(default_factory=lambda: sanitize_node_id(socket.gethostname()))
+    # Memory that models may book on a node without a GPU. None: half of this machine's RAM.
+    cpu_memory_budget_bytes: int | None = Field(default=None, gt=0)
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        cleaned = sanitize_node_id(value)
+        if cleaned != value:
+            raise ValueError(
+                f"node id {value!r} may only hold lowercase letters, digits, '-' and '_' "
+                f"(for example {cleaned!r})"
+            )
+        return value
+
+
+class EmbeddedRuntime(_Section):
+    # "auto" takes the booked GPU when there is one, else the CPU.
+    device: str = "auto"
+    load_timeout_seconds: float = Field(default=600.0, gt=0.0)
+    # Threads each CPU model may use; None lets PyTorch decide.
+    cpu_threads: int | None = Field(default=None, ge=1)
+
+
+class Runtimes(_Section):
+    embedded: EmbeddedRuntime = Field(default_factory=EmbeddedRuntime)
+
+
+class Settings(_Section):
+    state_dir: Path = Path("./.modelium")
+    log_level: str = "INFO"
+    vllm: RuntimeToggle = Field(default_factory=RuntimeToggle)
+    triton: RuntimeToggle = Field(default_factory=RuntimeToggle)
+    ray_serve: RuntimeToggle = Field(default_factory=RuntimeToggle)
+    orchestration: Orchestration = Field(default_factory=Orchestration)
+    metrics: Metrics = Field(default_factory=Metrics)
+    temporal: Temporal = Field(default_factory=Temporal)
+    gateway: Gateway = Field(default_factory=Gateway)
+    node: Node = Field(default_factory=Node)
+    runtimes: Runtimes = Field(default_factory=Runtimes)
+
+    @field_validator("log_level")
+    @classmethod
+    def _valid_level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return upper
+
+    @property
+    def watch_directories(self) -> list[Path]:
+        return list(self.orchestration.model_discovery.watch_directories)
+
+    @property
+    def idle_seconds(self) -> float:
+        return self.orchestration.policies.evict_after_idle_seconds
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_KEYS:
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if not all(path):
+            raise ConfigError(f"environment variable {name}: empty key segment")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"environment variable {name}: not a valid value: {exc}") from exc
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment variable {name}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+            continue
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read the config file (if any), apply environment variables, then explicit overrides.
+
+    `path` None means: `$MODELIUM_CONFIG`, else `./modelium.yaml` when it exists, else defaults.
+    A file that was asked for explicitly must exist.
+    """
+    env = os.environ if environ is None else environ
+    explicit = path is not None or "MODELIUM_CONFIG" in env
+    chosen = Path(path if path is not None else env.get("MODELIUM_CONFIG", DEFAULT_CONFIG_FILE))
+    data: dict[str, Any] = {}
+    sources = []
+    if chosen.is_file():
+        try:
+            loaded = yaml.safe_load(chosen.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{chosen}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{chosen}: the top level must be a mapping of keys")
+        data = loaded or {}
+        sources.append(str(chosen))
+    elif explicit:
+        raise ConfigError(f"config file {chosen} does not exist")
+    env_tree = _env_overrides(env)
+    if env_tree:
+        sources.append("MODELIUM_* environment")
+        data = _merge(data, env_tree)
+    if overrides:
+        sources.append("command line")
+        data = _merge(data, overrides)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, ", ".join(sources) or "defaults")) from None

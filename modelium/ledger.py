@@ -1,0 +1,93 @@
+"""The placement ledger of one node: how much memory each model has booked on each device.
+
+Bookings are kept in a JSON file under the node's state directory, written atomically, so they
+survive a restart of the node agent. A booking never takes a device past its capacity, and booking
+the same model twice returns the first booking (a retried activity must not book twice).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+from modelium.types import Booking
+
+
+class InsufficientCapacity(RuntimeError):
+    """The device has not enough unbooked memory for this booking."""
+
+
+class Ledger:
+    def __init__(self, path: Path, node: str, capacities: dict[str, int]) -> None:
+        self._path = path
+        self._node = node
+        self._capacities = dict(capacities)
+        self._lock = threading.Lock()
+        self._bookings: dict[str, Booking] = {}
+        if path.is_file():
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            self._bookings = {m: Booking(**b) for m, b in raw.get("bookings", {}).items()}
+
+    @property
+    def capacities(self) -> dict[str, int]:
+        return dict(self._capacities)
+
+    def booked(self, device: str) -> int:
+        with self._lock:
+            return self._booked_locked(device)
+
+    def _booked_locked(self, device: str) -> int:
+        return sum(b.bytes for b in self._bookings.values() if b.device == device)
+
+    def bookings(self) -> list[Booking]:
+        with self._lock:
+            return list(self._bookings.values())
+
+    def get(self, model: str) -> Booking | None:
+        with self._lock:
+            return self._bookings.get(model)
+
+    def reserve(self, model: str, device: str, nbytes: int) -> Booking:
+        with self._lock:
+            existing = self._bookings.get(model)
+            if existing is not None and existing.device == device and existing.bytes == nbytes:
+                return existing
+            if device not in self._capacities:
+                raise InsufficientCapacity(
+                    f"node {self._node} has no device {device!r} "
+                    f"(devices: {', '.join(self._capacities)})"
+                )
+            others = self._booked_locked(device) - (
+                existing.bytes if existing and existing.device == device else 0
+            )
+            capacity = self._capacities[device]
+            if others + nbytes > capacity:
+                raise InsufficientCapacity(
+                    f"{model} needs {nbytes / 2**20:.0f} MiB on {self._node}/{device}, but only "
+                    f"{(capacity - others) / 2**20:.0f} MiB of {capacity / 2**20:.0f} MiB is free"
+                )
+            booking = Booking(model=model, node=self._node, device=device, bytes=nbytes)
+            self._bookings[model] = booking
+            self._save_locked()
+            return booking
+
+    def release(self, model: str) -> Booking | None:
+        with self._lock:
+            booking = self._bookings.pop(model, None)
+            if booking is not None:
+                self._save_locked()
+            return booking
+
+    def _save_locked(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_suffix(".tmp")
+        data = {"node": self._node, "bookings": {m: asdict(b) for m, b in self._bookings.items()}}
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        os.replace(tmp, self._path)
+
+
+def system_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -1,0 +1,67 @@
+"""One place that turns names into identifiers: model names, workflow ids, task queues.
+
+Model names come from folder names a user chose, so they are sanitized before they become
+workflow ids, paths, metric labels or URL segments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+CONTROL_TASK_QUEUE = "modelium-control"
+WORKFLOW_ID_PREFIX = "modelium-model-"
+MAX_MODEL_NAME = 63
+
+_MODEL_ALLOWED = re.compile(r"[^a-z0-9._-]+")
+_MODEL_VALID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_NODE_ALLOWED = re.compile(r"[^a-z0-9_-]+")
+
+
+class InvalidModelName(ValueError):
+    """A model name that cannot be used as given (empty, traversal, odd characters)."""
+
+
+def sanitize_model_name(raw: str) -> str:
+    """Map any folder name to a stable, safe model name.
+
+    Lowercase letters, digits, '.', '_' and '-' pass through. Anything else becomes '-', and then a
+    short hash of the original is appended so that two different folders never share a name.
+    """
+    lowered = raw.strip().lower()
+    cleaned = _MODEL_ALLOWED.sub("-", lowered).strip(".-_")
+    cleaned = re.sub(r"-{2,}", "-", cleaned)
+    if cleaned == lowered and _MODEL_VALID.match(cleaned):
+        return cleaned
+    digest = hashlib.sha256(raw.encode("utf-8")).hexdigest()[:6]
+    base = (cleaned or "model")[: MAX_MODEL_NAME - 7].rstrip(".-_") or "model"
+    return f"{base}-{digest}"
+
+
+def validate_model_name(name: str) -> str:
+    """Check a name that arrives from a request path: it must already be a sanitized name."""
+    if not _MODEL_VALID.match(name) or ".." in name:
+        raise InvalidModelName(
+            f"invalid model name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def workflow_id(model: str) -> str:
+    return WORKFLOW_ID_PREFIX + validate_model_name(model)
+
+
+def model_from_workflow_id(wf_id: str) -> str | None:
+    if not wf_id.startswith(WORKFLOW_ID_PREFIX):
+        return None
+    return wf_id[len(WORKFLOW_ID_PREFIX) :]
+
+
+def sanitize_node_id(raw: str) -> str:
+    cleaned = _NODE_ALLOWED.sub("-", raw.strip().lower()).strip("-_")
+    return cleaned[:48] or "node"
+
+
+def node_task_queue(node_id: str) -> str:
+    return f"modelium-node-{sanitize_node_id(node_id)}"

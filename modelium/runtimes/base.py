@@ -1,0 +1,51 @@
+"""The interface every runtime adapter implements (see STYLE.md, "Runtime adapters")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+from modelium.types import Endpoint, LoadRequest
+
+Progress = Callable[[str], None]
+
+
+class RuntimeStartError(RuntimeError):
+    """The runtime could not start the model; the message carries the runtime's own words."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class RuntimeUnhealthy(RuntimeError):
+    """A started model no longer answers."""
+
+
+@runtime_checkable
+class RuntimeAdapter(Protocol):
+    name: str
+
+    async def start(self, request: LoadRequest, progress: Progress) -> Endpoint:
+        """Start serving the model and return its endpoint once it answers its health check.
+
+        Idempotent: if the model is already running and healthy, its endpoint is returned.
+        `progress` is called while waiting (activities heartbeat from it).
+        """
+        ...
+
+    async def check_health(self, model: str) -> None:
+        """Raise RuntimeUnhealthy when the model does not answer."""
+        ...
+
+    async def stop(self, model: str) -> bool:
+        """Stop serving the model and free its device. True if something was running."""
+        ...
+
+    async def stop_all(self) -> None:
+        """Stop every model this adapter started (shutdown)."""
+        ...
+
+    def running(self) -> list[str]:
+        """Models this adapter is serving now."""
+        ...

@@ -1,0 +1,339 @@
+"""The process that serves one model for the embedded runtime.
+
+Run as `python -m modelium.runtimes.embedded_server --model-dir DIR --name NAME --task TASK ...`.
+The model is loaded before the port is bound, so `/health` answering means ready.
+
+Text generation: `/v1/completions`, `/v1/chat/completions` (OpenAI protocol), `/v1/models`.
+Classification and embeddings: `POST /predict {"inputs": str | [str]}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+
+log = logging.getLogger("modelium.embedded_server")
+
+TEXT_GENERATION = "text-generation"
+TEXT_CLASSIFICATION = "text-classification"
+FEATURE_EXTRACTION = "feature-extraction"
+MAX_BATCH = 64
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status)
+
+
+@dataclass
+class Loaded:
+    name: str
+    task: str
+    device: str
+    tokenizer: Any
+    model: Any
+    created: int
+    context_length: int | None
+
+
+def load(model_dir: str, name: str, task: str, device: str) -> Loaded:
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    cls = {
+        TEXT_GENERATION: AutoModelForCausalLM,
+        TEXT_CLASSIFICATION: AutoModelForSequenceClassification,
+        FEATURE_EXTRACTION: AutoModel,
+    }[task]
+    model = cls.from_pretrained(model_dir, dtype="auto").to(device).eval()
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
+    log.info("loaded %s (%s) on %s in %.2fs", name, task, device, time.monotonic() - started)
+    return Loaded(name, task, device, tokenizer, model, int(time.time()), context)
+
+
+def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise BadRequest(f"{key} must be a number between {lo} and {hi}", key)
+    return float(value)
+
+
+def _integer(body: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise BadRequest(f"{key} must be an integer between {lo} and {hi}", key)
+    return value
+
+
+def _stops(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
+        return stop
+    raise BadRequest("stop must be a string or a list of up to 4 strings", "stop")
+
+
+class Server:
+    def __init__(self, loaded: Loaded) -> None:
+        self.m = loaded
+        # One forward pass at a time: concurrent generate() calls on one CPU model only thrash.
+        self._lock = threading.Lock()
+
+    # -- text generation -------------------------------------------------------------------
+    def generate(self, prompt: str, body: dict[str, Any]) -> dict[str, Any]:
+        max_tokens = _integer(body, "max_tokens", 16, 1, 1_000_000)
+        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise BadRequest("seed must be an integer", "seed")
+        stops = _stops(body)
+        tok = self.m.tokenizer
+        inputs = tok(prompt, return_tensors="pt").to(self.m.device)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        if prompt_tokens == 0:
+            raise BadRequest("prompt is empty after tokenization", "prompt")
+        ctx = self.m.context_length
+        if ctx is not None and prompt_tokens + max_tokens > ctx:
+            raise BadRequest(
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"model's context length of {ctx} tokens",
+                "max_tokens",
+            )
+        kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": tok.pad_token_id}
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(do_sample=False)
+        with self._lock, torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            output = self.m.model.generate(**inputs, **kwargs)
+        new_tokens = output[0][prompt_tokens:]
+        text = tok.decode(new_tokens, skip_special_tokens=True)
+        finish = "length" if len(new_tokens) >= max_tokens else "stop"
+        for stop in stops:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        return {
+            "text": text,
+            "finish_reason": finish,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": int(len(new_tokens)),
+        }
+
+    async def completions(self, request: Request) -> JSONResponse:
+        body = await _json(request)
+        if body.get("stream"):
+            raise BadRequest("stream is not supported by this runtime yet", "stream")
+        prompt = body.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if (
+            not isinstance(prompts, list)
+            or not prompts
+            or len(prompts) > MAX_BATCH
+            or not all(isinstance(p, str) for p in prompts)
+        ):
+            raise BadRequest(f"prompt must be a string or a list of 1-{MAX_BATCH} strings", "prompt")
+        results = [await run_in_threadpool(self.generate, p, body) for p in prompts]
+        return JSONResponse(
+            {
+                "id": f"cmpl-{uuid.uuid4().hex}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.m.name,
+                "choices": [
+                    {"index": i, "text": r["text"], "finish_reason": r["finish_reason"],
+                     "logprobs": None}
+                    for i, r in enumerate(results)
+                ],  # fmt: skip
+                "usage": _usage(results),
+            }
+        )
+
+    async def chat_completions(self, request: Request) -> JSONResponse:
+        body = await _json(request)
+        if body.get("stream"):
+            raise BadRequest("stream is not supported by this runtime yet", "stream")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
+            for m in messages
+        ):
+            raise BadRequest("messages must be a list of {role, content} objects", "messages")
+        tok = self.m.tokenizer
+        if getattr(tok, "chat_template", None):
+            prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            # No template shipped with the model: a plain transcript it can continue.
+            prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        result = await run_in_threadpool(self.generate, prompt, body)
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.m.name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result["text"]},
+                        "finish_reason": result["finish_reason"],
+                    }
+                ],
+                "usage": _usage([result]),
+            }
+        )
+
+    # -- classification / embeddings -------------------------------------------------------
+    def infer(self, texts: list[str]) -> tuple[list[Any], int]:
+        tok = self.m.tokenizer
+        batch = tok(texts, return_tensors="pt", padding=True, truncation=True).to(self.m.device)
+        tokens = int(batch["attention_mask"].sum())
+        with self._lock, torch.inference_mode():
+            out = self.m.model(**batch)
+        if self.m.task == TEXT_CLASSIFICATION:
+            probs = out.logits.softmax(dim=-1)
+            labels = self.m.model.config.id2label
+            return [
+                [{"label": labels.get(i, str(i)), "score": float(p)} for i, p in enumerate(row)]
+                for row in probs
+            ], tokens
+        mask = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+        pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return pooled.float().tolist(), tokens
+
+    async def predict(self, request: Request) -> JSONResponse:
+        body = await _json(request)
+        inputs = body.get("inputs")
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if (
+            not isinstance(texts, list)
+            or not texts
+            or len(texts) > MAX_BATCH
+            or not all(isinstance(t, str) and t for t in texts)
+        ):
+            raise BadRequest(f"inputs must be a string or a list of 1-{MAX_BATCH} strings", "inputs")
+        if self.m.task == TEXT_GENERATION:
+            results = [await run_in_threadpool(self.generate, t, body) for t in texts]
+            outputs: list[Any] = [r["text"] for r in results]
+            usage = _usage(results)
+        else:
+            outputs, tokens = await run_in_threadpool(self.infer, texts)
+            usage = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
+        output = outputs[0] if isinstance(inputs, str) else outputs
+        return JSONResponse({"model": self.m.name, "task": self.m.task, "output": output,
+                             "usage": usage})  # fmt: skip
+
+    # -- misc ------------------------------------------------------------------------------
+    async def health(self, request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "model": self.m.name, "task": self.m.task})
+
+    async def models(self, request: Request) -> JSONResponse:
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"id": self.m.name, "object": "model", "created": self.m.created,
+                          "owned_by": "modelium"}],
+            }  # fmt: skip
+        )
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/health", self.health),
+            Route("/v1/models", self.models),
+            Route("/predict", _guard(self.predict), methods=["POST"]),
+        ]
+        if self.m.task == TEXT_GENERATION:
+            routes += [
+                Route("/v1/completions", _guard(self.completions), methods=["POST"]),
+                Route("/v1/chat/completions", _guard(self.chat_completions), methods=["POST"]),
+            ]
+        return Starlette(routes=routes)
+
+
+def _usage(results: list[dict[str, Any]]) -> dict[str, int]:
+    prompt = sum(r["prompt_tokens"] for r in results)
+    completion = sum(r["completion_tokens"] for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}  # fmt: skip
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def _guard(handler: Any) -> Any:
+    async def wrapped(request: Request) -> JSONResponse:
+        try:
+            return await handler(request)
+        except BadRequest as exc:
+            return _error(400, str(exc), exc.param)
+
+    return wrapped
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--task", required=True,
+                        choices=[TEXT_GENERATION, TEXT_CLASSIFICATION, FEATURE_EXTRACTION])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)  # fmt: skip
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    server = Server(load(args.model_dir, args.name, args.task, args.device))
+    uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning",
+                access_log=False)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

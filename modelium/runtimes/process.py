@@ -1,0 +1,142 @@
+"""Runtime processes: own process group, free port, log file, health polling, clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import httpx
+
+from modelium.runtimes.base import RuntimeStartError
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); it is gone for every purpose that matters here.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class ManagedProcess:
+    """One child process in its own process group, its output in a log file."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.log_path = log_path
+        self._env = dict(env) if env is not None else None
+        self._cwd = cwd
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.started_at: float | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as logfile:
+            self._proc = subprocess.Popen(
+                self.argv,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self._env,
+                cwd=self._cwd,
+                start_new_session=True,  # its own process group: stopped as a whole
+            )
+        self.started_at = time.time()
+        log.info("started pid %s: %s (log %s)", self._proc.pid, self.argv[0], self.log_path)
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def exit_code(self) -> int | None:
+        return self._proc.poll() if self._proc else None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    async def wait_healthy(
+        self,
+        url: str,
+        timeout: float,
+        tick: Callable[[], None] | None = None,
+        interval: float = 0.25,
+    ) -> None:
+        """Poll `url` until it answers 200, the process exits, or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while True:
+                if not self.alive():
+                    raise RuntimeStartError(
+                        f"process exited with code {self.exit_code()} before it became healthy; "
+                        f"last lines of {self.log_path}:\n{self.log_tail()}"
+                    )
+                try:
+                    response = await client.get(url)
+                    if response.status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeStartError(
+                        f"not healthy after {timeout:.0f}s at {url}; last lines of "
+                        f"{self.log_path}:\n{self.log_tail()}"
+                    )
+                if tick is not None:
+                    tick()
+                await asyncio.sleep(interval)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the process group, SIGKILL it after `grace` seconds; reap the child."""
+        if self._proc is None:
+            return
+        pgid = self._proc.pid
+        _signal_group(pgid, signal.SIGTERM)
+        try:
+            self._proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            log.warning("pid %s ignored SIGTERM for %.0fs; sending SIGKILL", pgid, grace)
+        # Whatever the leader did, nothing of its group may outlive it.
+        _signal_group(pgid, signal.SIGKILL)
+        self._proc.wait()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass

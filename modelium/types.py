@@ -1,0 +1,167 @@
+"""Plain data passed between the watcher, workflows, activities and the gateway.
+
+Dataclasses only, no I/O: this module is imported by deterministic workflow code. Times are epoch
+seconds (floats) so they serialize the same through every converter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class Phase:
+    DISCOVERED = "discovered"
+    ANALYZING = "analyzing"
+    DECIDING = "deciding"
+    RESERVING = "reserving"
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+    UNLOADED = "unloaded"
+    FAILED = "failed"
+    REMOVED = "removed"
+
+    # Phases in which the model answers requests.
+    SERVING = frozenset({LOADED})
+    # Phases in which the model is on its way to serving.
+    STARTING = frozenset({DISCOVERED, ANALYZING, DECIDING, RESERVING, LOADING})
+
+
+class Task:
+    TEXT_GENERATION = "text-generation"
+    TEXT_CLASSIFICATION = "text-classification"
+    FEATURE_EXTRACTION = "feature-extraction"
+
+
+class Protocol:
+    # OpenAI-compatible /v1/completions (+ /v1/chat/completions) and /health.
+    OPENAI = "openai"
+    # Modelium's own JSON: POST /predict {"inputs": ...} -> {"output": ...}.
+    MODELIUM_JSON = "modelium-json"
+
+
+@dataclass
+class ModelSource:
+    """A model directory as the watcher saw it, once its files stopped changing."""
+
+    name: str
+    path: str
+    fingerprint: str
+
+
+@dataclass
+class ModelAnalysis:
+    name: str
+    path: str
+    format: str
+    architecture: str
+    model_type: str
+    task: str
+    modality: str
+    weight_files: list[str] = field(default_factory=list)
+    weight_bytes: int = 0
+    parameter_count: int | None = None
+    dtype: str | None = None
+    has_tokenizer: bool = False
+    context_length: int | None = None
+    memory_estimate_bytes: int = 0
+
+    def summary(self) -> str:
+        size = f"{self.parameter_count:,} params" if self.parameter_count else "size unknown"
+        return f"{self.architecture} ({self.model_type}), {self.task}, {size}"
+
+
+@dataclass
+class Decision:
+    runtime: str
+    node: str
+    device: str
+    reason: str
+    source: str = "rules"
+
+
+@dataclass
+class DecideRequest:
+    analysis: ModelAnalysis
+    # Per-model runtime asked for by the user, if any.
+    runtime_override: str | None = None
+
+
+@dataclass
+class Booking:
+    model: str
+    node: str
+    device: str
+    bytes: int
+
+
+@dataclass
+class ReserveRequest:
+    model: str
+    device: str
+    bytes: int
+
+
+@dataclass
+class Endpoint:
+    url: str
+    protocol: str
+    runtime: str
+    node: str
+    pid: int | None = None
+
+
+@dataclass
+class LoadRequest:
+    model: str
+    path: str
+    runtime: str
+    task: str
+    booking: Booking
+
+
+@dataclass
+class LoadResult:
+    endpoint: Endpoint
+    load_seconds: float
+
+
+@dataclass
+class UnloadRequest:
+    model: str
+    runtime: str
+    reason: str
+
+
+@dataclass
+class HealthRequest:
+    model: str
+    runtime: str
+
+
+@dataclass
+class ModelState:
+    """What a model's workflow knows; returned by its `state` query."""
+
+    name: str
+    path: str
+    fingerprint: str = ""
+    phase: str = Phase.DISCOVERED
+    runtime: str | None = None
+    node: str | None = None
+    device: str | None = None
+    endpoint: Endpoint | None = None
+    task: str | None = None
+    analysis_summary: str | None = None
+    memory_estimate_bytes: int | None = None
+    decision: Decision | None = None
+    booking: Booking | None = None
+    idle_seconds: float = 300.0
+    last_used_at: float | None = None
+    loaded_at: float | None = None
+    load_seconds: float | None = None
+    request_count: int = 0
+    load_count: int = 0
+    last_error: str | None = None
+    unload_reason: str | None = None
+    updated_at: float | None = None
