@@ -63,6 +63,12 @@ def _known_model_types() -> frozenset[str]:
     return frozenset(CONFIG_MAPPING_NAMES)
 
 
+def warm_up() -> None:
+    """Load transformers' architecture tables now rather than on the first model."""
+    _known_architectures()
+    _known_model_types()
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

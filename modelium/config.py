@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from modelium.names import sanitize_node_id
+from modelium.names import CONTROL_TASK_QUEUE, sanitize_node_id
 
 ENV_PREFIX = "MODELIUM_"
 # Environment variables with the prefix that are not configuration keys.
@@ -65,6 +65,8 @@ class Temporal(_Section):
     # None: start an embedded dev server (SQLite under state_dir). Otherwise host:port of a cluster.
     address: str | None = None
     namespace: str = "default"
+    # The task queue of control workers; node agents each use modelium-node-<node id>.
+    control_task_queue: str = CONTROL_TASK_QUEUE
     port: int = Field(default=7233, ge=1, le=65535)
     ui_port: int = Field(default=8233, ge=1, le=65535)
     ui: bool = True

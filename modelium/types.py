@@ -126,11 +126,22 @@ class LoadResult:
     load_seconds: float
 
 
+class UnloadKind:
+    """Why a model was unloaded, as a bounded set (a metric label)."""
+
+    IDLE = "idle"
+    REQUESTED = "requested"
+    REMOVED = "removed"
+    FILES_CHANGED = "files_changed"
+    UNHEALTHY = "unhealthy"
+
+
 @dataclass
 class UnloadRequest:
     model: str
     runtime: str
     reason: str
+    kind: str = UnloadKind.REQUESTED
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Temporal activities: thin wrappers that call `modelium` and perform the side effects."""

@@ -1,0 +1,1 @@
+"""The HTTP gateway: asks workflows where a model runs and proxies requests to it."""

@@ -1,0 +1,127 @@
+"""What the gateway knows about models: their workflow state, cached for a short while.
+
+Routing reads a model's endpoint from its workflow's `state` query; to keep that off the hot
+path the answer is reused for `ttl` seconds, and dropped at once when the endpoint fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import timedelta
+
+from temporalio.client import Client, WorkflowQueryFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from modelium.names import model_from_workflow_id, workflow_id
+from modelium.types import ModelState, Phase
+from workflows.contracts import WORKFLOW_TYPE
+from workflows.lifecycle import ModelLifecycleWorkflow
+
+from api.errors import ControlPlaneUnavailable
+
+log = logging.getLogger(__name__)
+
+QUERY_TIMEOUT = timedelta(seconds=10)
+RUNNING_MODELS = f'WorkflowType="{WORKFLOW_TYPE}" AND ExecutionStatus="Running"'
+
+
+class ModelRegistry:
+    def __init__(self, client: Client, ttl: float) -> None:
+        self._client = client
+        self._ttl = ttl
+        self._cache: dict[str, tuple[float, ModelState]] = {}
+        self._inflight: dict[str, asyncio.Future[ModelState | None]] = {}
+        # Last request this gateway served per model (epoch seconds).
+        self._last_request: dict[str, float] = {}
+
+    async def get(self, model: str, *, fresh: bool = False) -> ModelState | None:
+        """The model's state, or None when no such model exists (or it was removed)."""
+        cached = self._cache.get(model)
+        if cached is not None and not fresh and time.monotonic() - cached[0] < self._ttl:
+            return cached[1]
+        # Concurrent requests for the same model share one query.
+        pending = self._inflight.get(model)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[ModelState | None] = asyncio.get_running_loop().create_future()
+        self._inflight[model] = future
+        try:
+            state = await self._query(model)
+            if state is None:
+                self._cache.pop(model, None)
+            else:
+                self._cache[model] = (time.monotonic(), state)
+            future.set_result(state)
+            return state
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
+            raise
+        finally:
+            self._inflight.pop(model, None)
+
+    async def _query(self, model: str) -> ModelState | None:
+        handle = self._client.get_workflow_handle(workflow_id(model))
+        try:
+            state: ModelState = await handle.query(
+                ModelLifecycleWorkflow.state, rpc_timeout=QUERY_TIMEOUT
+            )
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise ControlPlaneUnavailable(
+                f"cannot read the state of {model} from Temporal: {exc.message}", retry_after=5
+            ) from exc
+        except WorkflowQueryFailedError as exc:
+            raise ControlPlaneUnavailable(
+                f"the workflow of {model} did not answer its state query: {exc}", retry_after=5
+            ) from exc
+        return None if state.phase == Phase.REMOVED else state
+
+    def invalidate(self, model: str) -> None:
+        self._cache.pop(model, None)
+
+    def mark_used(self, model: str) -> None:
+        self._last_request[model] = time.time()
+
+    async def names(self) -> list[str]:
+        """Names of every model with a running workflow (from Temporal's visibility store)."""
+        names = []
+        try:
+            async for execution in self._client.list_workflows(RUNNING_MODELS):
+                name = model_from_workflow_id(execution.id)
+                if name:
+                    names.append(name)
+        except RPCError as exc:
+            raise ControlPlaneUnavailable(f"cannot list models: {exc.message}", retry_after=5)
+        return sorted(set(names))
+
+    async def all(self) -> list[ModelState]:
+        names = await self.names()
+        for gone in set(self._cache) - set(names):
+            self._cache.pop(gone, None)
+        states = await asyncio.gather(*(self.get(n, fresh=True) for n in names))
+        return [s for s in states if s is not None]
+
+    async def refresh_forever(self, interval: float) -> None:
+        """Keep every model's state fresh, so metrics describe models nobody asked about yet."""
+        while True:
+            try:
+                await self.all()
+            except ControlPlaneUnavailable as exc:
+                log.debug("state refresh skipped: %s", exc.message)
+            await asyncio.sleep(interval)
+
+    def last_use(self) -> dict[str, float]:
+        """Loaded models -> last use, for the idle-seconds gauge."""
+        out = {}
+        for name, (_, state) in self._cache.items():
+            if state.phase != Phase.LOADED:
+                continue
+            candidates = [state.last_used_at, state.loaded_at, self._last_request.get(name)]
+            known = [c for c in candidates if c is not None]
+            if known:
+                out[name] = max(known)
+        return out

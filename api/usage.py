@@ -1,0 +1,79 @@
+"""Counts requests per model and sends them to the model's workflow, coalesced.
+
+One `record_usage` signal per model per flush interval keeps workflow histories bounded at any
+request rate; with an interval of 0 every request is sent as it happens. Counts that could not be
+sent are kept and sent with the next flush: nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from modelium.names import workflow_id
+from workflows.contracts import UsageReport
+from workflows.lifecycle import ModelLifecycleWorkflow
+
+log = logging.getLogger(__name__)
+
+
+class UsageBatcher:
+    def __init__(self, client: Client, flush_seconds: float) -> None:
+        self._client = client
+        self._flush_seconds = flush_seconds
+        self._counts: Counter[str] = Counter()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def record(self, model: str, count: int = 1) -> None:
+        self._counts[model] += count
+        if self._flush_seconds == 0:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="usage-flush")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        await self.flush()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                timeout = None if self._flush_seconds == 0 else self._flush_seconds
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._counts:
+            return
+        counts, self._counts = self._counts, Counter()
+        results = await asyncio.gather(
+            *(self._send(model, n) for model, n in counts.items()), return_exceptions=True
+        )
+        for (model, n), result in zip(counts.items(), results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("usage of %s (%d requests) not sent, kept for later: %s",
+                            model, n, result)  # fmt: skip
+                self._counts[model] += n
+
+    async def _send(self, model: str, count: int) -> None:
+        handle = self._client.get_workflow_handle(workflow_id(model))
+        try:
+            await handle.signal(ModelLifecycleWorkflow.record_usage, UsageReport(count))
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            # The model was removed meanwhile; there is no one left to tell.
+            log.debug("usage of removed model %s dropped", model)

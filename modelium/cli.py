@@ -1,0 +1,187 @@
+"""The `modelium` command.
+
+This is the one module of `modelium/` that reaches into the composition roots (`workers/`): it
+imports them lazily, inside the commands that need them, so the domain library itself never pulls
+Temporal or the gateway in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from modelium.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("modelium")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "node_id", None):
+        out.setdefault("node", {})["id"] = args.node_id
+    if getattr(args, "port", None) is not None:
+        out.setdefault("gateway", {})["port"] = args.port
+    if getattr(args, "host", None):
+        out.setdefault("gateway", {})["host"] = args.host
+    if getattr(args, "watch", None):
+        discovery = out.setdefault("orchestration", {}).setdefault("model_discovery", {})
+        discovery["watch_directories"] = args.watch
+    if getattr(args, "temporal_address", None):
+        out.setdefault("temporal", {})["address"] = args.temporal_address
+    return out
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, overrides=_overrides(args))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # Temporal's worker logs every poll failure at WARNING while the server starts; keep it quiet.
+    logging.getLogger("temporalio").setLevel(max(logging.getLevelName(level), logging.WARNING))
+    # One line per proxied request is noise at INFO.
+    logging.getLogger("httpx").setLevel(max(logging.getLevelName(level), logging.WARNING))
+
+
+def _run_parts(settings: Settings, **parts: bool) -> int:
+    from workers.serve import Running, install_stop_signals, serve
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+
+        def announce(running: Running) -> None:
+            lines = []
+            if running.gateway_port:
+                host = settings.gateway.host
+                lines.append(f"gateway     http://{host}:{running.gateway_port}")
+            if running.temporal is not None and settings.temporal.ui:
+                lines.append(f"temporal ui http://127.0.0.1:{settings.temporal.ui_port}")
+            if running.metrics_port:
+                lines.append(f"metrics     http://{settings.metrics.host}:{running.metrics_port}/metrics")
+            if parts.get("watch", True):
+                dirs = ", ".join(str(d) for d in settings.watch_directories)
+                lines.append(f"watching    {dirs}")
+            print("Modelium is running (Ctrl-C stops it):\n  " + "\n  ".join(lines), flush=True)
+
+        await serve(settings, stop, on_ready=announce, **parts)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return _run_parts(_settings(args))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.kind == "control":
+        return _run_parts(settings, gateway=False, node=False, watch=False)
+    return _run_parts(settings, gateway=False, control=False, watch=False)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    return _run_parts(_settings(args), control=False, node=False, watch=False)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    return _run_parts(_settings(args), gateway=False, control=False, node=False)
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from modelium.demo import write_demo_model
+
+    path = write_demo_model(args.directory, task=args.task)
+    print(f"wrote a tiny {args.task} model to {path}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(json.dumps(_settings(args).model_dump(mode="json"), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelium",
+        description="Drop a model folder into a watched directory; Modelium serves it.",
+    )
+    parser.add_argument("--config", type=Path, default=None,
+                        help="modelium.yaml to read (default: $MODELIUM_CONFIG or ./modelium.yaml)")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run everything on this machine with one command")
+    serve.add_argument("--port", type=int, help="gateway port (gateway.port)")
+    serve.add_argument("--host", help="gateway bind address (gateway.host)")
+    serve.add_argument("--watch", action="append", type=Path, metavar="DIR",
+                       help="watch this directory for models (repeatable)")
+    serve.add_argument("--node-id", help="this machine's node id (node.id)")
+    serve.add_argument("--temporal-address", help="use this Temporal cluster, not an embedded one")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run one worker: the control worker or a node agent")
+    worker.add_argument("kind", choices=["control", "node"])
+    worker.add_argument("--node-id", help="this machine's node id (node.id)")
+    worker.add_argument("--temporal-address")
+    worker.set_defaults(func=cmd_worker)
+
+    gateway = sub.add_parser("gateway", help="run the HTTP gateway alone")
+    gateway.add_argument("--port", type=int)
+    gateway.add_argument("--host")
+    gateway.add_argument("--temporal-address")
+    gateway.set_defaults(func=cmd_gateway)
+
+    watch = sub.add_parser("watch", help="run the folder watcher alone")
+    watch.add_argument("--watch", action="append", type=Path, metavar="DIR")
+    watch.add_argument("--temporal-address")
+    watch.set_defaults(func=cmd_watch)
+
+    demo = sub.add_parser("demo-model", help="write a tiny model (random weights, no download)")
+    demo.add_argument("directory", type=Path)
+    demo.add_argument("--task", default="text-generation",
+                      choices=["text-generation", "text-classification", "feature-extraction"])
+    demo.set_defaults(func=cmd_demo_model)
+
+    config = sub.add_parser("config", help="print the effective configuration")
+    config.set_defaults(func=cmd_config)
+    return parser  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings_level = args.log_level or _settings(args).log_level
+    except ConfigError as exc:
+        print(f"modelium: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings_level.upper())
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"modelium: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from workers.temporal_server import TemporalStartError
+
+        if isinstance(exc, TemporalStartError | OSError):
+            print(f"modelium: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Prometheus series. One `Metrics` per process, handed to whoever records (no module globals)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+
+# model -> (last use, epoch seconds) for the models this process sees as loaded.
+IdleSource = Callable[[], dict[str, float]]
+
+
+class _IdleCollector(Collector):
+    def __init__(self, source: IdleSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "modelium_model_idle_seconds",
+            "Seconds since a loaded model last served a request (or was loaded)",
+            labels=["model"],
+        )
+        now = time.time()
+        for model, last_use in sorted(self._source().items()):
+            family.add_metric([model], max(0.0, now - last_use))
+        yield family
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "modelium_requests", "Inference requests through the gateway",
+            ["model", "runtime", "status"], registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "modelium_request_duration_seconds", "Gateway inference request latency",
+            ["model", "runtime"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.models_loaded = Gauge(
+            "modelium_models_loaded", "Models loaded on a node", ["runtime", "node"], registry=r
+        )
+        self.load_duration = Histogram(
+            "modelium_model_load_duration_seconds", "Time from load start to a healthy endpoint",
+            ["model", "runtime"], buckets=_LOAD_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.unloads = Counter(
+            "modelium_unloads", "Models unloaded, by reason", ["reason"], registry=r
+        )
+        self._idle_collector: _IdleCollector | None = None
+
+    def track_idle(self, source: IdleSource) -> None:
+        """Report `modelium_model_idle_seconds` from `source` at every scrape."""
+        if self._idle_collector is not None:
+            self.registry.unregister(self._idle_collector)
+        self._idle_collector = _IdleCollector(source)
+        self.registry.register(self._idle_collector)
+
+    def serve(self, host: str, port: int) -> Any:
+        """Expose /metrics on host:port in a background thread; returns the HTTP server."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        log.info("metrics on http://%s:%s/metrics", host, server.server_port)
+        return server

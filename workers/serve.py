@@ -1,0 +1,200 @@
+"""`modelium serve` and the single-part commands: every process of the design, wired together.
+
+`serve` runs, in one process tree: the embedded Temporal (unless `temporal.address` is set), the
+control worker, this machine's node agent, the gateway, the metrics endpoint and the folder
+watcher. SIGINT/SIGTERM stop all of it, runtime processes included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from temporalio.client import Client
+
+from api.app import create_app, temporal_address
+from modelium.config import Settings
+from modelium.metrics import Metrics
+from workers.control import control_worker
+from workers.node import NodeAgent, node_agent, reconcile_node
+from workers.temporal_server import EmbeddedTemporal, ensure_search_attributes
+from workers.watch import WorkflowBridge, folder_watcher
+
+log = logging.getLogger(__name__)
+
+
+class _Gateway(uvicorn.Server):
+    # The composition root owns the signals; uvicorn must not take them over.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class Running:
+    """Handles a caller (the CLI, a test) may use while `serve` runs."""
+
+    client: Client
+    metrics: Metrics
+    node: NodeAgent | None = None
+    gateway: _Gateway | None = None
+    metrics_port: int | None = None
+    temporal: EmbeddedTemporal | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gateway_port(self) -> int | None:
+        if self.gateway is None or not self.gateway.servers:
+            return None
+        return int(self.gateway.servers[0].sockets[0].getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def temporal_client(settings: Settings) -> AsyncIterator[tuple[Client, EmbeddedTemporal | None]]:
+    """Connect to `temporal.address`, or start the embedded dev server and connect to it."""
+    if settings.temporal.address:
+        client = await Client.connect(
+            settings.temporal.address, namespace=settings.temporal.namespace
+        )
+        await ensure_search_attributes(client)
+        yield client, None
+        return
+    embedded = EmbeddedTemporal(
+        settings.state_dir / "temporal",
+        settings.temporal.port,
+        settings.temporal.ui_port,
+        settings.temporal.ui,
+        settings.temporal.namespace,
+    )
+    client = await embedded.start(settings.temporal.startup_timeout_seconds)
+    try:
+        yield client, embedded
+    finally:
+        await asyncio.to_thread(embedded.stop)
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task[Any]]) -> None:
+    """Wait for `stop`, or for any part to end on its own (which is an error: it stops all)."""
+    stopper = asyncio.create_task(stop.wait(), name="stop")
+    done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    for task in done:
+        if task is not stopper and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    gateway: bool = True,
+    control: bool = True,
+    node: bool = True,
+    watch: bool = True,
+    on_ready: Callable[[Running], Awaitable[None] | None] | None = None,
+    client: Client | None = None,
+) -> None:
+    metrics = Metrics()
+    async with contextlib.AsyncExitStack() as stack:
+        embedded = None
+        if client is None:
+            if control or node or watch or settings.temporal.address:
+                client, embedded = await stack.enter_async_context(temporal_client(settings))
+            else:
+                client = await Client.connect(
+                    temporal_address(settings), namespace=settings.temporal.namespace
+                )
+        running = Running(client=client, metrics=metrics, temporal=embedded)
+        if settings.metrics.enabled:
+            server = metrics.serve(settings.metrics.host, settings.metrics.port)
+            stack.callback(server.shutdown)
+            running.metrics_port = server.server_port
+        tasks: list[asyncio.Task[Any]] = []
+        if control:
+            worker = control_worker(client, settings)
+            tasks.append(asyncio.create_task(worker.run(), name="control-worker"))
+            stack.push_async_callback(worker.shutdown)
+        if node:
+            agent = node_agent(client, settings, metrics)
+            running.node = agent
+            # Runs after the worker stops (callbacks unwind in reverse): nothing left running.
+            stack.push_async_callback(agent.shutdown_runtimes)
+            tasks.append(asyncio.create_task(agent.worker.run(), name="node-agent"))
+            stack.push_async_callback(agent.worker.shutdown)
+            tasks.append(asyncio.create_task(reconcile_node(client, agent), name="reconcile"))
+        if gateway:
+            app = create_app(settings, client=client, metrics=metrics)
+            config = uvicorn.Config(
+                app,
+                host=settings.gateway.host,
+                port=settings.gateway.port,
+                log_level="warning",
+                access_log=False,
+                lifespan="on",
+            )
+            server_ = _Gateway(config)
+            running.gateway = server_
+            gateway_task = asyncio.create_task(server_.serve(), name="gateway")
+            tasks.append(gateway_task)
+
+            async def _stop_gateway() -> None:
+                server_.should_exit = True
+                await gateway_task
+
+            stack.push_async_callback(_stop_gateway)
+            await _wait_started(server_, gateway_task)
+            log.info("gateway on http://%s:%s", settings.gateway.host, running.gateway_port)
+        if watch:
+            bridge = WorkflowBridge(client, settings)
+            watcher = folder_watcher(settings, bridge)
+            watch_stop = asyncio.Event()
+            watch_task = asyncio.create_task(watcher.run(watch_stop), name="watcher")
+            tasks.append(watch_task)
+
+            async def _stop_watcher() -> None:
+                watch_stop.set()
+                await watch_task
+
+            stack.push_async_callback(_stop_watcher)
+
+            async def _remove_vanished() -> None:
+                await watcher.wait_scanned()
+                await bridge.remove_vanished(watcher)
+
+            tasks.append(asyncio.create_task(_remove_vanished(), name="remove-vanished"))
+        if on_ready is not None:
+            result = on_ready(running)
+            if asyncio.iscoroutine(result):
+                await result
+        # One-shot tasks (reconcile, remove-vanished) may finish; only failures or stop end us.
+        long_lived = [t for t in tasks if t.get_name() not in ("reconcile", "remove-vanished")]
+        one_shot = [t for t in tasks if t not in long_lived]
+        for task in one_shot:
+            task.add_done_callback(_log_failure)
+        await _until_stopped(stop, long_lived)
+        log.info("stopping")
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed: %s", task.get_name(), task.exception())
+
+
+async def _wait_started(server: uvicorn.Server, task: asyncio.Task[Any]) -> None:
+    while not server.started:
+        if task.done():
+            task.result()  # re-raises why it could not start (port in use, ...)
+            raise RuntimeError("the gateway stopped before it started")
+        await asyncio.sleep(0.05)

@@ -1,0 +1,87 @@
+"""Turns folder events into workflow starts and signals."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from temporalio.client import Client
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.service import RPCError, RPCStatusCode
+
+from modelium.config import Settings
+from modelium.names import workflow_id
+from modelium.types import ModelSource, Phase
+from modelium.watcher import ModelFolderWatcher
+from workflows.contracts import MODEL_KEY, PHASE_KEY, WORKFLOW_TYPE, LifecycleInput, RemoveCommand
+from workflows.lifecycle import ModelLifecycleWorkflow
+
+log = logging.getLogger(__name__)
+
+FILES_CHANGED_SIGNAL = ModelLifecycleWorkflow.files_changed.__name__
+
+
+class WorkflowBridge:
+    def __init__(self, client: Client, settings: Settings) -> None:
+        self._client = client
+        self._settings = settings
+        self._task_queue = settings.temporal.control_task_queue
+
+    async def model_ready(self, source: ModelSource) -> None:
+        """Start the model's workflow, or tell the running one that its files changed."""
+        await self._client.start_workflow(
+            ModelLifecycleWorkflow.run,
+            LifecycleInput(
+                source=source,
+                idle_seconds=self._settings.idle_seconds,
+                load_timeout_seconds=self._settings.runtimes.embedded.load_timeout_seconds,
+            ),
+            id=workflow_id(source.name),
+            task_queue=self._task_queue,
+            search_attributes=TypedSearchAttributes(
+                [SearchAttributePair(MODEL_KEY, source.name),
+                 SearchAttributePair(PHASE_KEY, Phase.DISCOVERED)]  # fmt: skip
+            ),
+            start_signal=FILES_CHANGED_SIGNAL,
+            start_signal_args=[source],
+        )
+        log.info("model %s handed to workflow %s", source.name, workflow_id(source.name))
+
+    async def model_removed(self, name: str) -> None:
+        handle = self._client.get_workflow_handle(workflow_id(name))
+        try:
+            await handle.signal(ModelLifecycleWorkflow.remove, RemoveCommand())
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            log.info("model %s removed; its workflow had already ended", name)
+
+    async def remove_vanished(self, watcher: ModelFolderWatcher) -> int:
+        """After a restart: end the workflows of models whose directories are gone."""
+        present = watcher.present_models()
+        roots = watcher.directories
+        query = f'WorkflowType="{WORKFLOW_TYPE}" AND ExecutionStatus="Running"'
+        removed = 0
+        async for execution in self._client.list_workflows(query):
+            handle = self._client.get_workflow_handle(execution.id)
+            state = await handle.query(ModelLifecycleWorkflow.state)
+            path = Path(state.path)
+            if state.name in present or path.exists():
+                continue
+            if not any(path.is_relative_to(root) for root in roots):
+                continue  # another watcher's model
+            await self.model_removed(state.name)
+            removed += 1
+        return removed
+
+
+def folder_watcher(settings: Settings, bridge: WorkflowBridge) -> ModelFolderWatcher:
+    discovery = settings.orchestration.model_discovery
+    return ModelFolderWatcher(
+        settings.watch_directories,
+        on_ready=bridge.model_ready,
+        on_removed=bridge.model_removed,
+        settle_seconds=discovery.settle_seconds,
+        polling=discovery.polling,
+        poll_interval=discovery.poll_interval_seconds,
+    )

@@ -1,0 +1,91 @@
+"""What workflows, activities, workers and the gateway agree on: names, payloads, search attributes.
+
+Deterministic and free of I/O, like everything in `workflows/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from temporalio.common import SearchAttributeKey
+
+from modelium.types import ModelSource, ModelState
+
+
+class ActivityName:
+    ANALYZE_MODEL = "analyze_model"
+    DECIDE_RUNTIME = "decide_runtime"
+    RESERVE_GPU = "reserve_gpu"
+    RELEASE_GPU = "release_gpu"
+    LOAD_MODEL = "load_model"
+    UNLOAD_MODEL = "unload_model"
+    CHECK_HEALTH = "check_health"
+
+
+class ErrorType:
+    """`ApplicationError.type` values the workflow reacts to."""
+
+    BAD_MODEL_DIRECTORY = "ModelDirectoryError"
+    INSUFFICIENT_CAPACITY = "InsufficientCapacity"
+    NO_RUNTIME = "NoRuntimeAvailable"
+    RUNTIME_START = "RuntimeStartError"
+    RUNTIME_UNHEALTHY = "RuntimeUnhealthy"
+    MODEL_REMOVED = "ModelRemoved"
+    LOAD_FAILED = "LoadFailed"
+
+
+WORKFLOW_TYPE = "ModelLifecycle"
+
+MODEL_KEY = SearchAttributeKey.for_keyword("ModeliumModel")
+PHASE_KEY = SearchAttributeKey.for_keyword("ModeliumPhase")
+RUNTIME_KEY = SearchAttributeKey.for_keyword("ModeliumRuntime")
+NODE_KEY = SearchAttributeKey.for_keyword("ModeliumNode")
+SEARCH_ATTRIBUTES = (MODEL_KEY, PHASE_KEY, RUNTIME_KEY, NODE_KEY)
+
+
+@dataclass
+class LifecycleInput:
+    source: ModelSource
+    idle_seconds: float = 300.0
+    load_timeout_seconds: float = 600.0
+    # Set when the workflow continues as new: everything it knew, so nothing restarts.
+    state: ModelState | None = None
+
+
+@dataclass
+class UsageReport:
+    """Requests served since the last report (the gateway coalesces them)."""
+
+    count: int
+
+
+@dataclass
+class RetryRequest:
+    reason: str = "retry requested"
+
+
+@dataclass
+class LoadCommand:
+    reason: str = "load requested"
+
+
+@dataclass
+class UnloadCommand:
+    reason: str = "unload requested"
+
+
+@dataclass
+class RemoveCommand:
+    reason: str = "model directory removed"
+
+
+@dataclass
+class HealthReport:
+    """Someone (the gateway, a node agent after a restart) saw the runtime fail."""
+
+    reason: str
+
+
+@dataclass
+class EnsureLoadedRequest:
+    reason: str = "request waiting"

@@ -1,0 +1,411 @@
+"""ModelLifecycle: one durable workflow per model, from discovery to removal.
+
+discovered -> analyzing -> deciding -> reserving -> loading -> loaded <-> (usage) -> unloading
+-> unloaded; failed waits for a retry signal or new files; removed ends the workflow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
+
+with workflow.unsafe.imports_passed_through():
+    from modelium.names import node_task_queue
+    from modelium.types import (
+        Booking,
+        DecideRequest,
+        Decision,
+        HealthRequest,
+        LoadRequest,
+        LoadResult,
+        ModelAnalysis,
+        ModelSource,
+        ModelState,
+        Phase,
+        ReserveRequest,
+        UnloadKind,
+        UnloadRequest,
+    )
+    from workflows.contracts import (
+        NODE_KEY,
+        PHASE_KEY,
+        RUNTIME_KEY,
+        WORKFLOW_TYPE,
+        ActivityName,
+        EnsureLoadedRequest,
+        ErrorType,
+        HealthReport,
+        LifecycleInput,
+        LoadCommand,
+        RemoveCommand,
+        RetryRequest,
+        UnloadCommand,
+        UsageReport,
+    )
+
+_QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=3)
+_NODE_STEP = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=3,
+    non_retryable_error_types=[ErrorType.INSUFFICIENT_CAPACITY],
+)
+# A node agent that is down leaves node activities unstarted; past this they fail visibly.
+_NODE_SCHEDULE_TO_CLOSE = timedelta(minutes=10)
+
+
+class _Interrupted(Exception):
+    """A bring-up step noticed that the model was removed or its files changed."""
+
+
+@workflow.defn(name=WORKFLOW_TYPE)
+class ModelLifecycleWorkflow:
+    @workflow.init
+    def __init__(self, inp: LifecycleInput) -> None:
+        src = inp.source
+        self._state = inp.state or ModelState(
+            name=src.name, path=src.path, fingerprint=src.fingerprint, idle_seconds=inp.idle_seconds
+        )
+        self._input = inp
+        self._analysis: ModelAnalysis | None = None
+        # What the outside world asked for, consumed by the main loop.
+        self._want_loaded = self._state.phase not in (Phase.UNLOADED, Phase.FAILED)
+        self._new_source: ModelSource | None = None
+        self._retry = False
+        self._unload_reason: str | None = None
+        self._remove_reason: str | None = None
+        self._health_report: str | None = None
+        self._usage_seq = 0
+        self._bringups = 0
+        self._upserted: tuple[str | None, str | None, str | None] | None = None
+
+    # -- messages ------------------------------------------------------------------------------
+    @workflow.query
+    def state(self) -> ModelState:
+        return self._state
+
+    @workflow.signal
+    def record_usage(self, report: UsageReport) -> None:
+        if report.count <= 0:
+            return
+        self._state.request_count += report.count
+        self._state.last_used_at = workflow.now().timestamp()
+        self._usage_seq += 1
+
+    @workflow.signal
+    def files_changed(self, source: ModelSource) -> None:
+        if source.fingerprint != self._state.fingerprint or self._state.phase == Phase.FAILED:
+            self._new_source = source
+
+    @workflow.signal
+    def retry(self, request: RetryRequest) -> None:
+        workflow.logger.info("retry of %s: %s", self._state.name, request.reason)
+        self._retry = True
+
+    @workflow.signal
+    def load(self, command: LoadCommand) -> None:
+        self._want_loaded = True
+        if self._state.phase == Phase.FAILED:
+            self._retry = True
+
+    @workflow.signal
+    def unload(self, command: UnloadCommand) -> None:
+        self._want_loaded = False
+        self._unload_reason = command.reason
+
+    @workflow.signal
+    def remove(self, command: RemoveCommand) -> None:
+        self._remove_reason = command.reason
+
+    @workflow.signal
+    def report_unhealthy(self, report: HealthReport) -> None:
+        if self._state.phase == Phase.LOADED:
+            self._health_report = report.reason
+
+    @workflow.update
+    async def ensure_loaded(self, request: EnsureLoadedRequest) -> ModelState:
+        """Ask for the model to be loaded and return its state once it is serving."""
+        if self._state.phase == Phase.LOADED:
+            return self._state
+        self.load(LoadCommand(request.reason))
+        start = self._bringups
+        await workflow.wait_condition(
+            lambda: self._state.phase in (Phase.LOADED, Phase.REMOVED)
+            or (self._state.phase == Phase.FAILED and self._bringups > start)
+        )
+        if self._state.phase == Phase.REMOVED:
+            raise ApplicationError(
+                f"model {self._state.name} was removed", type=ErrorType.MODEL_REMOVED,
+                non_retryable=True,
+            )  # fmt: skip
+        if self._state.phase != Phase.LOADED:
+            raise ApplicationError(
+                f"model {self._state.name} failed to load: {self._state.last_error}",
+                type=ErrorType.LOAD_FAILED,
+                non_retryable=True,
+            )
+        return self._state
+
+    @ensure_loaded.validator
+    def _validate_ensure_loaded(self, request: EnsureLoadedRequest) -> None:
+        if self._state.phase == Phase.REMOVED or self._remove_reason:
+            raise ApplicationError(f"model {self._state.name} was removed")
+
+    # -- main loop -----------------------------------------------------------------------------
+    @workflow.run
+    async def run(self, inp: LifecycleInput) -> ModelState:
+        self._set_phase(self._state.phase)
+        while True:
+            if self._remove_reason is not None:
+                await self._take_down(Phase.REMOVED, self._remove_reason, UnloadKind.REMOVED)
+                self._state.unload_reason = self._remove_reason
+                workflow.logger.info("model %s removed", self._state.name)
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                return self._state
+            if self._new_source is not None:
+                await self._apply_new_source()
+                continue
+            if self._retry:
+                self._retry = False
+                self._want_loaded = True
+                if self._state.phase == Phase.FAILED:
+                    self._set_phase(Phase.DISCOVERED)
+            if self._state.phase == Phase.LOADED:
+                await self._serve_until_interrupted()
+                continue
+            if self._state.phase == Phase.FAILED or not self._want_loaded:
+                if workflow.info().is_continue_as_new_suggested():
+                    await self._continue_as_new()
+                await workflow.wait_condition(
+                    lambda: self._want_loaded
+                    or self._retry
+                    or self._new_source is not None
+                    or self._remove_reason is not None
+                    or workflow.info().is_continue_as_new_suggested()
+                )
+                continue
+            await self._bring_up()
+
+    async def _bring_up(self) -> None:
+        step = "analyze"
+        try:
+            if self._analysis is None:
+                self._set_phase(Phase.ANALYZING)
+                self._analysis = await workflow.execute_activity(
+                    ActivityName.ANALYZE_MODEL,
+                    ModelSource(self._state.name, self._state.path, self._state.fingerprint),
+                    result_type=ModelAnalysis,
+                    start_to_close_timeout=timedelta(minutes=2),
+                    retry_policy=replace(
+                        _QUICK, non_retryable_error_types=[ErrorType.BAD_MODEL_DIRECTORY]
+                    ),
+                )
+                self._state.task = self._analysis.task
+                self._state.analysis_summary = self._analysis.summary()
+                self._state.memory_estimate_bytes = self._analysis.memory_estimate_bytes
+            self._check_interrupt()
+            step = "decide"
+            self._set_phase(Phase.DECIDING)
+            decision = await workflow.execute_activity(
+                ActivityName.DECIDE_RUNTIME,
+                DecideRequest(self._analysis),
+                result_type=Decision,
+                start_to_close_timeout=timedelta(minutes=1),
+                retry_policy=replace(_QUICK, non_retryable_error_types=[ErrorType.NO_RUNTIME]),
+            )
+            self._state.decision = decision
+            self._state.runtime, self._state.node = decision.runtime, decision.node
+            self._state.device = decision.device
+            workflow.logger.info(
+                "model %s -> %s on %s/%s: %s", self._state.name, decision.runtime, decision.node,
+                decision.device, decision.reason,
+            )  # fmt: skip
+            self._check_interrupt()
+            step = "reserve"
+            queue = node_task_queue(decision.node)
+            self._set_phase(Phase.RESERVING)
+            self._state.booking = await workflow.execute_activity(
+                ActivityName.RESERVE_GPU,
+                ReserveRequest(self._state.name, decision.device, self._analysis.memory_estimate_bytes),
+                result_type=Booking,
+                task_queue=queue,
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
+                retry_policy=_NODE_STEP,
+            )
+            self._check_interrupt()
+            step = "load"
+            self._set_phase(Phase.LOADING)
+            result = await workflow.execute_activity(
+                ActivityName.LOAD_MODEL,
+                LoadRequest(
+                    self._state.name, self._state.path, decision.runtime, self._analysis.task,
+                    self._state.booking,
+                ),  # fmt: skip
+                result_type=LoadResult,
+                task_queue=queue,
+                start_to_close_timeout=timedelta(seconds=self._input.load_timeout_seconds + 60),
+                heartbeat_timeout=timedelta(seconds=30),
+                retry_policy=_NODE_STEP,
+            )
+        except _Interrupted:
+            await self._release_booking()
+            self._set_phase(Phase.DISCOVERED)
+            return
+        except (ActivityError, ApplicationError) as err:
+            await self._release_booking()
+            self._state.last_error = f"{step} failed: {_describe(err)}"
+            workflow.logger.warning("model %s: %s", self._state.name, self._state.last_error)
+            self._bringups += 1
+            self._set_phase(Phase.FAILED)
+            return
+        now = workflow.now().timestamp()
+        self._state.endpoint = result.endpoint
+        self._state.load_seconds = result.load_seconds
+        self._state.loaded_at = now
+        self._state.last_used_at = now
+        self._state.load_count += 1
+        self._state.last_error = None
+        self._state.unload_reason = None
+        self._bringups += 1
+        self._set_phase(Phase.LOADED)
+
+    def _check_interrupt(self) -> None:
+        if self._remove_reason is not None or self._new_source is not None:
+            raise _Interrupted()
+
+    async def _serve_until_interrupted(self) -> None:
+        """Wait in `loaded` until idle, or until asked to unload, reload or check health."""
+        while True:
+            idle = self._state.idle_seconds
+            last = self._state.last_used_at or self._state.loaded_at or 0.0
+            remaining = last + idle - workflow.now().timestamp()
+            if remaining <= 0:
+                await self._take_down(Phase.UNLOADED, f"idle for {idle:g}s", UnloadKind.IDLE)
+                self._want_loaded = False
+                return
+            seq = self._usage_seq
+            try:
+                await workflow.wait_condition(
+                    lambda: self._usage_seq != seq
+                    or self._unload_reason is not None
+                    or self._remove_reason is not None
+                    or self._new_source is not None
+                    or self._health_report is not None
+                    or workflow.info().is_continue_as_new_suggested(),
+                    timeout=timedelta(seconds=remaining),
+                )
+            except asyncio.TimeoutError:
+                continue
+            if self._remove_reason is not None or self._new_source is not None:
+                return
+            if self._unload_reason is not None:
+                reason, self._unload_reason = self._unload_reason, None
+                await self._take_down(Phase.UNLOADED, reason, UnloadKind.REQUESTED)
+                return
+            if self._health_report is not None:
+                await self._check_health()
+                if self._state.phase != Phase.LOADED:
+                    return
+            if workflow.info().is_continue_as_new_suggested():
+                await self._continue_as_new()
+
+    async def _check_health(self) -> None:
+        report, self._health_report = self._health_report, None
+        try:
+            await workflow.execute_activity(
+                ActivityName.CHECK_HEALTH,
+                HealthRequest(self._state.name, self._state.runtime or ""),
+                task_queue=node_task_queue(self._state.node or ""),
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=timedelta(minutes=2),
+                retry_policy=RetryPolicy(maximum_attempts=1),
+            )
+        except ActivityError as err:
+            reason = f"runtime unhealthy ({report}): {_describe(err)}"
+            workflow.logger.warning("model %s: %s; reloading", self._state.name, reason)
+            await self._take_down(Phase.DISCOVERED, reason, UnloadKind.UNHEALTHY)
+            self._state.last_error = reason
+            self._want_loaded = True
+
+    async def _apply_new_source(self) -> None:
+        source, self._new_source = self._new_source, None
+        assert source is not None
+        workflow.logger.info("model %s: files changed, reading them again", self._state.name)
+        if self._state.phase == Phase.LOADED:
+            await self._take_down(Phase.DISCOVERED, "model files changed", UnloadKind.FILES_CHANGED)
+        self._state.path, self._state.fingerprint = source.path, source.fingerprint
+        self._analysis = None
+        self._retry = False
+        self._want_loaded = True
+        self._set_phase(Phase.DISCOVERED)
+
+    async def _take_down(self, final_phase: str, reason: str, kind: str) -> None:
+        """Unload (if loaded) and release the booking, then enter `final_phase`."""
+        if self._state.phase == Phase.LOADED:
+            self._set_phase(Phase.UNLOADING)
+            try:
+                await workflow.execute_activity(
+                    ActivityName.UNLOAD_MODEL,
+                    UnloadRequest(self._state.name, self._state.runtime or "", reason, kind),
+                    task_queue=node_task_queue(self._state.node or ""),
+                    start_to_close_timeout=timedelta(minutes=1),
+                    schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
+                )
+            except ActivityError as err:
+                self._state.last_error = f"unload failed: {_describe(err)}"
+        await self._release_booking()
+        self._state.endpoint = None
+        self._state.unload_reason = reason
+        workflow.logger.info("model %s -> %s: %s", self._state.name, final_phase, reason)
+        self._set_phase(final_phase)
+
+    async def _release_booking(self) -> None:
+        if self._state.booking is None:
+            return
+        try:
+            await workflow.execute_activity(
+                ActivityName.RELEASE_GPU,
+                self._state.name,
+                task_queue=node_task_queue(self._state.booking.node),
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
+            )
+            self._state.booking = None
+        except ActivityError as err:
+            self._state.last_error = f"release failed: {_describe(err)}"
+
+    async def _continue_as_new(self) -> None:
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        workflow.continue_as_new(replace(self._input, state=self._state))
+
+    def _set_phase(self, phase: str) -> None:
+        self._state.phase = phase
+        self._state.updated_at = workflow.now().timestamp()
+        current = (phase, self._state.runtime, self._state.node)
+        if current == self._upserted:
+            return
+        self._upserted = current
+        updates = [PHASE_KEY.value_set(phase)]
+        if self._state.runtime:
+            updates.append(RUNTIME_KEY.value_set(self._state.runtime))
+        if self._state.node:
+            updates.append(NODE_KEY.value_set(self._state.node))
+        workflow.upsert_search_attributes(updates)
+
+
+def _describe(err: BaseException) -> str:
+    """The innermost message of an activity failure: what the user needs to read."""
+    cause: BaseException | None = err
+    message = str(err)
+    while cause is not None:
+        if isinstance(cause, FailureError) and not isinstance(cause, ActivityError):
+            message = cause.message
+        cause = cause.__cause__
+    return message
