@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Collection
 
 from temporalio import activity
@@ -17,9 +16,8 @@ from workflows.contracts import ActivityName, ErrorType
 
 class ControlActivities:
     def __init__(self, node: str, device: str, runtimes: Collection[str]) -> None:
-        # Reading transformers' architecture tables costs seconds on first use: pay it at start,
-        # beside the worker, rather than inside the first model's analysis.
-        threading.Thread(target=warm_up, name="analyzer-warm-up", daemon=True).start()
+        # The analyzer's transformers tables: read them now, not inside the first analysis.
+        warm_up()
         # Placement across several nodes arrives with node inventories; until then the control
         # worker places every model on the node it is configured with.
         self._node = node

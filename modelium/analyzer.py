@@ -7,10 +7,14 @@ act on.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import math
+import os
 import struct
+import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,10 +42,11 @@ class ModelDirectoryError(ValueError):
     """The directory cannot be served as it is; the message says why and what to fix."""
 
 
-@lru_cache(maxsize=1)
-def _known_architectures() -> dict[str, str]:
-    """Architecture class name -> task, from transformers' own auto mappings (names only)."""
+def _tables_from_transformers() -> dict[str, Any]:
+    """Architecture class name -> task, and the known model types, from transformers' own auto
+    mappings. Importing them pulls in torch (seconds), so this runs in a child process."""
     from transformers.models.auto import modeling_auto as auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     by_task = (
         (Task.TEXT_GENERATION, auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
@@ -53,14 +58,51 @@ def _known_architectures() -> dict[str, str]:
         for names in mapping.values():
             for name in names if isinstance(names, tuple | list) else (names,):
                 known.setdefault(name, task)
-    return known
+    return {"architectures": known, "model_types": sorted(CONFIG_MAPPING_NAMES)}
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "modelium"
+
+
+@lru_cache(maxsize=1)
+def _tables() -> dict[str, Any]:
+    """The transformers tables, computed once per installed transformers version.
+
+    A child process computes them, so this process neither imports torch nor holds its GIL for
+    seconds (which would stall Temporal workflow activations running beside it).
+    """
+    version = importlib.metadata.version("transformers")
+    cache = _cache_dir() / f"transformers-{version}-architectures.json"
+    try:
+        return json.loads(cache.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        pass
+    done = subprocess.run(
+        [sys.executable, "-m", "modelium.analyzer", "--dump-transformers-tables"],
+        capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"could not read transformers' architecture tables:\n{done.stderr}")
+    tables: dict[str, Any] = json.loads(done.stdout)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(done.stdout, encoding="utf-8")
+        os.replace(tmp, cache)
+    except OSError as exc:
+        log.warning("could not cache transformers' tables at %s: %s", cache, exc)
+    return tables
+
+
+def _known_architectures() -> dict[str, str]:
+    return _tables()["architectures"]  # type: ignore[no-any-return]
 
 
 @lru_cache(maxsize=1)
 def _known_model_types() -> frozenset[str]:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    return frozenset(CONFIG_MAPPING_NAMES)
+    return frozenset(_tables()["model_types"])
 
 
 def warm_up() -> None:
@@ -221,3 +263,11 @@ def analyze_directory(path: str | Path, name: str) -> ModelAnalysis:
         context_length=context,
         memory_estimate_bytes=int(weight_bytes * (1 + WEIGHT_SLACK)) + RUNTIME_OVERHEAD_BYTES,
     )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--dump-transformers-tables"]:
+        print(json.dumps(_tables_from_transformers()))
+    else:
+        print("usage: python -m modelium.analyzer --dump-transformers-tables", file=sys.stderr)
+        sys.exit(2)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.common import SearchAttributeIndexedValueType, SearchAttributeKey
+from temporalio.service import RPCError, RPCStatusCode
 
 from modelium.runtimes.process import ManagedProcess
 from workflows.contracts import SEARCH_ATTRIBUTES
@@ -139,13 +140,20 @@ async def ensure_search_attributes(client: Client) -> None:
         ListSearchAttributesRequest,
     )
 
-    existing = await client.operator_service.list_search_attributes(
-        ListSearchAttributesRequest(namespace=client.namespace)
-    )
+    try:
+        listed = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=client.namespace)
+        )
+        existing = set(listed.custom_attributes)
+    except RPCError as exc:
+        # Some servers (Temporal's time-skipping test server) can add but not list them.
+        if exc.status != RPCStatusCode.UNIMPLEMENTED:
+            raise
+        existing = set()
     missing = {
         key.name: IndexedValueType.ValueType(int(key.indexed_value_type))
         for key in SEARCH_ATTRIBUTES
-        if key.name not in existing.custom_attributes
+        if key.name not in existing
     }
     if missing:
         await client.operator_service.add_search_attributes(

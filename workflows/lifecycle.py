@@ -182,8 +182,11 @@ class ModelLifecycleWorkflow:
             if self._state.phase == Phase.FAILED or not self._want_loaded:
                 if workflow.info().is_continue_as_new_suggested():
                     await self._continue_as_new()
+                # A failed model waits for a retry or new files; `want_loaded` alone (still set
+                # from before the failure) must not wake it, or this loop would spin.
+                failed = self._state.phase == Phase.FAILED
                 await workflow.wait_condition(
-                    lambda: self._want_loaded
+                    lambda: (self._want_loaded and not failed)
                     or self._retry
                     or self._new_source is not None
                     or self._remove_reason is not None
