@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from modelium.config import ConfigError, load_settings
+
+
+def test_defaults_need_no_file(tmp_path: Path) -> None:
+    s = load_settings(None, environ={})
+    assert s.watch_directories == [Path("models/incoming")]
+    assert s.idle_seconds == 300
+    assert s.metrics.enabled and s.metrics.port == 9090
+    assert s.gateway.port == 8000 and s.gateway.host == "127.0.0.1"
+    assert s.temporal.address is None and s.temporal.ui_port == 8233
+    assert not (s.vllm.enabled or s.triton.enabled or s.ray_serve.enabled)
+
+
+def test_seed_keys_from_file_and_env_override(tmp_path: Path) -> None:
+    cfg = tmp_path / "modelium.yaml"
+    cfg.write_text(
+        "vllm: {enabled: true}\n"
+        "triton: {enabled: false}\n"
+        "ray_serve: {enabled: false}\n"
+        "orchestration:\n"
+        "  model_discovery: {watch_directories: [/srv/models]}\n"
+        "  policies: {evict_after_idle_seconds: 120}\n"
+        "metrics: {enabled: true, port: 9100}\n"
+    )
+    s = load_settings(cfg, environ={"MODELIUM_METRICS__PORT": "9200",
+                                    "MODELIUM_ORCHESTRATION__POLICIES__EVICT_AFTER_IDLE_SECONDS": "45"})  # fmt: skip
+    assert s.vllm.enabled and s.watch_directories == [Path("/srv/models")]
+    assert s.metrics.port == 9200 and s.idle_seconds == 45
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "env", "words"),
+    [
+        ("orchestration: {policies: {evict_after_idle_seconds: -5}}", {},
+         "orchestration.policies.evict_after_idle_seconds: Input should be greater than 0"),
+        ("metrics: {port: 99999}", {}, "metrics.port"),
+        ("vllm: {enabeld: true}", {}, "vllm.enabeld: unknown key"),
+        ("", {"MODELIUM_GATEWAY__PORT": "eighty"}, "gateway.port"),
+        ("", {"MODELIUM_NOPE": "1"}, "nope: unknown key"),
+        ("node: {id: 'Bad Node!'}", {}, "node.id"),
+        ("- a list", {}, "the top level must be a mapping"),
+        ("key: [unclosed", {}, "not valid YAML"),
+    ],
+)  # fmt: skip
+def test_bad_values_name_the_key(tmp_path: Path, yaml_text: str, env: dict[str, str],
+                                 words: str) -> None:  # fmt: skip
+    cfg = tmp_path / "modelium.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ=env)
+    assert words in str(info.value)
+
+
+def test_missing_explicit_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.yaml", environ={})
+
+
+def test_cli_stops_with_the_key_named(tmp_path: Path) -> None:
+    cfg = tmp_path / "modelium.yaml"
+    cfg.write_text("metrics: {port: -1}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "modelium.cli", "--config", str(cfg), "serve"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "metrics.port" in done.stderr

@@ -1,0 +1,121 @@
+"""The folder watcher against a real file system, with watchdog's inotify and polling modes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from modelium.types import ModelSource
+from modelium.watcher import ModelFolderWatcher
+
+from tests.conftest import wait_for
+
+SETTLE = 1.0
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.ready: list[tuple[float, ModelSource]] = []
+        self.removed: list[str] = []
+
+    async def on_ready(self, source: ModelSource) -> None:
+        self.ready.append((time.monotonic(), source))
+
+    async def on_removed(self, name: str) -> None:
+        self.removed.append(name)
+
+
+@contextlib.asynccontextmanager
+async def _watch(root: Path, rec: Recorder, polling: bool = False) -> AsyncIterator[ModelFolderWatcher]:
+    watcher = ModelFolderWatcher(
+        [root], rec.on_ready, rec.on_removed, settle_seconds=SETTLE, polling=polling,
+        poll_interval=0.2,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher.run(stop))
+    await asyncio.wait_for(watcher.wait_scanned(), 10)
+    try:
+        yield watcher
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+watching = pytest.fixture(params=[False, True], ids=["events", "polling"])
+
+
+@watching
+def polling(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+async def test_half_copied_directory_is_not_handed_over_early(
+    tmp_path: Path, demo_models: dict[str, Path], polling: bool
+) -> None:
+    root = tmp_path / "incoming"
+    root.mkdir()
+    rec = Recorder()
+    src = demo_models["text-generation"]
+    async with _watch(root, rec, polling):
+        target = root / "slow-copy"
+        target.mkdir()
+        # Copy one file at a time, pausing less than the settle period between files.
+        files = sorted(p for p in src.iterdir() if p.is_file())
+        for path in files:
+            shutil.copy2(path, target / path.name)
+            await asyncio.sleep(SETTLE * 0.5)
+            assert rec.ready == [], "handed over while files were still arriving"
+        last_write = time.monotonic()
+        await wait_for(lambda: rec.ready, timeout=15, what="handover after settling")
+        at, source = rec.ready[0]
+        assert at - last_write >= SETTLE
+        assert source.name == "slow-copy" and Path(source.path) == target
+        # Quiet afterwards: no second handover for the same files.
+        await asyncio.sleep(SETTLE * 2)
+        assert len(rec.ready) == 1
+
+
+async def test_partial_download_files_hold_the_handover(
+    tmp_path: Path, demo_models: dict[str, Path]
+) -> None:
+    root = tmp_path / "incoming"
+    root.mkdir()
+    rec = Recorder()
+    async with _watch(root, rec):
+        target = root / "downloading"
+        shutil.copytree(demo_models["text-generation"], target)
+        weights = target / "model.safetensors"
+        weights.rename(target / "model.safetensors.incomplete")
+        await asyncio.sleep(SETTLE * 3)
+        assert rec.ready == []
+        (target / "model.safetensors.incomplete").rename(weights)
+        await wait_for(lambda: rec.ready, timeout=15, what="handover after the rename")
+
+
+async def test_existing_models_picked_up_changes_and_removal(
+    tmp_path: Path, demo_models: dict[str, Path], polling: bool
+) -> None:
+    root = tmp_path / "incoming"
+    shutil.copytree(demo_models["text-generation"], root / "Already There")
+    (root / ".hidden-staging").mkdir()
+    (root / "stray-file.bin").write_bytes(b"x")
+    rec = Recorder()
+    async with _watch(root, rec, polling):
+        await wait_for(lambda: rec.ready, timeout=15, what="startup pickup")
+        first = rec.ready[0][1]
+        # Names are sanitized; a hash keeps different folders apart.
+        assert first.name.startswith("already-there-") and first.name != "already-there"
+        assert len(rec.ready) == 1
+        # A changed file: handed over again with a new fingerprint.
+        (root / "Already There" / "README.md").write_text("now with a model card")
+        await wait_for(lambda: len(rec.ready) == 2, timeout=15, what="change handover")
+        assert rec.ready[1][1].fingerprint != first.fingerprint
+        shutil.rmtree(root / "Already There")
+        await wait_for(lambda: rec.removed, timeout=15, what="removal")
+        assert rec.removed == [first.name]
