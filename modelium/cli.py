@@ -61,6 +61,13 @@ def _run_parts(settings: Settings, **parts: bool) -> int:
 
         def announce(running: Running) -> None:
             lines = []
+            if parts.get("control", True):
+                lines.append(f"control     task queue {settings.temporal.control_task_queue}")
+            if running.node is not None:
+                from modelium.names import node_task_queue
+
+                lines.append(f"node agent  {running.node.node_id} "
+                             f"(task queue {node_task_queue(running.node.node_id)})")  # fmt: skip
             if running.gateway_port:
                 host = settings.gateway.host
                 lines.append(f"gateway     http://{host}:{running.gateway_port}")

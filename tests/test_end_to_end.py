@@ -6,7 +6,9 @@ embedded runtime process serving a locally generated GPT-2, the gateway over HTT
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import httpx
@@ -105,6 +107,24 @@ async def test_drop_serve_count_idle_unload_remove(
             await wait_for(lambda: _is(phase(), "loaded"), timeout=120, what="reload on demand")
             again = await http.post(f"/predict/{name}", json={"prompt": "Hi", "max_tokens": 2})
             assert again.status_code == 200, again.text
+
+            # The runtime dies: the next request gets a 503 and the workflow reloads it.
+            before = (await http.get(f"/models/{name}")).json()
+            pid = before["endpoint"]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            await wait_for(lambda: not pid_alive(pid), timeout=10, what="runtime killed")
+            dead = await http.post(f"/predict/{name}", json={"prompt": "Hi", "max_tokens": 2})
+            assert dead.status_code == 503 and "Retry-After" in dead.headers
+
+            async def reloaded() -> bool:
+                info = (await http.get(f"/models/{name}")).json()
+                return info["phase"] == "loaded" and info["endpoint"]["pid"] != pid
+
+            await wait_for(reloaded, timeout=120, what="reload after the runtime died")
+            again = await http.post(f"/predict/{name}", json={"prompt": "Hi", "max_tokens": 2})
+            assert again.status_code == 200, again.text
+            info = (await http.get(f"/models/{name}")).json()
+            assert info["load_count"] == before["load_count"] + 1
 
             # Deleting the directory unloads the model and ends its workflow.
             pid = (await http.get(f"/models/{name}")).json()["endpoint"]["pid"]

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,11 +57,14 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def temporal_client(settings: Settings) -> AsyncIterator[tuple[Client, EmbeddedTemporal | None]]:
-    """Connect to `temporal.address`, or start the embedded dev server and connect to it."""
-    if settings.temporal.address:
+async def temporal_client(
+    settings: Settings, embedded_ok: bool = True
+) -> AsyncIterator[tuple[Client, EmbeddedTemporal | None]]:
+    """Connect to `temporal.address`; or, when it is unset, start the embedded dev server (only
+    `serve` may: the single-part commands connect to the one `serve` or a cluster runs)."""
+    if settings.temporal.address or not embedded_ok:
         client = await Client.connect(
-            settings.temporal.address, namespace=settings.temporal.namespace
+            temporal_address(settings), namespace=settings.temporal.namespace
         )
         await ensure_search_attributes(client)
         yield client, None
@@ -110,14 +114,15 @@ async def serve(
     async with contextlib.AsyncExitStack() as stack:
         embedded = None
         if client is None:
-            if control or node or watch or settings.temporal.address:
-                client, embedded = await stack.enter_async_context(temporal_client(settings))
-            else:
-                client = await Client.connect(
-                    temporal_address(settings), namespace=settings.temporal.namespace
-                )
+            everything = control and node and watch and gateway
+            client, embedded = await stack.enter_async_context(
+                temporal_client(settings, embedded_ok=everything)
+            )
         running = Running(client=client, metrics=metrics, temporal=embedded)
+        if gateway:
+            _check_port(settings.gateway.host, settings.gateway.port, "gateway.port")
         if settings.metrics.enabled:
+            _check_port(settings.metrics.host, settings.metrics.port, "metrics.port")
             server = metrics.serve(settings.metrics.host, settings.metrics.port)
             stack.callback(server.shutdown)
             running.metrics_port = server.server_port
@@ -185,6 +190,24 @@ async def serve(
             task.add_done_callback(_log_failure)
         await _until_stopped(stop, long_lived)
         log.info("stopping")
+
+
+class PortInUse(OSError):
+    pass
+
+
+def _check_port(host: str, port: int, key: str) -> None:
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise PortInUse(
+                f"{key}: cannot listen on {host}:{port} ({exc.strerror}); choose another with "
+                f"--config or MODELIUM_{key.upper().replace('.', '__')}"
+            ) from None
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:
