@@ -23,6 +23,7 @@ from api.errors import ControlPlaneUnavailable
 
 log = logging.getLogger(__name__)
 
+NOT_LOADED_TTL = 0.2
 QUERY_TIMEOUT = timedelta(seconds=10)
 RUNNING_MODELS = f'WorkflowType="{WORKFLOW_TYPE}" AND ExecutionStatus="Running"'
 
@@ -39,7 +40,9 @@ class ModelRegistry:
     async def get(self, model: str, *, fresh: bool = False) -> ModelState | None:
         """The model's state, or None when no such model exists (or it was removed)."""
         cached = self._cache.get(model)
-        if cached is not None and not fresh and time.monotonic() - cached[0] < self._ttl:
+        if cached is not None and not fresh and time.monotonic() - cached[0] < self._ttl_for(
+            cached[1]
+        ):
             return cached[1]
         # Concurrent requests for the same model share one query.
         pending = self._inflight.get(model)
@@ -61,6 +64,11 @@ class ModelRegistry:
             raise
         finally:
             self._inflight.pop(model, None)
+
+    def _ttl_for(self, state: ModelState) -> float:
+        # A serving endpoint is stable; a model on its way up changes any moment, and a stale
+        # "not loaded" would turn clients away after the load finished.
+        return self._ttl if state.phase == Phase.LOADED else min(self._ttl, NOT_LOADED_TTL)
 
     async def _query(self, model: str) -> ModelState | None:
         handle = self._client.get_workflow_handle(workflow_id(model))

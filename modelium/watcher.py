@@ -137,7 +137,7 @@ class ModelFolderWatcher:
             for root in self._dirs:
                 for child in root.iterdir():
                     self._mark(root, child.name)
-            tick = min(max(self._settle / 4, 0.05), 0.5)
+            tick = min(max(self._settle / 4, 0.05), 0.25)
             while not stop.is_set():
                 await self._tick()
                 self._scanned.set()
