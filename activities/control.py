@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from typing import Any
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
@@ -49,5 +50,5 @@ class ControlActivities:
         except NoRuntimeAvailable as exc:
             raise ApplicationError(str(exc), type=ErrorType.NO_RUNTIME, non_retryable=True) from None
 
-    def all(self) -> list[object]:
+    def all(self) -> list[Callable[..., Any]]:
         return [self.analyze_model, self.decide_runtime]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
@@ -39,8 +40,7 @@ class NodeActivities:
         adapter = self._adapters.get(runtime)
         if adapter is None:
             raise ApplicationError(
-                f"runtime {runtime!r} is not available on node {self._node} "
-                f"(available: {', '.join(self._adapters)})",
+                f"runtime {runtime!r} is not available on node {self._node} (available: {', '.join(self._adapters)})",
                 type=ErrorType.NO_RUNTIME,
                 non_retryable=True,
             )
@@ -48,18 +48,14 @@ class NodeActivities:
 
     def _refresh_loaded_gauge(self) -> None:
         for name, adapter in self._adapters.items():
-            self._metrics.models_loaded.labels(runtime=name, node=self._node).set(
-                len(adapter.running())
-            )
+            self._metrics.models_loaded.labels(runtime=name, node=self._node).set(len(adapter.running()))
 
     @activity.defn(name=ActivityName.RESERVE_GPU)
     async def reserve_gpu(self, request: ReserveRequest) -> Booking:
         try:
             return self._ledger.reserve(request.model, request.device, request.bytes)
         except InsufficientCapacity as exc:
-            raise ApplicationError(
-                str(exc), type=ErrorType.INSUFFICIENT_CAPACITY, non_retryable=True
-            ) from None
+            raise ApplicationError(str(exc), type=ErrorType.INSUFFICIENT_CAPACITY, non_retryable=True) from None
 
     @activity.defn(name=ActivityName.RELEASE_GPU)
     async def release_gpu(self, model: str) -> None:
@@ -80,9 +76,7 @@ class NodeActivities:
         finally:
             self._refresh_loaded_gauge()
         seconds = time.monotonic() - started
-        self._metrics.load_duration.labels(model=request.model, runtime=request.runtime).observe(
-            seconds
-        )
+        self._metrics.load_duration.labels(model=request.model, runtime=request.runtime).observe(seconds)
         activity.logger.info("loaded %s in %.2fs at %s", request.model, seconds, endpoint.url)
         return LoadResult(endpoint=endpoint, load_seconds=seconds)
 
@@ -108,6 +102,6 @@ class NodeActivities:
                 category=ApplicationErrorCategory.BENIGN,
             ) from None
 
-    def all(self) -> list[object]:
+    def all(self) -> list[Callable[..., Any]]:
         return [self.reserve_gpu, self.release_gpu, self.load_model, self.unload_model,
                 self.check_health]  # fmt: skip

@@ -11,14 +11,13 @@ import httpx
 from fastapi import FastAPI
 from temporalio.client import Client
 
-from modelium import __version__
-from modelium.config import Settings
-from modelium.metrics import Metrics
-
 from api import errors
 from api.registry import ModelRegistry
 from api.routes import health, inference, models
 from api.usage import UsageBatcher
+from modelium import __version__
+from modelium.config import Settings
+from modelium.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +39,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        temporal = client or await Client.connect(
-            temporal_address(settings), namespace=settings.temporal.namespace
-        )
+        temporal = client or await Client.connect(temporal_address(settings), namespace=settings.temporal.namespace)
         app.state.settings = settings
         app.state.temporal = temporal
         app.state.metrics = metrics or Metrics()
@@ -50,9 +47,7 @@ def create_app(
         app.state.metrics.track_idle(app.state.registry.last_use)
         app.state.usage = UsageBatcher(temporal, settings.gateway.usage_flush_seconds)
         app.state.usage.start()
-        refresher = asyncio.create_task(
-            app.state.registry.refresh_forever(STATE_REFRESH_SECONDS), name="state-refresh"
-        )
+        refresher = asyncio.create_task(app.state.registry.refresh_forever(STATE_REFRESH_SECONDS), name="state-refresh")
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
         timeout = httpx.Timeout(settings.gateway.request_timeout_seconds, connect=5.0)
         async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:

@@ -8,11 +8,10 @@ import httpx
 from fastapi import Depends, Request
 from temporalio.client import Client
 
-from modelium.config import Settings
-from modelium.metrics import Metrics
-
 from api.registry import ModelRegistry
 from api.usage import UsageBatcher
+from modelium.config import Settings
+from modelium.metrics import Metrics
 
 
 def get_settings(request: Request) -> Settings:

@@ -83,9 +83,7 @@ def install(app: FastAPI) -> None:
             field = ".".join(loc) or "body"
             first_field = first_field or field
             problems.append(f"{field}: {err.get('msg')}")
-        return JSONResponse(
-            error_body("; ".join(problems), "invalid_request_error", first_field), status_code=422
-        )
+        return JSONResponse(error_body("; ".join(problems), "invalid_request_error", first_field), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -14,12 +14,11 @@ from datetime import timedelta
 from temporalio.client import Client, WorkflowQueryFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.errors import ControlPlaneUnavailable
 from modelium.names import model_from_workflow_id, workflow_id
 from modelium.types import ModelState, Phase
 from workflows.contracts import WORKFLOW_TYPE
 from workflows.lifecycle import ModelLifecycleWorkflow
-
-from api.errors import ControlPlaneUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +39,7 @@ class ModelRegistry:
     async def get(self, model: str, *, fresh: bool = False) -> ModelState | None:
         """The model's state, or None when no such model exists (or it was removed)."""
         cached = self._cache.get(model)
-        if cached is not None and not fresh and time.monotonic() - cached[0] < self._ttl_for(
-            cached[1]
-        ):
+        if cached is not None and not fresh and time.monotonic() - cached[0] < self._ttl_for(cached[1]):
             return cached[1]
         # Concurrent requests for the same model share one query.
         pending = self._inflight.get(model)
@@ -73,9 +70,7 @@ class ModelRegistry:
     async def _query(self, model: str) -> ModelState | None:
         handle = self._client.get_workflow_handle(workflow_id(model))
         try:
-            state: ModelState = await handle.query(
-                ModelLifecycleWorkflow.state, rpc_timeout=QUERY_TIMEOUT
-            )
+            state: ModelState = await handle.query(ModelLifecycleWorkflow.state, rpc_timeout=QUERY_TIMEOUT)
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 return None
@@ -103,7 +98,7 @@ class ModelRegistry:
                 if name:
                     names.append(name)
         except RPCError as exc:
-            raise ControlPlaneUnavailable(f"cannot list models: {exc.message}", retry_after=5)
+            raise ControlPlaneUnavailable(f"cannot list models: {exc.message}", retry_after=5) from exc
         return sorted(set(names))
 
     async def all(self) -> list[ModelState]:

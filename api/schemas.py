@@ -81,8 +81,9 @@ class ModelInfo(BaseModel):
             analysis=s.analysis_summary,
             decision_reason=s.decision.reason if s.decision else None,
             decision_source=s.decision.source if s.decision else None,
-            endpoint=EndpointInfo(url=s.endpoint.url, protocol=s.endpoint.protocol,
-                                  pid=s.endpoint.pid) if s.endpoint else None,  # fmt: skip
+            endpoint=EndpointInfo(url=s.endpoint.url, protocol=s.endpoint.protocol, pid=s.endpoint.pid)
+            if s.endpoint
+            else None,  # fmt: skip
             memory_estimate_bytes=s.memory_estimate_bytes,
             booked_bytes=s.booking.bytes if s.booking else None,
             idle_timeout_seconds=s.idle_seconds,

@@ -59,9 +59,7 @@ class UsageBatcher:
         if not self._counts:
             return
         counts, self._counts = self._counts, Counter()
-        results = await asyncio.gather(
-            *(self._send(model, n) for model, n in counts.items()), return_exceptions=True
-        )
+        results = await asyncio.gather(*(self._send(model, n) for model, n in counts.items()), return_exceptions=True)
         for (model, n), result in zip(counts.items(), results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("usage of %s (%d requests) not sent, kept for later: %s",

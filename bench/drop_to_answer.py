@@ -98,8 +98,10 @@ def main() -> None:
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print(f"{'med':>4} {med['startup']:>8.2f}s {med['total']:>7.2f}s {med['settle']:>7.2f}s "
           f"{med['load']:>7.2f}s {med['overhead']:>8.2f}s")  # fmt: skip
-    print(f"runtime load / total: {med['load'] / med['total']:.0%}; "
-          f"Modelium overhead (excl. settle) / total: {med['overhead'] / med['total']:.0%}")
+    print(
+        f"runtime load / total: {med['load'] / med['total']:.0%}; "
+        f"Modelium overhead (excl. settle) / total: {med['overhead'] / med['total']:.0%}"
+    )
 
 
 if __name__ == "__main__":

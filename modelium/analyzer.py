@@ -142,9 +142,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             raise ModelDirectoryError(f"{path.name} has a corrupt safetensors header") from None
     if not isinstance(header, dict):
         raise ModelDirectoryError(f"{path.name} has a corrupt safetensors header")
-    data_end = max(
-        (int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0
-    )
+    data_end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + data_end > size:
         raise ModelDirectoryError(
             f"{path.name} is truncated: its header describes {8 + header_len + data_end} bytes "
@@ -163,9 +161,7 @@ def _weights(directory: Path) -> tuple[list[Path], int | None, str | None]:
         shards = sorted({directory / name for name in weight_map.values()})
         missing = [p.name for p in shards if not p.is_file()]
         if missing:
-            raise ModelDirectoryError(
-                f"{index.name} lists shards that are missing: {', '.join(missing[:5])}"
-            )
+            raise ModelDirectoryError(f"{index.name} lists shards that are missing: {', '.join(missing[:5])}")
         files = shards
     else:
         files = sorted(directory.glob("*.safetensors"))
@@ -186,8 +182,7 @@ def _weights(directory: Path) -> tuple[list[Path], int | None, str | None]:
     if bins:
         return bins, None, None
     raise ModelDirectoryError(
-        "no weights found: expected model.safetensors, a sharded safetensors index, or "
-        "pytorch_model.bin"
+        "no weights found: expected model.safetensors, a sharded safetensors index, or pytorch_model.bin"
     )
 
 
@@ -208,9 +203,7 @@ def analyze_directory(path: str | Path, name: str) -> ModelAnalysis:
         raise ModelDirectoryError(f"a copy is still in progress: {', '.join(partial[:5])}")
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise ModelDirectoryError(
-            "no config.json: this does not look like a HuggingFace model directory"
-        )
+        raise ModelDirectoryError("no config.json: this does not look like a HuggingFace model directory")
     config = _read_json(config_path)
     if not isinstance(config, dict):
         raise ModelDirectoryError("config.json must hold a JSON object")
@@ -219,9 +212,7 @@ def analyze_directory(path: str | Path, name: str) -> ModelAnalysis:
     if not isinstance(model_type, str) or not model_type:
         raise ModelDirectoryError("config.json has no model_type")
     if model_type not in _known_model_types():
-        raise ModelDirectoryError(
-            f"unknown model_type {model_type!r}: the installed transformers does not support it"
-        )
+        raise ModelDirectoryError(f"unknown model_type {model_type!r}: the installed transformers does not support it")
     if not isinstance(architectures, list) or not architectures:
         raise ModelDirectoryError("config.json has no architectures list")
     architecture = str(architectures[0])
@@ -236,8 +227,7 @@ def analyze_directory(path: str | Path, name: str) -> ModelAnalysis:
     if not has_tokenizer:
         # Every task served here reads text; vision and audio models come with their processors.
         raise ModelDirectoryError(
-            f"{task} needs a tokenizer, and none was found "
-            f"(looked for {', '.join(_TOKENIZER_FILES)})"
+            f"{task} needs a tokenizer, and none was found (looked for {', '.join(_TOKENIZER_FILES)})"
         )
     context = next(
         (

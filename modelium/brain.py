@@ -39,6 +39,4 @@ def decide_rules(
             f"{analysis.task} model served by the embedded transformers runtime on {device}"
             + ("" if on_gpu else " (no GPU on this node)"),
         )
-    raise NoRuntimeAvailable(
-        f"no enabled runtime serves {analysis.task} (available: {', '.join(available_runtimes)})"
-    )
+    raise NoRuntimeAvailable(f"no enabled runtime serves {analysis.task} (available: {', '.join(available_runtimes)})")

@@ -52,7 +52,10 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(max(logging.getLevelName(level), logging.WARNING))
 
 
-def _run_parts(settings: Settings, **parts: bool) -> int:
+def _run_parts(
+    settings: Settings, *, gateway: bool = True, control: bool = True, node: bool = True, watch: bool = True
+) -> int:
+    parts = {"gateway": gateway, "control": control, "node": node, "watch": watch}
     from workers.serve import Running, install_stop_signals, serve
 
     async def main() -> None:
@@ -80,7 +83,7 @@ def _run_parts(settings: Settings, **parts: bool) -> int:
                 lines.append(f"watching    {dirs}")
             print("Modelium is running (Ctrl-C stops it):\n  " + "\n  ".join(lines), flush=True)
 
-        await serve(settings, stop, on_ready=announce, **parts)
+        await serve(settings, stop, on_ready=announce, gateway=gateway, control=control, node=node, watch=watch)
 
     asyncio.run(main())
     return 0
@@ -123,16 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="modelium",
         description="Drop a model folder into a watched directory; Modelium serves it.",
     )
-    parser.add_argument("--config", type=Path, default=None,
-                        help="modelium.yaml to read (default: $MODELIUM_CONFIG or ./modelium.yaml)")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="modelium.yaml to read (default: $MODELIUM_CONFIG or ./modelium.yaml)"
+    )
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run everything on this machine with one command")
     serve.add_argument("--port", type=int, help="gateway port (gateway.port)")
     serve.add_argument("--host", help="gateway bind address (gateway.host)")
-    serve.add_argument("--watch", action="append", type=Path, metavar="DIR",
-                       help="watch this directory for models (repeatable)")
+    serve.add_argument(
+        "--watch", action="append", type=Path, metavar="DIR", help="watch this directory for models (repeatable)"
+    )
     serve.add_argument("--node-id", help="this machine's node id (node.id)")
     serve.add_argument("--temporal-address", help="use this Temporal cluster, not an embedded one")
     serve.set_defaults(func=cmd_serve)
@@ -156,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo-model", help="write a tiny model (random weights, no download)")
     demo.add_argument("directory", type=Path)
-    demo.add_argument("--task", default="text-generation",
-                      choices=["text-generation", "text-classification", "feature-extraction"])
+    demo.add_argument(
+        "--task", default="text-generation", choices=["text-generation", "text-classification", "feature-extraction"]
+    )
     demo.set_defaults(func=cmd_demo_model)
 
     config = sub.add_parser("config", help="print the effective configuration")

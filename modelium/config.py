@@ -95,8 +95,7 @@ class Node(_Section):
         cleaned = sanitize_node_id(value)
         if cleaned != value:
             raise ValueError(
-                f"node id {value!r} may only hold lowercase letters, digits, '-' and '_' "
-                f"(for example {cleaned!r})"
+                f"node id {value!r} may only hold lowercase letters, digits, '-' and '_' (for example {cleaned!r})"
             )
         return value
 

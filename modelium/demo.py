@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 _CORPUS = [
     "Modelium serves many models on a few GPUs with no hand work.",
@@ -61,6 +62,7 @@ def write_demo_model(
     torch.manual_seed(seed)
     tokenizer = _tokenizer(vocab_size=400)
     vocab = len(tokenizer)  # type: ignore[arg-type]
+    config: Any
     if task == "text-generation":
         config = GPT2Config(
             vocab_size=vocab, n_positions=context, n_embd=width, n_layer=layers, n_head=2,
@@ -71,12 +73,9 @@ def write_demo_model(
         config = BertConfig(
             vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
             intermediate_size=width * 2, max_position_embeddings=context,
-            num_labels=2, id2label={0: "negative", 1: "positive"},
             label2id={"negative": 0, "positive": 1},
         )  # fmt: skip
-        model = BertForSequenceClassification(config) if task == "text-classification" else (
-            BertModel(config)
-        )
+        model = BertForSequenceClassification(config) if task == "text-classification" else (BertModel(config))
     model.save_pretrained(out)  # type: ignore[attr-defined]
     tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
     return out

@@ -57,12 +57,9 @@ class Ledger:
                 return existing
             if device not in self._capacities:
                 raise InsufficientCapacity(
-                    f"node {self._node} has no device {device!r} "
-                    f"(devices: {', '.join(self._capacities)})"
+                    f"node {self._node} has no device {device!r} (devices: {', '.join(self._capacities)})"
                 )
-            others = self._booked_locked(device) - (
-                existing.bytes if existing and existing.device == device else 0
-            )
+            others = self._booked_locked(device) - (existing.bytes if existing and existing.device == device else 0)
             capacity = self._capacities[device]
             if others + nbytes > capacity:
                 raise InsufficientCapacity(

@@ -48,16 +48,12 @@ class Metrics:
             "modelium_request_duration_seconds", "Gateway inference request latency",
             ["model", "runtime"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.models_loaded = Gauge(
-            "modelium_models_loaded", "Models loaded on a node", ["runtime", "node"], registry=r
-        )
+        self.models_loaded = Gauge("modelium_models_loaded", "Models loaded on a node", ["runtime", "node"], registry=r)
         self.load_duration = Histogram(
             "modelium_model_load_duration_seconds", "Time from load start to a healthy endpoint",
             ["model", "runtime"], buckets=_LOAD_BUCKETS, registry=r,
         )  # fmt: skip
-        self.unloads = Counter(
-            "modelium_unloads", "Models unloaded, by reason", ["reason"], registry=r
-        )
+        self.unloads = Counter("modelium_unloads", "Models unloaded, by reason", ["reason"], registry=r)
         self._idle_collector: _IdleCollector | None = None
 
     def track_idle(self, source: IdleSource) -> None:

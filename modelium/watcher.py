@@ -116,9 +116,7 @@ class ModelFolderWatcher:
             self._dirty.add((root, entry))
 
     def _observer(self) -> BaseObserver:
-        observer: BaseObserver = (
-            PollingObserver(timeout=self._poll_interval) if self._polling else Observer()
-        )
+        observer: BaseObserver = PollingObserver(timeout=self._poll_interval) if self._polling else Observer()
         for root in self._dirs:
             observer.schedule(_Handler(root, self._mark), str(root), recursive=True)
         return observer

@@ -105,15 +105,11 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def running_modelium(
-    settings: Settings, client: Client, **parts: bool
-) -> AsyncIterator[Running]:
+async def running_modelium(settings: Settings, client: Client, **parts: bool) -> AsyncIterator[Running]:
     """`modelium serve`'s composition, in this process, against the session's Temporal."""
     stop = asyncio.Event()
     ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        serve(settings, stop, client=client, on_ready=ready.set_result, **parts)
-    )
+    task = asyncio.create_task(serve(settings, stop, client=client, on_ready=ready.set_result, **parts))
     done, _ = await asyncio.wait([task, ready], timeout=60, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()

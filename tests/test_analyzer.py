@@ -7,7 +7,6 @@ import pytest
 
 from modelium.analyzer import ModelDirectoryError, analyze_directory
 from modelium.types import Task
-
 from tests.bad_models import BROKEN
 
 

@@ -12,12 +12,11 @@ from temporalio.testing import WorkflowEnvironment
 from modelium.names import workflow_id
 from modelium.types import ModelSource, ModelState, Phase
 from modelium.watcher import fingerprint
+from tests.bad_models import BROKEN
+from tests.conftest import make_settings, running_modelium, unique, wait_for
 from workers.watch import WorkflowBridge
 from workflows.contracts import RetryRequest
 from workflows.lifecycle import ModelLifecycleWorkflow
-
-from tests.bad_models import BROKEN
-from tests.conftest import make_settings, running_modelium, unique, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +41,7 @@ async def test_every_kind_of_broken_directory_fails_clearly_then_recovers(
             await bridge.model_ready(ModelSource(name, str(directory), fingerprint(directory)[0]))
 
         for kind, name in names.items():
+
             async def failed(name: str = name) -> ModelState | None:
                 state = await _state(temporal_env, name)
                 return state if state.phase == Phase.FAILED else None
@@ -64,6 +64,7 @@ async def test_every_kind_of_broken_directory_fails_clearly_then_recovers(
         await handle.signal(ModelLifecycleWorkflow.retry, RetryRequest("fixed by hand"))
 
         for name in (by_files, by_retry):
+
             async def loaded(name: str = name) -> bool:
                 return (await _state(temporal_env, name)).phase == Phase.LOADED
 

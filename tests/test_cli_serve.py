@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 from modelium.runtimes.process import free_port, pid_alive
-
 from tests.conftest import copy_model
 
 pytestmark = pytest.mark.slow

@@ -18,9 +18,15 @@ from temporalio.testing import WorkflowEnvironment
 
 from modelium.names import workflow_id
 from modelium.runtimes.process import pid_alive
+from tests.conftest import (
+    copy_model,
+    make_settings,
+    metric_value,
+    running_modelium,
+    unique,
+    wait_for,
+)
 from workflows.lifecycle import ModelLifecycleWorkflow
-
-from tests.conftest import copy_model, make_settings, metric_value, running_modelium, unique, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +35,7 @@ async def test_drop_serve_count_idle_unload_remove(
     temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path
 ) -> None:
     idle = 4.0
-    settings = make_settings(
-        tmp_path, orchestration={"policies": {"evict_after_idle_seconds": idle}}
-    )
+    settings = make_settings(tmp_path, orchestration={"policies": {"evict_after_idle_seconds": idle}})
     name = unique("e2e-gpt2")
     client = temporal_env.client
     async with running_modelium(settings, client) as running:
@@ -57,8 +61,8 @@ async def test_drop_serve_count_idle_unload_remove(
             assert pid_alive(pid)
 
             answer = await http.post(
-                f"/predict/{name}", json={"prompt": "Hello world", "max_tokens": 5,
-                                          "temperature": 0}  # fmt: skip
+                f"/predict/{name}",
+                json={"prompt": "Hello world", "max_tokens": 5, "temperature": 0},  # fmt: skip
             )
             assert answer.status_code == 200, answer.text
             body = answer.json()

@@ -25,11 +25,10 @@ from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
 from modelium.runtimes.process import pid_alive
 from modelium.types import ModelSource, ModelState, Phase
 from modelium.watcher import fingerprint
+from tests.conftest import copy_model, unique, wait_for
 from workers.temporal_server import ensure_search_attributes
 from workflows.contracts import LifecycleInput, UsageReport
 from workflows.lifecycle import ModelLifecycleWorkflow
-
-from tests.conftest import copy_model, unique, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -51,9 +50,7 @@ async def _phase_is(handle: WorkflowHandle, phase: str) -> bool:
     return (await _state(handle)).phase == phase
 
 
-async def test_idle_unload_at_default_300s_with_time_skipping(
-    demo_models: dict[str, Path], tmp_path: Path
-) -> None:
+async def test_idle_unload_at_default_300s_with_time_skipping(demo_models: dict[str, Path], tmp_path: Path) -> None:
     model_dir = copy_model(demo_models["text-generation"], tmp_path / "m")
     name = unique("idle")
     node = unique("node")
@@ -64,9 +61,7 @@ async def test_idle_unload_at_default_300s_with_time_skipping(
     node_acts = NodeActivities(node, ledger, {"embedded": adapter}, Metrics())
     assert LifecycleInput(ModelSource("x", "/x", "f")).idle_seconds == DEFAULT_IDLE
 
-    async with await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=_test_server()
-    ) as env:
+    async with await WorkflowEnvironment.start_time_skipping(test_server_existing_path=_test_server()) as env:
         await ensure_search_attributes(env.client)
         async with (
             Worker(env.client, task_queue=control_queue, workflows=[ModelLifecycleWorkflow],
@@ -93,9 +88,7 @@ async def test_idle_unload_at_default_300s_with_time_skipping(
             await env.sleep(200)
             assert (await _state(handle)).phase == Phase.LOADED
             await handle.signal(ModelLifecycleWorkflow.record_usage, UsageReport(3))
-            used_at = await wait_for(
-                lambda: _used_after(handle, loaded_at), timeout=10, what="usage recorded"
-            )
+            used_at = await wait_for(lambda: _used_after(handle, loaded_at), timeout=10, what="usage recorded")
             # 290 s after that request (490 s after loading): still loaded.
             await env.sleep(290)
             state = await _state(handle)

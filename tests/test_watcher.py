@@ -13,7 +13,6 @@ import pytest
 
 from modelium.types import ModelSource
 from modelium.watcher import ModelFolderWatcher
-
 from tests.conftest import wait_for
 
 SETTLE = 1.0
@@ -81,9 +80,7 @@ async def test_half_copied_directory_is_not_handed_over_early(
         assert len(rec.ready) == 1
 
 
-async def test_partial_download_files_hold_the_handover(
-    tmp_path: Path, demo_models: dict[str, Path]
-) -> None:
+async def test_partial_download_files_hold_the_handover(tmp_path: Path, demo_models: dict[str, Path]) -> None:
     root = tmp_path / "incoming"
     root.mkdir()
     rec = Recorder()

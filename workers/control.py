@@ -17,9 +17,7 @@ def available_runtimes(settings: Settings) -> list[str]:
 
 
 def control_worker(client: Client, settings: Settings) -> Worker:
-    acts = ControlActivities(
-        node=settings.node.id, device="cpu", runtimes=available_runtimes(settings)
-    )
+    acts = ControlActivities(node=settings.node.id, device="cpu", runtimes=available_runtimes(settings))
     return Worker(
         client,
         task_queue=settings.temporal.control_task_queue,

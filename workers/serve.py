@@ -63,9 +63,7 @@ async def temporal_client(
     """Connect to `temporal.address`; or, when it is unset, start the embedded dev server (only
     `serve` may: the single-part commands connect to the one `serve` or a cluster runs)."""
     if settings.temporal.address or not embedded_ok:
-        client = await Client.connect(
-            temporal_address(settings), namespace=settings.temporal.namespace
-        )
+        client = await Client.connect(temporal_address(settings), namespace=settings.temporal.namespace)
         await ensure_search_attributes(client)
         yield client, None
         return
@@ -115,9 +113,8 @@ async def serve(
         embedded = None
         if client is None:
             everything = control and node and watch and gateway
-            client, embedded = await stack.enter_async_context(
-                temporal_client(settings, embedded_ok=everything)
-            )
+            client, embedded = await stack.enter_async_context(temporal_client(settings, embedded_ok=everything))
+        assert client is not None
         running = Running(client=client, metrics=metrics, temporal=embedded)
         if gateway:
             _check_port(settings.gateway.host, settings.gateway.port, "gateway.port")

@@ -13,7 +13,9 @@ import socket
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
+from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client
 from temporalio.common import SearchAttributeIndexedValueType, SearchAttributeKey
 from temporalio.service import RPCError, RPCStatusCode
@@ -48,7 +50,7 @@ def _port_in_use(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _type_name(key: SearchAttributeKey[object]) -> str:
+def _type_name(key: SearchAttributeKey[Any]) -> str:
     return {
         SearchAttributeIndexedValueType.KEYWORD: "Keyword",
         SearchAttributeIndexedValueType.TEXT: "Text",
@@ -61,9 +63,7 @@ def _type_name(key: SearchAttributeKey[object]) -> str:
 
 
 class EmbeddedTemporal:
-    def __init__(
-        self, state_dir: Path, port: int, ui_port: int, ui: bool, namespace: str = "default"
-    ) -> None:
+    def __init__(self, state_dir: Path, port: int, ui_port: int, ui: bool, namespace: str = "default") -> None:
         self.state_dir = state_dir
         self.port = port
         self.ui_port = ui_port
@@ -102,14 +102,11 @@ class EmbeddedTemporal:
         while time.monotonic() < deadline:
             if not self._proc.alive():
                 raise TemporalStartError(
-                    f"temporal server exited with code {self._proc.exit_code()}:\n"
-                    f"{self._proc.log_tail()}"
+                    f"temporal server exited with code {self._proc.exit_code()}:\n{self._proc.log_tail()}"
                 )
             try:
                 client = await Client.connect(self.address, namespace=self.namespace)
-                await client.workflow_service.get_system_info(
-                    _system_info_request(), retry=False
-                )
+                await client.workflow_service.get_system_info(GetSystemInfoRequest(), retry=False)
                 log.info("embedded Temporal at %s (UI %s), state in %s", self.address,
                          f"http://127.0.0.1:{self.ui_port}" if self.ui else "off",
                          self.state_dir)  # fmt: skip
@@ -124,12 +121,6 @@ class EmbeddedTemporal:
         if self._proc is not None:
             self._proc.stop(grace=15)
             self._proc = None
-
-
-def _system_info_request() -> object:
-    from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
-
-    return GetSystemInfoRequest()
 
 
 async def ensure_search_attributes(client: Client) -> None:

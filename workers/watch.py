@@ -39,8 +39,10 @@ class WorkflowBridge:
             id=workflow_id(source.name),
             task_queue=self._task_queue,
             search_attributes=TypedSearchAttributes(
-                [SearchAttributePair(MODEL_KEY, source.name),
-                 SearchAttributePair(PHASE_KEY, Phase.DISCOVERED)]  # fmt: skip
+                [
+                    SearchAttributePair(MODEL_KEY, source.name),
+                    SearchAttributePair(PHASE_KEY, Phase.DISCOVERED),
+                ]  # fmt: skip
             ),
             start_signal=FILES_CHANGED_SIGNAL,
             start_signal_args=[source],

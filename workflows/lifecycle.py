@@ -6,7 +6,7 @@ discovered -> analyzing -> deciding -> reserving -> loading -> loaded <-> (usage
 
 from __future__ import annotations
 
-import asyncio
+import functools
 from dataclasses import replace
 from datetime import timedelta
 
@@ -136,8 +136,10 @@ class ModelLifecycleWorkflow:
         self.load(LoadCommand(request.reason))
         start = self._bringups
         await workflow.wait_condition(
-            lambda: self._state.phase in (Phase.LOADED, Phase.REMOVED)
-            or (self._state.phase == Phase.FAILED and self._bringups > start)
+            lambda: (
+                self._state.phase in (Phase.LOADED, Phase.REMOVED)
+                or (self._state.phase == Phase.FAILED and self._bringups > start)
+            )
         )
         if self._state.phase == Phase.REMOVED:
             raise ApplicationError(
@@ -184,16 +186,19 @@ class ModelLifecycleWorkflow:
                     await self._continue_as_new()
                 # A failed model waits for a retry or new files; `want_loaded` alone (still set
                 # from before the failure) must not wake it, or this loop would spin.
-                failed = self._state.phase == Phase.FAILED
-                await workflow.wait_condition(
-                    lambda: (self._want_loaded and not failed)
-                    or self._retry
-                    or self._new_source is not None
-                    or self._remove_reason is not None
-                    or workflow.info().is_continue_as_new_suggested()
-                )
+                await workflow.wait_condition(self._woken_from_rest)
                 continue
             await self._bring_up()
+
+    def _woken_from_rest(self) -> bool:
+        failed = self._state.phase == Phase.FAILED
+        return (
+            (self._want_loaded and not failed)
+            or self._retry
+            or self._new_source is not None
+            or self._remove_reason is not None
+            or workflow.info().is_continue_as_new_suggested()
+        )
 
     async def _bring_up(self) -> None:
         step = "analyze"
@@ -205,9 +210,7 @@ class ModelLifecycleWorkflow:
                     ModelSource(self._state.name, self._state.path, self._state.fingerprint),
                     result_type=ModelAnalysis,
                     start_to_close_timeout=timedelta(minutes=2),
-                    retry_policy=replace(
-                        _QUICK, non_retryable_error_types=[ErrorType.BAD_MODEL_DIRECTORY]
-                    ),
+                    retry_policy=replace(_QUICK, non_retryable_error_types=[ErrorType.BAD_MODEL_DIRECTORY]),
                 )
                 self._state.task = self._analysis.task
                 self._state.analysis_summary = self._analysis.summary()
@@ -248,7 +251,10 @@ class ModelLifecycleWorkflow:
             result = await workflow.execute_activity(
                 ActivityName.LOAD_MODEL,
                 LoadRequest(
-                    self._state.name, self._state.path, decision.runtime, self._analysis.task,
+                    self._state.name,
+                    self._state.path,
+                    decision.runtime,
+                    self._analysis.task,
                     self._state.booking,
                 ),  # fmt: skip
                 result_type=LoadResult,
@@ -296,15 +302,10 @@ class ModelLifecycleWorkflow:
             seq = self._usage_seq
             try:
                 await workflow.wait_condition(
-                    lambda: self._usage_seq != seq
-                    or self._unload_reason is not None
-                    or self._remove_reason is not None
-                    or self._new_source is not None
-                    or self._health_report is not None
-                    or workflow.info().is_continue_as_new_suggested(),
+                    functools.partial(self._woken_while_loaded, seq),
                     timeout=timedelta(seconds=remaining),
                 )
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if self._remove_reason is not None or self._new_source is not None:
                 return
@@ -318,6 +319,16 @@ class ModelLifecycleWorkflow:
                     return
             if workflow.info().is_continue_as_new_suggested():
                 await self._continue_as_new()
+
+    def _woken_while_loaded(self, usage_seq: int) -> bool:
+        return (
+            self._usage_seq != usage_seq
+            or self._unload_reason is not None
+            or self._remove_reason is not None
+            or self._new_source is not None
+            or self._health_report is not None
+            or workflow.info().is_continue_as_new_suggested()
+        )
 
     async def _check_health(self) -> None:
         report, self._health_report = self._health_report, None

@@ -10,15 +10,14 @@ import httpx
 from fastapi import APIRouter
 from temporalio.client import Client
 
-from modelium.names import workflow_id
-from modelium.types import ModelState, Phase, Protocol, Task
-from workflows.contracts import HealthReport, LoadCommand
-from workflows.lifecycle import ModelLifecycleWorkflow
-
 from api.deps import HttpDep, MetricsDep, RegistryDep, SettingsDep, TemporalDep, UsageDep
 from api.errors import BadRequest, GatewayError, ModelNotReady, UpstreamError
 from api.routes.models import known_model
 from api.schemas import PredictRequest, PredictResponse, Usage
+from modelium.names import workflow_id
+from modelium.types import ModelState, Phase, Protocol, Task
+from workflows.contracts import HealthReport, LoadCommand
+from workflows.lifecycle import ModelLifecycleWorkflow
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["inference"])
@@ -141,6 +140,4 @@ async def predict(
     finally:
         metrics.requests.labels(model=label, runtime=runtime, status=str(status)).inc()
         if status == 200:
-            metrics.request_duration.labels(model=label, runtime=runtime).observe(
-                time.perf_counter() - started
-            )
+            metrics.request_duration.labels(model=label, runtime=runtime).observe(time.perf_counter() - started)

@@ -2,13 +2,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from modelium.names import InvalidModelName, validate_model_name
-from modelium.types import ModelState
-
 from api.deps import RegistryDep
 from api.errors import BadRequest, ModelNotFound
 from api.registry import ModelRegistry
 from api.schemas import ModelInfo, ModelList
+from modelium.names import InvalidModelName, validate_model_name
+from modelium.types import ModelState
 
 router = APIRouter(tags=["models"])
 

@@ -94,9 +94,7 @@ class EmbeddedRuntimeAdapter:
             env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
             if request.booking.device.startswith("cuda:"):
                 env["CUDA_VISIBLE_DEVICES"] = request.booking.device.split(":", 1)[1]
-            proc = ManagedProcess(
-                self._argv(request, port), self._log_dir / f"{request.model}.log", env=env
-            )
+            proc = ManagedProcess(self._argv(request, port), self._log_dir / f"{request.model}.log", env=env)
             proc.start()
             url = f"http://{self._host}:{port}"
             endpoint = Endpoint(
@@ -135,9 +133,7 @@ class EmbeddedRuntimeAdapter:
             raise RuntimeUnhealthy(f"{model} is not running on node {self._node}")
         proc, endpoint = entry
         if not proc.alive():
-            raise RuntimeUnhealthy(
-                f"{model}'s process {proc.pid} exited with code {proc.exit_code()}"
-            )
+            raise RuntimeUnhealthy(f"{model}'s process {proc.pid} exited with code {proc.exit_code()}")
         await self._probe(endpoint)
 
     async def stop(self, model: str) -> bool:

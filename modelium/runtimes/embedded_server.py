@@ -73,9 +73,7 @@ def load(model_dir: str, name: str, task: str, device: str) -> Loaded:
     model = cls.from_pretrained(model_dir, dtype="auto").to(device).eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     log.info("loaded %s (%s) on %s in %.2fs", name, task, device, time.monotonic() - started)
     return Loaded(name, task, device, tokenizer, model, int(time.time()), context)
 
@@ -180,8 +178,7 @@ class Server:
                 "created": int(time.time()),
                 "model": self.m.name,
                 "choices": [
-                    {"index": i, "text": r["text"], "finish_reason": r["finish_reason"],
-                     "logprobs": None}
+                    {"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
                     for i, r in enumerate(results)
                 ],  # fmt: skip
                 "usage": _usage(results),
@@ -193,9 +190,10 @@ class Server:
         if body.get("stream"):
             raise BadRequest("stream is not supported by this runtime yet", "stream")
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
-            for m in messages
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages)
         ):
             raise BadRequest("messages must be a list of {role, content} objects", "messages")
         tok = self.m.tokenizer
@@ -233,8 +231,7 @@ class Server:
             probs = out.logits.softmax(dim=-1)
             labels = self.m.model.config.id2label
             return [
-                [{"label": labels.get(i, str(i)), "score": float(p)} for i, p in enumerate(row)]
-                for row in probs
+                [{"label": labels.get(i, str(i)), "score": float(p)} for i, p in enumerate(row)] for row in probs
             ], tokens
         mask = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
         pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -270,8 +267,7 @@ class Server:
         return JSONResponse(
             {
                 "object": "list",
-                "data": [{"id": self.m.name, "object": "model", "created": self.m.created,
-                          "owned_by": "modelium"}],
+                "data": [{"id": self.m.name, "object": "model", "created": self.m.created, "owned_by": "modelium"}],
             }  # fmt: skip
         )
 
@@ -320,8 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--name", required=True)
-    parser.add_argument("--task", required=True,
-                        choices=[TEXT_GENERATION, TEXT_CLASSIFICATION, FEATURE_EXTRACTION])
+    parser.add_argument("--task", required=True, choices=[TEXT_GENERATION, TEXT_CLASSIFICATION, FEATURE_EXTRACTION])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--device", default="cpu")

@@ -113,8 +113,7 @@ class ManagedProcess:
                     pass
                 if time.monotonic() > deadline:
                     raise RuntimeStartError(
-                        f"not healthy after {timeout:.0f}s at {url}; last lines of "
-                        f"{self.log_path}:\n{self.log_tail()}"
+                        f"not healthy after {timeout:.0f}s at {url}; last lines of {self.log_path}:\n{self.log_tail()}"
                     )
                 if tick is not None:
                     tick()

@@ -1,0 +1,1 @@
+"""Deterministic workflow code and the contracts workflows, activities and the gateway share."""
