@@ -73,7 +73,7 @@ def write_demo_model(
         config = BertConfig(
             vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
             intermediate_size=width * 2, max_position_embeddings=context,
-            label2id={"negative": 0, "positive": 1},
+            id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
         )  # fmt: skip
         model = BertForSequenceClassification(config) if task == "text-classification" else (BertModel(config))
     model.save_pretrained(out)  # type: ignore[attr-defined]

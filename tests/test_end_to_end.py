@@ -147,3 +147,31 @@ async def test_drop_serve_count_idle_unload_remove(
 
 async def _is(value_coro: object, expected: str) -> bool:
     return (await value_coro) == expected  # type: ignore[misc]
+
+
+async def test_classification_model_answers_through_predict(
+    temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path)
+    name = unique("e2e-bert")
+    async with running_modelium(settings, temporal_env.client) as running:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=30) as http:
+            copy_model(demo_models["text-classification"], tmp_path / "incoming" / name)
+
+            async def loaded() -> bool:
+                response = await http.get(f"/models/{name}")
+                return response.status_code == 200 and response.json()["phase"] == "loaded"
+
+            await wait_for(loaded, timeout=120, what="classifier loaded")
+            answer = await http.post(f"/predict/{name}", json={"inputs": ["good movie", "bad movie"]})
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["task"] == "text-classification"
+            assert len(body["output"]) == 2
+            for scores in body["output"]:
+                assert {s["label"] for s in scores} == {"negative", "positive"}
+                assert abs(sum(s["score"] for s in scores) - 1.0) < 1e-4
+            # A field the model does not know is named in a 422.
+            bad = await http.post(f"/predict/{name}", json={"inputs": "x", "temprature": 1})
+            assert bad.status_code == 422
+            assert bad.json()["error"]["param"] == "temprature"
