@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -10,9 +12,19 @@ from modelium.config import Settings
 from modelium.runtimes.embedded import NAME as EMBEDDED
 from workflows.lifecycle import ModelLifecycleWorkflow
 
+log = logging.getLogger(__name__)
+
 
 def available_runtimes(settings: Settings) -> list[str]:
     # Only runtimes with an adapter in this build; vLLM, Triton and Ray Serve join as theirs land.
+    asked = [key for key in ("vllm", "triton", "ray_serve") if getattr(settings, key).enabled]
+    if asked:
+        log.warning(
+            "%s set in the configuration, but this version has no adapter for %s yet; "
+            "models are served by the embedded runtime",
+            ", ".join(f"{k}.enabled=true" for k in asked),
+            "it" if len(asked) == 1 else "them",
+        )
     return [EMBEDDED]
 
 
