@@ -68,9 +68,9 @@ async def test_half_copied_directory_is_not_handed_over_early(
         files = sorted(p for p in src.iterdir() if p.is_file())
         for path in files:
             shutil.copy2(path, target / path.name)
+            last_write = time.monotonic()
             await asyncio.sleep(SETTLE * 0.5)
             assert rec.ready == [], "handed over while files were still arriving"
-        last_write = time.monotonic()
         await wait_for(lambda: rec.ready, timeout=15, what="handover after settling")
         at, source = rec.ready[0]
         assert at - last_write >= SETTLE
