@@ -17,14 +17,13 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.errors import ControlPlaneUnavailable
 from modelium.names import model_from_workflow_id, workflow_id
 from modelium.types import ModelState, Phase
-from workflows.contracts import WORKFLOW_TYPE
+from workflows.contracts import running_models_query
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 log = logging.getLogger(__name__)
 
 NOT_LOADED_TTL = 0.2
 QUERY_TIMEOUT = timedelta(seconds=10)
-RUNNING_MODELS = f'WorkflowType="{WORKFLOW_TYPE}" AND ExecutionStatus="Running"'
 
 
 class ModelRegistry:
@@ -93,7 +92,7 @@ class ModelRegistry:
         """Names of every model with a running workflow (from Temporal's visibility store)."""
         names = []
         try:
-            async for execution in self._client.list_workflows(RUNNING_MODELS):
+            async for execution in self._client.list_workflows(running_models_query()):
                 name = model_from_workflow_id(execution.id)
                 if name:
                     names.append(name)

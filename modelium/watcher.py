@@ -34,9 +34,11 @@ OnReady = Callable[[ModelSource], Awaitable[None]]
 OnRemoved = Callable[[str], Awaitable[None]]
 
 
-def fingerprint(directory: Path) -> tuple[str, int]:
-    """A digest of every file's relative path, size and mtime; and the number of files."""
+def _scan(directory: Path) -> tuple[str, int, bool]:
+    """One walk: a digest of every file's relative path, size and mtime; the number of files;
+    and whether any of them is a copy tool's partial file."""
     entries = []
+    partial = False
     for root, dirs, files in os.walk(directory):
         dirs.sort()
         for name in sorted(files):
@@ -45,8 +47,15 @@ def fingerprint(directory: Path) -> tuple[str, int]:
                 st = path.stat()
             except FileNotFoundError:
                 continue  # removed while we looked; the next look sees the new state
+            partial = partial or name.endswith(PARTIAL_SUFFIXES)
             entries.append(f"{path.relative_to(directory)}\0{st.st_size}\0{st.st_mtime_ns}")
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:32], len(entries)
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:32], len(entries), partial
+
+
+def fingerprint(directory: Path) -> tuple[str, int]:
+    """A digest of every file's relative path, size and mtime; and the number of files."""
+    digest, files, _ = _scan(directory)
+    return digest, files
 
 
 @dataclass
@@ -188,7 +197,7 @@ class ModelFolderWatcher:
         if now - entry.last_event < self._settle:
             entry.seen_fingerprint = None
             return
-        fp, files = await asyncio.to_thread(fingerprint, path)
+        fp, files, partial = await asyncio.to_thread(_scan, path)
         if fp != entry.seen_fingerprint:
             # First quiet look, or the files changed since: look once more before handing over.
             entry.seen_fingerprint = fp
@@ -196,7 +205,7 @@ class ModelFolderWatcher:
         if files == 0 or fp == entry.emitted_fingerprint:
             entry.pending = False
             return
-        if any(p.name.endswith(PARTIAL_SUFFIXES) for p in path.rglob("*")):
+        if partial:
             # A copy tool is still writing; its final rename marks the directory again.
             entry.pending = False
             return

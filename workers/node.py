@@ -17,7 +17,7 @@ from modelium.runtimes.base import RuntimeAdapter
 from modelium.runtimes.embedded import NAME as EMBEDDED
 from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
 from modelium.types import Phase
-from workflows.contracts import WORKFLOW_TYPE, HealthReport
+from workflows.contracts import NODE_KEY, PHASE_KEY, HealthReport, running_models_query
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,7 @@ async def reconcile_node(client: Client, agent: NodeAgent) -> int:
     """Tell workflows that believe a model is loaded here, but whose runtime is not running
     (the node agent restarted), to check and reload it. Returns how many were told."""
     running = {m for adapter in agent.adapters.values() for m in adapter.running()}
-    query = (
-        f'WorkflowType="{WORKFLOW_TYPE}" AND ExecutionStatus="Running" '
-        f'AND ModeliumNode="{agent.node_id}" AND ModeliumPhase="{Phase.LOADED}"'
-    )
+    query = running_models_query(**{NODE_KEY.name: agent.node_id, PHASE_KEY.name: Phase.LOADED})
     told = 0
     async for execution in client.list_workflows(query):
         handle = client.get_workflow_handle(execution.id)

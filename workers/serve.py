@@ -13,7 +13,7 @@ import logging
 import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -47,7 +47,6 @@ class Running:
     gateway: _Gateway | None = None
     metrics_port: int | None = None
     temporal: EmbeddedTemporal | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def gateway_port(self) -> int | None:
@@ -123,7 +122,9 @@ async def serve(
             server = metrics.serve(settings.metrics.host, settings.metrics.port)
             stack.callback(server.shutdown)
             running.metrics_port = server.server_port
+        # Long-lived parts: if one ends on its own, everything stops. One-shot jobs may finish.
         tasks: list[asyncio.Task[Any]] = []
+        one_shot: list[asyncio.Task[Any]] = []
         if control:
             worker = control_worker(client, settings)
             tasks.append(asyncio.create_task(worker.run(), name="control-worker"))
@@ -135,7 +136,7 @@ async def serve(
             stack.push_async_callback(agent.shutdown_runtimes)
             tasks.append(asyncio.create_task(agent.worker.run(), name="node-agent"))
             stack.push_async_callback(agent.worker.shutdown)
-            tasks.append(asyncio.create_task(reconcile_node(client, agent), name="reconcile"))
+            one_shot.append(asyncio.create_task(reconcile_node(client, agent), name="reconcile"))
         if gateway:
             app = create_app(settings, client=client, metrics=metrics)
             config = uvicorn.Config(
@@ -175,17 +176,15 @@ async def serve(
                 await watcher.wait_scanned()
                 await bridge.remove_vanished(watcher)
 
-            tasks.append(asyncio.create_task(_remove_vanished(), name="remove-vanished"))
+            one_shot.append(asyncio.create_task(_remove_vanished(), name="remove-vanished"))
         if on_ready is not None:
             result = on_ready(running)
             if asyncio.iscoroutine(result):
                 await result
-        # One-shot tasks (reconcile, remove-vanished) may finish; only failures or stop end us.
-        long_lived = [t for t in tasks if t.get_name() not in ("reconcile", "remove-vanished")]
-        one_shot = [t for t in tasks if t not in long_lived]
         for task in one_shot:
             task.add_done_callback(_log_failure)
-        await _until_stopped(stop, long_lived)
+            stack.callback(task.cancel)  # still running at shutdown: not worth waiting for
+        await _until_stopped(stop, tasks)
         log.info("stopping")
 
 

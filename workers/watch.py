@@ -13,7 +13,7 @@ from modelium.config import Settings
 from modelium.names import workflow_id
 from modelium.types import ModelSource, Phase
 from modelium.watcher import ModelFolderWatcher
-from workflows.contracts import MODEL_KEY, PHASE_KEY, WORKFLOW_TYPE, LifecycleInput, RemoveCommand
+from workflows.contracts import MODEL_KEY, PHASE_KEY, LifecycleInput, RemoveCommand, running_models_query
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,8 @@ class WorkflowBridge:
         """After a restart: end the workflows of models whose directories are gone."""
         present = watcher.present_models()
         roots = watcher.directories
-        query = f'WorkflowType="{WORKFLOW_TYPE}" AND ExecutionStatus="Running"'
         removed = 0
-        async for execution in self._client.list_workflows(query):
+        async for execution in self._client.list_workflows(running_models_query()):
             handle = self._client.get_workflow_handle(execution.id)
             state = await handle.query(ModelLifecycleWorkflow.state)
             path = Path(state.path)

@@ -43,6 +43,14 @@ NODE_KEY = SearchAttributeKey.for_keyword("ModeliumNode")
 SEARCH_ATTRIBUTES = (MODEL_KEY, PHASE_KEY, RUNTIME_KEY, NODE_KEY)
 
 
+def running_models_query(**equals: str) -> str:
+    """Visibility query for running ModelLifecycle workflows, optionally narrowed by search
+    attributes (`running_models_query(ModeliumNode="n1")`)."""
+    clauses = [f'WorkflowType="{WORKFLOW_TYPE}"', 'ExecutionStatus="Running"']
+    clauses += [f'{key}="{value}"' for key, value in equals.items()]
+    return " AND ".join(clauses)
+
+
 @dataclass
 class LifecycleInput:
     source: ModelSource

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from modelium.config import EmbeddedRuntime as EmbeddedConfig
-from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
+from modelium.runtimes.base import Progress, RuntimeUnhealthy
 from modelium.runtimes.process import ManagedProcess, free_port
 from modelium.types import Endpoint, LoadRequest, Protocol, Task
 
@@ -147,6 +147,3 @@ class EmbeddedRuntimeAdapter:
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(model) for model in list(self._procs)))
-
-
-__all__ = ["EmbeddedRuntimeAdapter", "RuntimeStartError", "protocol_for"]
