@@ -15,6 +15,12 @@ _CORPUS = [
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000.",
 ]
 
+# ChatML-style turns, as many chat models ship them.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
 
 def _tokenizer(vocab_size: int) -> object:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -76,6 +82,9 @@ def write_demo_model(
             id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
         )  # fmt: skip
         model = BertForSequenceClassification(config) if task == "text-classification" else (BertModel(config))
+    if task == "text-generation":
+        # A chat template, so /v1/chat/completions formats messages the way the model expects.
+        tokenizer.chat_template = CHAT_TEMPLATE  # type: ignore[attr-defined]
     model.save_pretrained(out)  # type: ignore[attr-defined]
     tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
     return out

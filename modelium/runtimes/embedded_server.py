@@ -10,10 +10,13 @@ Classification and embeddings: `POST /predict {"inputs": str | [str]}`.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +25,16 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    StoppingCriteria,
 )
+from transformers.generation.streamers import BaseStreamer
 
 log = logging.getLogger("modelium.embedded_server")
 
@@ -114,14 +119,13 @@ class Server:
         self._lock = threading.Lock()
 
     # -- text generation -------------------------------------------------------------------
-    def generate(self, prompt: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _prepare(self, prompt: str, body: dict[str, Any]) -> _Generation:
         max_tokens = _integer(body, "max_tokens", 16, 1, 1_000_000)
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise BadRequest("seed must be an integer", "seed")
-        stops = _stops(body)
         tok = self.m.tokenizer
         inputs = tok(prompt, return_tensors="pt").to(self.m.device)
         prompt_tokens = int(inputs["input_ids"].shape[1])
@@ -139,28 +143,80 @@ class Server:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             kwargs.update(do_sample=False)
+        return _Generation(inputs, kwargs, _stops(body), prompt_tokens, max_tokens, seed)
+
+    def _run(self, gen: _Generation, **extra: Any) -> Any:
         with self._lock, torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
-            output = self.m.model.generate(**inputs, **kwargs)
-        new_tokens = output[0][prompt_tokens:]
-        text = tok.decode(new_tokens, skip_special_tokens=True)
-        finish = "length" if len(new_tokens) >= max_tokens else "stop"
-        for stop in stops:
+            if gen.seed is not None:
+                torch.manual_seed(gen.seed)
+            return self.m.model.generate(**gen.inputs, **gen.kwargs, **extra)
+
+    def generate(self, prompt: str, body: dict[str, Any]) -> dict[str, Any]:
+        gen = self._prepare(prompt, body)
+        output = self._run(gen)
+        new_tokens = output[0][gen.prompt_tokens :]
+        text = self.m.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        finish = "length" if len(new_tokens) >= gen.max_tokens else "stop"
+        for stop in gen.stops:
             cut = text.find(stop)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
         return {
             "text": text,
             "finish_reason": finish,
-            "prompt_tokens": prompt_tokens,
+            "prompt_tokens": gen.prompt_tokens,
             "completion_tokens": int(len(new_tokens)),
         }
 
-    async def completions(self, request: Request) -> JSONResponse:
+    async def stream(self, gen: _Generation, result: dict[str, Any]) -> AsyncIterator[str]:
+        """Yield the completion's text as it is generated; fill `result` with the finish reason
+        and token counts at the end. Closing the iterator early stops the generation."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def run() -> None:
+            try:
+                self._run(gen, streamer=_TokenFeed(loop, queue), stopping_criteria=[_Cancelled(cancel)])
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        worker = loop.run_in_executor(None, run)
+        ids: list[int] = []
+        emitted = 0
+        finish = "length"
+        # Text that could still turn out to be the start of a stop sequence is held back.
+        hold = max((len(s) for s in gen.stops), default=1) - 1
+        try:
+            while (item := await queue.get()) is not None:
+                ids.extend(item)
+                text = self.m.tokenizer.decode(ids, skip_special_tokens=True)
+                cut = min((i for i in (text.find(s) for s in gen.stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    if cut > emitted:
+                        yield text[emitted:cut]
+                    emitted, finish = cut, "stop"
+                    cancel.set()
+                    break
+                safe = len(text) - hold
+                while safe > emitted and text[safe - 1] == "\ufffd":  # half of a multi-byte character
+                    safe -= 1
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+            else:
+                text = self.m.tokenizer.decode(ids, skip_special_tokens=True)
+                if len(text) > emitted:
+                    yield text[emitted:]
+                if len(ids) < gen.max_tokens:
+                    finish = "stop"
+            await worker
+        finally:
+            cancel.set()
+        result.update(finish_reason=finish, prompt_tokens=gen.prompt_tokens, completion_tokens=len(ids))
+
+    async def completions(self, request: Request) -> Response:
         body = await _json(request)
-        if body.get("stream"):
-            raise BadRequest("stream is not supported by this runtime yet", "stream")
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if (
@@ -170,12 +226,24 @@ class Server:
             or not all(isinstance(p, str) for p in prompts)
         ):
             raise BadRequest(f"prompt must be a string or a list of 1-{MAX_BATCH} strings", "prompt")
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if _streaming(body):
+            if len(prompts) != 1:
+                raise BadRequest("stream supports one prompt per request", "prompt")
+            gen = self._prepare(prompts[0], body)  # bad parameters are a 400, not a broken stream
+            result: dict[str, Any] = {}
+
+            def chunk(text: str, finish: str | None) -> dict[str, Any]:
+                return {"id": ident, "object": "text_completion", "created": created, "model": self.m.name,
+                        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}  # fmt: skip
+
+            return _sse(self.stream(gen, result), chunk, result, body)
         results = [await run_in_threadpool(self.generate, p, body) for p in prompts]
         return JSONResponse(
             {
-                "id": f"cmpl-{uuid.uuid4().hex}",
+                "id": ident,
                 "object": "text_completion",
-                "created": int(time.time()),
+                "created": created,
                 "model": self.m.name,
                 "choices": [
                     {"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
@@ -185,10 +253,7 @@ class Server:
             }
         )
 
-    async def chat_completions(self, request: Request) -> JSONResponse:
-        body = await _json(request)
-        if body.get("stream"):
-            raise BadRequest("stream is not supported by this runtime yet", "stream")
+    def _chat_prompt(self, body: dict[str, Any]) -> str:
         messages = body.get("messages")
         if (
             not isinstance(messages, list)
@@ -198,25 +263,46 @@ class Server:
             raise BadRequest("messages must be a list of {role, content} objects", "messages")
         tok = self.m.tokenizer
         if getattr(tok, "chat_template", None):
-            prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            # No template shipped with the model: a plain transcript it can continue.
-            prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        result = await run_in_threadpool(self.generate, prompt, body)
+            return str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        # No template shipped with the model: a plain transcript it can continue.
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await _json(request)
+        if "max_completion_tokens" in body and "max_tokens" not in body:
+            body["max_tokens"] = body["max_completion_tokens"]
+        prompt = self._chat_prompt(body)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if _streaming(body):
+            gen = self._prepare(prompt, body)
+            result: dict[str, Any] = {}
+            first = True
+
+            def chunk(text: str, finish: str | None) -> dict[str, Any]:
+                nonlocal first
+                delta: dict[str, Any] = {"content": text} if finish is None else {}
+                if first:
+                    delta["role"], first = "assistant", False
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": self.m.name,
+                        "choices": [choice]}  # fmt: skip
+
+            return _sse(self.stream(gen, result), chunk, result, body)
+        done = await run_in_threadpool(self.generate, prompt, body)
         return JSONResponse(
             {
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "id": ident,
                 "object": "chat.completion",
-                "created": int(time.time()),
+                "created": created,
                 "model": self.m.name,
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": result["text"]},
-                        "finish_reason": result["finish_reason"],
+                        "message": {"role": "assistant", "content": done["text"]},
+                        "finish_reason": done["finish_reason"],
                     }
                 ],
-                "usage": _usage([result]),
+                "usage": _usage([done]),
             }
         )
 
@@ -285,6 +371,88 @@ class Server:
         return Starlette(routes=routes)
 
 
+@dataclass
+class _Generation:
+    inputs: Any
+    kwargs: dict[str, Any]
+    stops: list[str]
+    prompt_tokens: int
+    max_tokens: int
+    seed: int | None
+
+
+class _TokenFeed(BaseStreamer):
+    """Hands the token ids generate() produces, in its thread, to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[list[int] | None]) -> None:
+        self._loop = loop
+        self._queue = queue
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate() first hands over the prompt itself
+            self._prompt_seen = True
+            return
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+class _Cancelled(StoppingCriteria):
+    """Ends a generation whose client went away or that hit a stop sequence."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self._event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _streaming(body: dict[str, Any]) -> bool:
+    stream = body.get("stream", False)
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise BadRequest("stream must be true or false", "stream")
+    return stream
+
+
+def _sse(
+    pieces: AsyncIterator[str],
+    chunk: Callable[[str, str | None], dict[str, Any]],
+    result: dict[str, Any],
+    body: dict[str, Any],
+) -> StreamingResponse:
+    """OpenAI's server-sent events: a chunk per piece of text, a last chunk with the finish reason,
+    a usage chunk when `stream_options.include_usage` asks for it, then `[DONE]`."""
+    options = body.get("stream_options") or {}
+    include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for piece in pieces:
+                yield _event(chunk(piece, None))
+        except Exception as exc:  # the status line is sent already: report it in the stream
+            log.exception("generation failed mid-stream")
+            yield _event({"error": {"message": f"generation failed: {exc}", "type": "server_error",
+                                    "param": None, "code": None}})  # fmt: skip
+            return
+        finally:
+            await pieces.aclose()  # type: ignore[attr-defined]
+        last = chunk("", result["finish_reason"])
+        yield _event(last)
+        if include_usage:
+            yield _event({**last, "choices": [], "usage": _usage([result])})
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
 def _usage(results: list[dict[str, Any]]) -> dict[str, int]:
     prompt = sum(r["prompt_tokens"] for r in results)
     completion = sum(r["completion_tokens"] for r in results)
@@ -303,7 +471,7 @@ async def _json(request: Request) -> dict[str, Any]:
 
 
 def _guard(handler: Any) -> Any:
-    async def wrapped(request: Request) -> JSONResponse:
+    async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
         except BadRequest as exc:
