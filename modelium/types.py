@@ -176,3 +176,7 @@ class ModelState:
     last_error: str | None = None
     unload_reason: str | None = None
     updated_at: float | None = None
+    # Pinned models are never unloaded for being idle (only on request or removal).
+    pinned: bool = False
+    # Requests counted per organization (API keys map to one); "anonymous" without keys.
+    requests_by_organization: dict[str, int] = field(default_factory=dict)

@@ -5,7 +5,7 @@ Deterministic and free of I/O, like everything in `workflows/`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from temporalio.common import SearchAttributeKey
 
@@ -65,6 +65,8 @@ class UsageReport:
     """Requests served since the last report (the gateway coalesces them)."""
 
     count: int
+    # The same requests by organization; sums to `count` when the gateway knows them.
+    by_organization: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,6 +77,9 @@ class RetryRequest:
 @dataclass
 class LoadCommand:
     reason: str = "load requested"
+    # None leaves the setting as it is.
+    pin: bool | None = None
+    idle_seconds: float | None = None
 
 
 @dataclass
@@ -97,3 +102,10 @@ class HealthReport:
 @dataclass
 class EnsureLoadedRequest:
     reason: str = "request waiting"
+    pin: bool | None = None
+    idle_seconds: float | None = None
+
+
+@dataclass
+class EnsureUnloadedRequest:
+    reason: str = "unload requested"

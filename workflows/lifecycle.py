@@ -38,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
         WORKFLOW_TYPE,
         ActivityName,
         EnsureLoadedRequest,
+        EnsureUnloadedRequest,
         ErrorType,
         HealthReport,
         LifecycleInput,
@@ -82,6 +83,8 @@ class ModelLifecycleWorkflow:
         self._remove_reason: str | None = None
         self._health_report: str | None = None
         self._usage_seq = 0
+        # Bumped when the idle timeout or the pin changes, so a waiting `loaded` loop re-reads them.
+        self._settings_seq = 0
         self._bringups = 0
         self._upserted: tuple[str | None, str | None, str | None] | None = None
 
@@ -95,6 +98,9 @@ class ModelLifecycleWorkflow:
         if report.count <= 0:
             return
         self._state.request_count += report.count
+        for org, n in report.by_organization.items():
+            counts = self._state.requests_by_organization
+            counts[org] = counts.get(org, 0) + n
         self._state.last_used_at = workflow.now().timestamp()
         self._usage_seq += 1
 
@@ -110,14 +116,30 @@ class ModelLifecycleWorkflow:
 
     @workflow.signal
     def load(self, command: LoadCommand) -> None:
+        self._configure(command.pin, command.idle_seconds)
         self._want_loaded = True
+        self._unload_reason = None  # the newer wish wins
         if self._state.phase == Phase.FAILED:
             self._retry = True
 
     @workflow.signal
     def unload(self, command: UnloadCommand) -> None:
         self._want_loaded = False
-        self._unload_reason = command.reason
+        if self._state.pinned:
+            self._state.pinned = False
+            self._settings_seq += 1
+        # Only a model that is (or is about to be) serving has anything to take down; a request
+        # kept from an unloaded model would unload its next load at once.
+        if self._state.phase not in (Phase.UNLOADED, Phase.FAILED, Phase.REMOVED):
+            self._unload_reason = command.reason
+
+    def _configure(self, pin: bool | None, idle_seconds: float | None) -> None:
+        if pin is not None and pin != self._state.pinned:
+            self._state.pinned = pin
+            self._settings_seq += 1
+        if idle_seconds is not None and idle_seconds > 0 and idle_seconds != self._state.idle_seconds:
+            self._state.idle_seconds = idle_seconds
+            self._settings_seq += 1
 
     @workflow.signal
     def remove(self, command: RemoveCommand) -> None:
@@ -132,8 +154,10 @@ class ModelLifecycleWorkflow:
     async def ensure_loaded(self, request: EnsureLoadedRequest) -> ModelState:
         """Ask for the model to be loaded and return its state once it is serving."""
         if self._state.phase == Phase.LOADED:
+            self._configure(request.pin, request.idle_seconds)
+            self._unload_reason = None
             return self._state
-        self.load(LoadCommand(request.reason))
+        self.load(LoadCommand(request.reason, request.pin, request.idle_seconds))
         start = self._bringups
         await workflow.wait_condition(
             lambda: (
@@ -158,6 +182,22 @@ class ModelLifecycleWorkflow:
     def _validate_ensure_loaded(self, request: EnsureLoadedRequest) -> None:
         if self._state.phase == Phase.REMOVED or self._remove_reason:
             raise ApplicationError(f"model {self._state.name} was removed")
+        if request.idle_seconds is not None and request.idle_seconds <= 0:
+            raise ApplicationError(f"idle_seconds must be positive, got {request.idle_seconds}")
+
+    @workflow.update
+    async def ensure_unloaded(self, request: EnsureUnloadedRequest) -> ModelState:
+        """Unload the model (and unpin it); return its state once nothing of it is running."""
+        self.unload(UnloadCommand(request.reason))
+        await workflow.wait_condition(self._nothing_running)
+        return self._state
+
+    def _nothing_running(self) -> bool:
+        phase = self._state.phase
+        # `discovered` with no wish to load is a model resting before its first bring-up.
+        return phase in (Phase.UNLOADED, Phase.FAILED, Phase.REMOVED) or (
+            phase == Phase.DISCOVERED and not self._want_loaded
+        )
 
     # -- main loop -----------------------------------------------------------------------------
     @workflow.run
@@ -295,15 +335,15 @@ class ModelLifecycleWorkflow:
             idle = self._state.idle_seconds
             last = self._state.last_used_at or self._state.loaded_at or 0.0
             remaining = last + idle - workflow.now().timestamp()
-            if remaining <= 0:
+            if remaining <= 0 and not self._state.pinned:
                 await self._take_down(Phase.UNLOADED, f"idle for {idle:g}s", UnloadKind.IDLE)
                 self._want_loaded = False
                 return
-            seq = self._usage_seq
+            seq = (self._usage_seq, self._settings_seq)
             try:
                 await workflow.wait_condition(
                     functools.partial(self._woken_while_loaded, seq),
-                    timeout=timedelta(seconds=remaining),
+                    timeout=None if self._state.pinned else timedelta(seconds=remaining),
                 )
             except TimeoutError:
                 continue
@@ -320,9 +360,9 @@ class ModelLifecycleWorkflow:
             if workflow.info().is_continue_as_new_suggested():
                 await self._continue_as_new()
 
-    def _woken_while_loaded(self, usage_seq: int) -> bool:
+    def _woken_while_loaded(self, seq: tuple[int, int]) -> bool:
         return (
-            self._usage_seq != usage_seq
+            (self._usage_seq, self._settings_seq) != seq
             or self._unload_reason is not None
             or self._remove_reason is not None
             or self._new_source is not None
