@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 
@@ -12,8 +13,12 @@ from fastapi import FastAPI
 from temporalio.client import Client
 
 from api import errors
+from api.auth import KeyRing
+from api.coldstart import ColdStarts
+from api.deps import Gateway
+from api.limits import BodyLimit
 from api.registry import ModelRegistry
-from api.routes import health, inference, models
+from api.routes import health, inference, models, openai
 from api.usage import UsageBatcher
 from modelium import __version__
 from modelium.config import Settings
@@ -39,27 +44,48 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gw_settings = settings.gateway
         temporal = client or await Client.connect(temporal_address(settings), namespace=settings.temporal.namespace)
-        app.state.settings = settings
-        app.state.temporal = temporal
-        app.state.metrics = metrics or Metrics()
-        app.state.registry = ModelRegistry(temporal, settings.gateway.endpoint_cache_seconds)
-        app.state.metrics.track_idle(app.state.registry.last_use)
-        app.state.usage = UsageBatcher(temporal, settings.gateway.usage_flush_seconds)
-        app.state.usage.start()
-        refresher = asyncio.create_task(app.state.registry.refresh_forever(STATE_REFRESH_SECONDS), name="state-refresh")
+        own_metrics = metrics or Metrics()
+        registry = ModelRegistry(temporal, gw_settings.endpoint_cache_seconds)
+        own_metrics.track_idle(registry.last_use)
+        usage = UsageBatcher(temporal, gw_settings.usage_flush_seconds)
+        usage.start()
+        refresher = asyncio.create_task(registry.refresh_forever(STATE_REFRESH_SECONDS), name="state-refresh")
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-        timeout = httpx.Timeout(settings.gateway.request_timeout_seconds, connect=5.0)
+        timeout = httpx.Timeout(gw_settings.request_timeout_seconds, connect=5.0)
         async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
-            app.state.http = http
+            app.state.gateway = Gateway(
+                settings=settings,
+                temporal=temporal,
+                http=http,
+                registry=registry,
+                usage=usage,
+                metrics=own_metrics,
+                cold=ColdStarts(
+                    temporal,
+                    registry,
+                    own_metrics,
+                    timeout=gw_settings.cold_start_timeout_seconds,
+                    max_waiting=gw_settings.max_waiting_requests,
+                ),  # fmt: skip
+                keys=keys,
+            )
             try:
                 yield
             finally:
                 refresher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await refresher
-                await app.state.usage.stop()
+                await usage.stop()
 
+    keys = KeyRing(settings.gateway.api_keys)
+    if not keys.enabled and not _is_loopback(settings.gateway.host):
+        log.warning(
+            "the gateway listens on %s without API keys: anyone who can reach it may run, load and "
+            "unload models; set gateway.api_keys (see `modelium keys create`) or bind to 127.0.0.1",
+            settings.gateway.host,
+        )
     app = FastAPI(
         title="Modelium gateway",
         version=__version__,
@@ -67,7 +93,18 @@ def create_app(
         lifespan=lifespan,
     )
     errors.install(app)
+    app.add_middleware(BodyLimit, limit=settings.gateway.max_body_bytes)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(inference.router)
+    app.include_router(openai.router)
     return app
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 class GatewayError(Exception):
     status = 500
     type = "server_error"
+    code: str | None = None
 
     def __init__(
         self,
@@ -25,12 +26,24 @@ class GatewayError(Exception):
         param: str | None = None,
         retry_after: float | None = None,
         extra: dict[str, Any] | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.retry_after = retry_after
         self.extra = extra or {}
+        if status is not None:
+            self.status = status
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+    def response(self) -> JSONResponse:
+        body = error_body(self.message, self.type, self.param, self.code, **self.extra)
+        return JSONResponse(body, status_code=self.status, headers=self.headers())
 
 
 class BadRequest(GatewayError):
@@ -38,9 +51,44 @@ class BadRequest(GatewayError):
     type = "invalid_request_error"
 
 
+class InvalidRequest(GatewayError):
+    """A body that does not match the schema; the message names the field."""
+
+    status = 422
+    type = "invalid_request_error"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "insufficient_scope"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class TooManyWaiting(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "too_many_waiting"
+
+
 class ModelNotFound(GatewayError):
     status = 404
-    type = "model_not_found"
+    type = "invalid_request_error"
+    code = "model_not_found"
 
 
 class ModelNotReady(GatewayError):
@@ -58,34 +106,38 @@ class ControlPlaneUnavailable(GatewayError):
     type = "control_plane_unavailable"
 
 
-def error_body(message: str, kind: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None, **extra}}
+def error_body(
+    message: str, kind: str, param: str | None = None, code: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code, **extra}}
+
+
+def describe_validation(errors: list[Any]) -> tuple[str, str]:
+    """One message naming every field that is wrong, and the first such field."""
+    problems = []
+    first_field = None
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query")]
+        field = ".".join(loc) or "body"
+        first_field = first_field or field
+        problems.append(f"{field}: {err.get('msg')}")
+    return "; ".join(problems), first_field or "body"
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        headers = {}
-        if exc.retry_after is not None:
-            headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-        return JSONResponse(
-            error_body(exc.message, exc.type, exc.param, **exc.extra),
-            status_code=exc.status,
-            headers=headers,
-        )
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        first_field = None
-        for err in exc.errors():
-            loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query")]
-            field = ".".join(loc) or "body"
-            first_field = first_field or field
-            problems.append(f"{field}: {err.get('msg')}")
-        return JSONResponse(error_body("; ".join(problems), "invalid_request_error", first_field), status_code=422)
+        message, field = describe_validation(list(exc.errors()))
+        return InvalidRequest(message, param=field).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; see /docs for the API"
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code)

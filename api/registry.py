@@ -82,6 +82,10 @@ class ModelRegistry:
             ) from exc
         return None if state.phase == Phase.REMOVED else state
 
+    def store(self, state: ModelState) -> None:
+        """Take a state learned elsewhere (an update's answer) as the freshest one."""
+        self._cache[state.name] = (time.monotonic(), state)
+
     def invalidate(self, model: str) -> None:
         self._cache.pop(model, None)
 

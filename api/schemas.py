@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from modelium.types import ModelState
 
@@ -67,6 +67,9 @@ class ModelInfo(BaseModel):
     request_count: int
     last_error: str | None
     unload_reason: str | None
+    pinned: bool
+    requests_by_organization: dict[str, int]
+    waiting_requests: int = 0
 
     @classmethod
     def from_state(cls, s: ModelState) -> ModelInfo:
@@ -94,6 +97,8 @@ class ModelInfo(BaseModel):
             request_count=s.request_count,
             last_error=s.last_error,
             unload_reason=s.unload_reason,
+            pinned=s.pinned,
+            requests_by_organization=s.requests_by_organization,
         )
 
 
@@ -104,3 +109,69 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: str
     detail: str | None = None
+
+
+class LoadModelRequest(BaseModel):
+    """`POST /models/{name}/load`. Omitted settings stay as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pin: bool | None = Field(default=None, description="true: never unload for being idle")
+    idle_timeout_seconds: float | None = Field(default=None, gt=0, description="this model's idle timeout")
+    wait: bool = Field(default=True, description="answer once the model serves (bounded by timeout_seconds)")
+    timeout_seconds: float | None = Field(default=None, gt=0, description="default: gateway.cold_start_timeout_seconds")
+
+
+class UnloadModelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="unload requested through the API", max_length=500)
+    wait: bool = True
+
+
+# -- OpenAI-compatible bodies: the fields the gateway checks; the rest pass to the runtime ------
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=200)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=1)
+    stream: StrictBool | None = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str = Field(min_length=1, max_length=64)
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stream: StrictBool | None = False
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "modelium"
+    # Beyond OpenAI's fields (clients ignore them): where the model stands.
+    phase: str
+    runtime: str | None
+    task: str | None
+
+    @classmethod
+    def from_state(cls, s: ModelState) -> OpenAIModel:
+        created = int(s.loaded_at or s.updated_at or 0)
+        return cls(id=s.name, created=created, phase=s.phase, runtime=s.runtime, task=s.task)
+
+
+class OpenAIModelList(BaseModel):
+    object: str = "list"
+    data: list[OpenAIModel]

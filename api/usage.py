@@ -1,8 +1,8 @@
-"""Counts requests per model and sends them to the model's workflow, coalesced.
+"""Counts requests per model (and organization) and sends them to the model's workflow.
 
 One `record_usage` signal per model per flush interval keeps workflow histories bounded at any
-request rate; with an interval of 0 every request is sent as it happens. Counts that could not be
-sent are kept and sent with the next flush: nothing is lost.
+request rate; with an interval of 0 every request is sent as its own signal, as it happens.
+Counts that could not be sent are kept and sent with the next flush: nothing is lost.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ class UsageBatcher:
     def __init__(self, client: Client, flush_seconds: float) -> None:
         self._client = client
         self._flush_seconds = flush_seconds
-        self._counts: Counter[str] = Counter()
+        self._counts: Counter[tuple[str, str]] = Counter()
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self.signals_sent = 0
 
-    def record(self, model: str, count: int = 1) -> None:
-        self._counts[model] += count
+    def record(self, model: str, organization: str, count: int = 1) -> None:
+        self._counts[(model, organization)] += count
         if self._flush_seconds == 0:
             self._wake.set()
 
@@ -59,17 +60,31 @@ class UsageBatcher:
         if not self._counts:
             return
         counts, self._counts = self._counts, Counter()
-        results = await asyncio.gather(*(self._send(model, n) for model, n in counts.items()), return_exceptions=True)
-        for (model, n), result in zip(counts.items(), results, strict=True):
+        reports: list[tuple[str, UsageReport]] = []
+        if self._flush_seconds == 0:
+            # One signal per request, as configured (an audit trail in the workflow's history).
+            for (model, org), n in counts.items():
+                reports += [(model, UsageReport(1, {org: 1})) for _ in range(n)]
+        else:
+            by_model: dict[str, UsageReport] = {}
+            for (model, org), n in counts.items():
+                report = by_model.setdefault(model, UsageReport(0, {}))
+                report.count += n
+                report.by_organization[org] = n
+            reports = list(by_model.items())
+        results = await asyncio.gather(*(self._send(m, r) for m, r in reports), return_exceptions=True)
+        for (model, report), result in zip(reports, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("usage of %s (%d requests) not sent, kept for later: %s",
-                            model, n, result)  # fmt: skip
-                self._counts[model] += n
+                            model, report.count, result)  # fmt: skip
+                for org, n in report.by_organization.items():
+                    self._counts[(model, org)] += n
 
-    async def _send(self, model: str, count: int) -> None:
+    async def _send(self, model: str, report: UsageReport) -> None:
         handle = self._client.get_workflow_handle(workflow_id(model))
         try:
-            await handle.signal(ModelLifecycleWorkflow.record_usage, UsageReport(count))
+            await handle.signal(ModelLifecycleWorkflow.record_usage, report)
+            self.signals_sent += 1
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise

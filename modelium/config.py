@@ -12,7 +12,7 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -21,7 +21,8 @@ from modelium.names import CONTROL_TASK_QUEUE, sanitize_node_id
 
 ENV_PREFIX = "MODELIUM_"
 # Environment variables with the prefix that are not configuration keys.
-_ENV_NOT_KEYS = {"MODELIUM_CONFIG"}
+# (MODELIUM_API_KEY and MODELIUM_URL are what the management CLI sends and where.)
+_ENV_NOT_KEYS = {"MODELIUM_CONFIG", "MODELIUM_API_KEY", "MODELIUM_URL"}
 DEFAULT_CONFIG_FILE = "modelium.yaml"
 
 
@@ -73,6 +74,16 @@ class Temporal(_Section):
     startup_timeout_seconds: float = Field(default=60.0, gt=0.0)
 
 
+class ApiKey(_Section):
+    """One API key, stored as the SHA-256 of the key (`modelium keys create` makes both)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    organization: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # "admin" may load and unload models; every key may list models and run inference.
+    scopes: list[Literal["admin"]] = Field(default_factory=list)
+
+
 class Gateway(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -82,6 +93,24 @@ class Gateway(_Section):
     endpoint_cache_seconds: float = Field(default=2.0, ge=0.0, le=300.0)
     request_timeout_seconds: float = Field(default=300.0, gt=0.0)
     max_tokens_limit: int = Field(default=4096, ge=1)
+    # A request for a model that is not loaded waits this long for its load, then gets a 503.
+    cold_start_timeout_seconds: float = Field(default=300.0, gt=0.0)
+    # Requests that may wait on one cold model; past this they get a 429 with Retry-After.
+    max_waiting_requests: int = Field(default=256, ge=0)
+    # Larger request bodies are refused with a 413.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Empty: no authentication (keep the gateway on loopback then).
+    api_keys: list[ApiKey] = Field(default_factory=list)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _unique_keys(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        seen: set[str] = set()
+        for key in keys:
+            if key.sha256 in seen:
+                raise ValueError(f"two API keys share the sha256 {key.sha256[:12]}...")
+            seen.add(key.sha256)
+        return keys
 
 
 class Node(_Section):

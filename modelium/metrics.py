@@ -40,9 +40,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # organizationId: the organization of the request's API key ("anonymous" without keys).
         self.requests = Counter(
             "modelium_requests", "Inference requests through the gateway",
-            ["model", "runtime", "status"], registry=r,
+            ["model", "runtime", "status", "organizationId"], registry=r,
         )  # fmt: skip
         self.request_duration = Histogram(
             "modelium_request_duration_seconds", "Gateway inference request latency",
@@ -53,6 +54,13 @@ class Metrics:
             "modelium_model_load_duration_seconds", "Time from load start to a healthy endpoint",
             ["model", "runtime"], buckets=_LOAD_BUCKETS, registry=r,
         )  # fmt: skip
+        self.cold_start_wait = Histogram(
+            "modelium_cold_start_wait_seconds", "Time a request waited for its model to load",
+            ["model"], buckets=_LOAD_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.requests_waiting = Gauge(
+            "modelium_requests_waiting", "Requests waiting for their model to load", ["model"], registry=r
+        )
         self.unloads = Counter("modelium_unloads", "Models unloaded, by reason", ["reason"], registry=r)
         self._idle_collector: _IdleCollector | None = None
 

@@ -104,13 +104,13 @@ async def test_drop_serve_count_idle_unload_remove(
             assert metric_value(metrics, "modelium_models_loaded", runtime="embedded",
                                 node=settings.node.id) == 0.0  # fmt: skip
 
-            # A request for the unloaded model: 503 with Retry-After, and it starts loading.
+            # A request for the unloaded model waits while it loads again, then is served.
             cold = await http.post(f"/predict/{name}", json={"prompt": "Hi", "max_tokens": 2})
-            assert cold.status_code == 503
-            assert int(cold.headers["Retry-After"]) >= 1
-            await wait_for(lambda: _is(phase(), "loaded"), timeout=120, what="reload on demand")
-            again = await http.post(f"/predict/{name}", json={"prompt": "Hi", "max_tokens": 2})
-            assert again.status_code == 200, again.text
+            assert cold.status_code == 200, cold.text
+            info = (await http.get(f"/models/{name}")).json()
+            assert info["phase"] == "loaded" and info["load_count"] == 2
+            metrics = (await http.get(metrics_url)).text
+            assert metric_value(metrics, "modelium_cold_start_wait_seconds_count", model=name) == 1.0
 
             # The runtime dies: the next request gets a 503 and the workflow reloads it.
             before = (await http.get(f"/models/{name}")).json()

@@ -1,40 +1,118 @@
+"""Management API: list models, load one (optionally pinned, with its own idle timeout), unload it."""
+
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+from collections.abc import Awaitable
+from typing import Annotated, TypeVar
 
-from api.deps import RegistryDep
-from api.errors import BadRequest, ModelNotFound
-from api.registry import ModelRegistry
-from api.schemas import ModelInfo, ModelList
-from modelium.names import InvalidModelName, validate_model_name
-from modelium.types import ModelState
+from fastapi import APIRouter, Body
+from fastapi.responses import JSONResponse
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
 
-router = APIRouter(tags=["models"])
+from api.auth import require_admin
+from api.deps import Gateway, GatewayDep, PrincipalDep
+from api.errors import ControlPlaneUnavailable, ModelNotFound, ModelNotReady
+from api.schemas import LoadModelRequest, ModelInfo, ModelList, UnloadModelRequest
+from api.serving import known_model
+from modelium.names import workflow_id
+from modelium.types import ModelState, Phase
+from workflows.contracts import EnsureLoadedRequest, EnsureUnloadedRequest, LoadCommand, UnloadCommand
+from workflows.lifecycle import ModelLifecycleWorkflow
+
+router = APIRouter(prefix="/models", tags=["models"])
+_T = TypeVar("_T")
 
 
-async def known_model(registry: ModelRegistry, name: str) -> ModelState:
-    """The state of `name`, or ModelNotFound listing the models that exist."""
+def _info(gw: Gateway, state: ModelState) -> ModelInfo:
+    info = ModelInfo.from_state(state)
+    info.waiting_requests = gw.cold.waiting(state.name)
+    return info
+
+
+@router.get("", response_model=ModelList)
+async def list_models(gw: GatewayDep, principal: PrincipalDep) -> ModelList:
+    """Every model with its phase, runtime, node, memory, last use and request counts."""
+    return ModelList(models=[_info(gw, s) for s in await gw.registry.all()])
+
+
+@router.get("/{name}", response_model=ModelInfo)
+async def get_model(name: str, gw: GatewayDep, principal: PrincipalDep) -> ModelInfo:
+    return _info(gw, await known_model(gw.registry, name))
+
+
+@router.post("/{name}/load", response_model=ModelInfo, responses={202: {"model": ModelInfo}})
+async def load_model(
+    name: str,
+    gw: GatewayDep,
+    principal: PrincipalDep,
+    body: Annotated[LoadModelRequest | None, Body()] = None,
+) -> ModelInfo | JSONResponse:
+    """Load the model (a failed one is retried). With `wait` (default) the answer comes once it
+    serves; otherwise at once with 202."""
+    require_admin(principal, "load models")
+    body = body or LoadModelRequest()
+    state = await known_model(gw.registry, name)
+    handle = gw.temporal.get_workflow_handle(workflow_id(name))
+    reason = f"load requested through the API by {principal.name}"
+    if not body.wait:
+        await _call(name, handle.signal(ModelLifecycleWorkflow.load,
+                                        LoadCommand(reason, body.pin, body.idle_timeout_seconds)))  # fmt: skip
+        gw.registry.invalidate(name)
+        return JSONResponse(_info(gw, state).model_dump(mode="json"), status_code=202)
+    timeout = body.timeout_seconds or gw.settings.gateway.cold_start_timeout_seconds
+    request = EnsureLoadedRequest(reason, body.pin, body.idle_timeout_seconds)
     try:
-        validate_model_name(name)
-    except InvalidModelName as exc:
-        raise BadRequest(str(exc), param="model") from None
-    state = await registry.get(name)
-    if state is None:
-        known = await registry.names()
-        listing = ", ".join(known) if known else "none yet"
-        raise ModelNotFound(
-            f"model {name!r} not found; known models: {listing}",
-            param="model",
-            extra={"known_models": known},
+        loaded = await asyncio.wait_for(
+            _call(name, handle.execute_update(ModelLifecycleWorkflow.ensure_loaded, request)), timeout
         )
-    return state
+    except TimeoutError:
+        raise ModelNotReady(
+            f"model {name} is still loading after {timeout:g}s; see GET /models/{name}", retry_after=10
+        ) from None
+    gw.registry.store(loaded)
+    return _info(gw, loaded)
 
 
-@router.get("/models", response_model=ModelList)
-async def list_models(registry: RegistryDep) -> ModelList:
-    return ModelList(models=[ModelInfo.from_state(s) for s in await registry.all()])
+@router.post("/{name}/unload", response_model=ModelInfo, responses={202: {"model": ModelInfo}})
+async def unload_model(
+    name: str,
+    gw: GatewayDep,
+    principal: PrincipalDep,
+    body: Annotated[UnloadModelRequest | None, Body()] = None,
+) -> ModelInfo | JSONResponse:
+    """Unload the model and unpin it; it stays known, and the next request loads it again."""
+    require_admin(principal, "unload models")
+    body = body or UnloadModelRequest()
+    state = await known_model(gw.registry, name)
+    handle = gw.temporal.get_workflow_handle(workflow_id(name))
+    reason = f"{body.reason} (by {principal.name})"
+    if not body.wait:
+        await _call(name, handle.signal(ModelLifecycleWorkflow.unload, UnloadCommand(reason)))
+        gw.registry.invalidate(name)
+        return JSONResponse(_info(gw, state).model_dump(mode="json"), status_code=202)
+    timeout = gw.settings.gateway.cold_start_timeout_seconds
+    try:
+        unloaded = await asyncio.wait_for(
+            _call(name, handle.execute_update(ModelLifecycleWorkflow.ensure_unloaded, EnsureUnloadedRequest(reason))),
+            timeout,
+        )
+    except TimeoutError:
+        raise ModelNotReady(f"model {name} is still unloading after {timeout:g}s", retry_after=10) from None
+    gw.registry.store(unloaded)
+    return _info(gw, unloaded)
 
 
-@router.get("/models/{name}", response_model=ModelInfo)
-async def get_model(name: str, registry: RegistryDep) -> ModelInfo:
-    return ModelInfo.from_state(await known_model(registry, name))
+async def _call(name: str, call: Awaitable[_T]) -> _T:
+    """Await a workflow call, turning Temporal's failures into the gateway's errors."""
+    try:
+        return await call
+    except WorkflowUpdateFailedError as exc:
+        message = getattr(exc.cause, "message", None) or str(exc.cause)
+        raise ModelNotReady(f"model {name}: {message}", retry_after=30, extra={"phase": Phase.FAILED}) from None
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise ModelNotFound(f"model {name!r} was removed", param="model") from None
+        raise ControlPlaneUnavailable(f"Temporal did not take the request for {name}: {exc.message}",
+                                      retry_after=5) from None  # fmt: skip

@@ -1,0 +1,79 @@
+"""API keys: who is asking, on behalf of which organization, and whether they may manage models.
+
+Keys live in the config only as SHA-256 digests (`modelium keys create` prints a key and its
+entry). A key is 32 random bytes, so a fast digest is as safe as a slow one here: there is no
+dictionary to try, and the lookup compares digests, never the secret itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from api.errors import Forbidden, Unauthorized
+from modelium.config import ApiKey
+
+KEY_PREFIX = "mdl-"
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    organization: str
+    admin: bool
+
+
+# Without configured keys everyone is this principal: the gateway is then meant for loopback.
+OPEN_ACCESS = Principal(ANONYMOUS, ANONYMOUS, admin=True)
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class KeyRing:
+    def __init__(self, keys: list[ApiKey]) -> None:
+        self._by_digest = {k.sha256: Principal(k.name, k.organization, "admin" in k.scopes) for k in keys}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._by_digest)
+
+    def authenticate(self, request: Request) -> Principal:
+        if not self._by_digest:
+            return OPEN_ACCESS
+        presented = _presented_key(request)
+        if not presented:
+            raise Unauthorized(
+                "this gateway requires an API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+            )
+        principal = self._by_digest.get(digest(presented))
+        if principal is None:
+            raise Unauthorized("the API key is not valid (unknown or revoked)")
+        return principal
+
+
+def require_admin(principal: Principal, action: str) -> None:
+    if not principal.admin:
+        raise Forbidden(
+            f"API key {principal.name!r} (organization {principal.organization!r}) may not {action}: "
+            "that needs a key with the admin scope"
+        )
+
+
+def _presented_key(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        raise Unauthorized("the Authorization header must be 'Bearer <key>'")
+    return request.headers.get("x-api-key") or None

@@ -1,0 +1,120 @@
+"""Scale from zero: a request for a model that is not serving waits for it to load.
+
+Every request waiting on one model in this gateway shares a single `ensure_loaded` update (and
+the workflow itself shares one load among all gateways). At most `max_waiting` requests wait per
+model; past that a 429 tells the client when to come back. A wait is bounded by `timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+
+from temporalio.client import Client, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.errors import ControlPlaneUnavailable, GatewayError, ModelNotFound, ModelNotReady, TooManyWaiting
+from api.registry import ModelRegistry
+from modelium.metrics import Metrics
+from modelium.names import workflow_id
+from modelium.types import ModelState
+from workflows.contracts import EnsureLoadedRequest
+from workflows.lifecycle import ModelLifecycleWorkflow
+
+log = logging.getLogger(__name__)
+
+# What a client is told to wait when nothing is known about the model's load time.
+DEFAULT_LOAD_ESTIMATE = 10.0
+
+
+class ColdStarts:
+    def __init__(
+        self, client: Client, registry: ModelRegistry, metrics: Metrics, *, timeout: float, max_waiting: int
+    ) -> None:
+        self._client = client
+        self._registry = registry
+        self._metrics = metrics
+        self._timeout = timeout
+        self._max_waiting = max_waiting
+        self._loads: dict[str, asyncio.Task[ModelState]] = {}
+        self._waiting: Counter[str] = Counter()
+
+    def waiting(self, model: str) -> int:
+        return self._waiting[model]
+
+    async def wait_loaded(self, state: ModelState) -> ModelState:
+        """Start (or join) the load of `state.name` and return its state once it serves."""
+        name = state.name
+        estimate = state.load_seconds or DEFAULT_LOAD_ESTIMATE
+        if self._waiting[name] >= self._max_waiting:
+            raise TooManyWaiting(
+                f"{self._waiting[name]} requests already wait for model {name} to load "
+                f"(gateway.max_waiting_requests); retry in about {estimate:.0f}s",
+                retry_after=estimate,
+            )
+        task = self._loads.get(name)
+        if task is None:
+            task = asyncio.create_task(self._ensure_loaded(name), name=f"ensure-loaded-{name}")
+            self._loads[name] = task
+            task.add_done_callback(lambda done: self._forget(name, done))
+        self._waiting[name] += 1
+        self._metrics.requests_waiting.labels(model=name).set(self._waiting[name])
+        started = time.perf_counter()
+        try:
+            loaded = await asyncio.wait_for(asyncio.shield(task), timeout=self._timeout)
+        except TimeoutError:
+            raise ModelNotReady(
+                f"model {name} did not finish loading within {self._timeout:g}s "
+                f"(gateway.cold_start_timeout_seconds); it is still {state.phase}, retry later",
+                retry_after=estimate,
+                extra={"phase": state.phase},
+            ) from None
+        finally:
+            self._waiting[name] -= 1
+            self._metrics.requests_waiting.labels(model=name).set(self._waiting[name])
+            if self._waiting[name] <= 0:
+                del self._waiting[name]
+                if not task.done():
+                    # Nobody waits any more; the workflow goes on loading regardless.
+                    self._loads.pop(name, None)
+                    task.cancel()
+        self._metrics.cold_start_wait.labels(model=name).observe(time.perf_counter() - started)
+        return loaded
+
+    def _forget(self, name: str, task: asyncio.Task[ModelState]) -> None:
+        if self._loads.get(name) is task:
+            del self._loads[name]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter re-raises it; nothing is "never retrieved"
+
+    async def _ensure_loaded(self, name: str) -> ModelState:
+        handle = self._client.get_workflow_handle(workflow_id(name))
+        log.info("model %s is not serving; loading it for waiting requests", name)
+        try:
+            state = await handle.execute_update(
+                ModelLifecycleWorkflow.ensure_loaded, EnsureLoadedRequest("a request is waiting")
+            )
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            message = getattr(cause, "message", None) or str(cause)
+            raise ModelNotReady(f"model {name} could not be loaded: {message}", retry_after=30) from None
+        except WorkflowUpdateRPCTimeoutOrCancelledError:
+            raise ModelNotReady(f"model {name} is still loading; retry shortly", retry_after=5) from None
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                self._registry.invalidate(name)
+                raise ModelNotFound(f"model {name!r} was removed", param="model") from None
+            raise ControlPlaneUnavailable(f"cannot ask Temporal to load {name}: {exc.message}", retry_after=5) from None
+        self._registry.store(state)
+        return state
+
+
+def failed_model(state: ModelState) -> GatewayError:
+    return ModelNotReady(
+        f"model {state.name} failed: {state.last_error}; fix the model directory, or load it again "
+        f"(POST /models/{state.name}/load) to retry",
+        retry_after=30,
+        extra={"phase": state.phase},
+    )

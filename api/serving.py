@@ -1,0 +1,170 @@
+"""The inference path shared by `/predict` and `/v1/*`: find a model that serves (loading it
+if need be), send its runtime the request, and account for it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from api.auth import Principal
+from api.coldstart import failed_model
+from api.deps import Gateway
+from api.errors import BadRequest, GatewayError, ModelNotFound, ModelNotReady, UpstreamError
+from api.registry import ModelRegistry
+from modelium.names import InvalidModelName, validate_model_name, workflow_id
+from modelium.types import ModelState, Phase
+from workflows.contracts import HealthReport
+from workflows.lifecycle import ModelLifecycleWorkflow
+
+log = logging.getLogger(__name__)
+
+RELOAD_RETRY_AFTER = 10.0
+_JSON = {"content-type": "application/json"}
+
+
+async def known_model(registry: ModelRegistry, name: str) -> ModelState:
+    """The state of `name`, or ModelNotFound listing the models that exist."""
+    try:
+        validate_model_name(name)
+    except InvalidModelName as exc:
+        raise BadRequest(str(exc), param="model") from None
+    state = await registry.get(name)
+    if state is None:
+        known = await registry.names()
+        listing = ", ".join(known) if known else "none yet"
+        raise ModelNotFound(
+            f"model {name!r} not found; known models: {listing}",
+            param="model",
+            extra={"known_models": known},
+        )
+    return state
+
+
+async def serving_model(gw: Gateway, name: str) -> ModelState:
+    """The state of a model that serves now; a model that is not loaded is loaded first, and
+    this waits for it (bounded)."""
+    state = await known_model(gw.registry, name)
+    if state.phase == Phase.LOADED and state.endpoint is not None:
+        return state
+    if state.phase == Phase.FAILED:
+        raise failed_model(state)
+    return await gw.cold.wait_loaded(state)
+
+
+class Tally:
+    """One request's bookkeeping: Prometheus series and the usage signal."""
+
+    __slots__ = ("gw", "organization", "started", "model", "runtime")
+
+    def __init__(self, gw: Gateway, principal: Principal) -> None:
+        self.gw = gw
+        self.organization = principal.organization
+        self.started = time.perf_counter()
+        self.model = "_unknown"  # a name from the request is a label only once it is known
+        self.runtime = "none"
+
+    def routed(self, state: ModelState) -> None:
+        self.model = state.name
+        self.runtime = state.endpoint.runtime if state.endpoint else "none"
+
+    def finish(self, status: int) -> None:
+        metrics = self.gw.metrics
+        metrics.requests.labels(
+            model=self.model, runtime=self.runtime, status=str(status), organizationId=self.organization
+        ).inc()
+        if status == 200:
+            metrics.request_duration.labels(model=self.model, runtime=self.runtime).observe(
+                time.perf_counter() - self.started
+            )
+            self.gw.usage.record(self.model, self.organization)
+            self.gw.registry.mark_used(self.model)
+
+
+async def _unreachable(gw: Gateway, state: ModelState, exc: Exception) -> ModelNotReady:
+    """The runtime did not answer: tell the workflow, which checks it and reloads it."""
+    assert state.endpoint is not None
+    gw.registry.invalidate(state.name)
+    handle = gw.temporal.get_workflow_handle(workflow_id(state.name))
+    try:
+        await handle.signal(
+            ModelLifecycleWorkflow.report_unhealthy,
+            HealthReport(f"gateway could not reach {state.endpoint.url}: {exc!r}"),
+        )
+    except Exception as signal_exc:  # the 503 below is still the right answer
+        log.warning("could not report %s as unhealthy: %s", state.name, signal_exc)
+    return ModelNotReady(
+        f"model {state.name}'s runtime did not answer; it is being checked and reloaded",
+        retry_after=state.load_seconds or RELOAD_RETRY_AFTER,
+    )
+
+
+def upstream_failure(state: ModelState, status: int, content: bytes) -> GatewayError:
+    """The runtime answered with an error: its 4xx are the client's, its 5xx are ours."""
+    message: str = content[:500].decode("utf-8", "replace")
+    param = None
+    try:
+        err = json.loads(content).get("error")
+        if isinstance(err, dict):
+            message, param = str(err.get("message")), err.get("param")
+        elif isinstance(err, str):
+            message = err
+    except (ValueError, AttributeError):
+        pass
+    if 400 <= status < 500:
+        return BadRequest(f"{state.name}: {message}", param=param, status=status)
+    return UpstreamError(f"{state.name}'s runtime failed ({status}): {message}")
+
+
+async def post(gw: Gateway, state: ModelState, path: str, content: bytes) -> bytes:
+    """POST `content` to the runtime and return its successful answer, unparsed."""
+    assert state.endpoint is not None
+    try:
+        response = await gw.http.post(state.endpoint.url + path, content=content, headers=_JSON)
+    except httpx.TransportError as exc:
+        raise await _unreachable(gw, state, exc) from exc
+    if response.status_code >= 400:
+        raise upstream_failure(state, response.status_code, response.content)
+    return response.content
+
+
+async def post_json(gw: Gateway, state: ModelState, path: str, payload: dict[str, Any]) -> Any:
+    return json.loads(await post(gw, state, path, json.dumps(payload).encode()))
+
+
+async def open_stream(gw: Gateway, state: ModelState, path: str, content: bytes) -> httpx.Response:
+    """POST and return the runtime's response with its body not read yet (server-sent events)."""
+    assert state.endpoint is not None
+    request = gw.http.build_request("POST", state.endpoint.url + path, content=content, headers=_JSON)
+    try:
+        response = await gw.http.send(request, stream=True)
+    except httpx.TransportError as exc:
+        raise await _unreachable(gw, state, exc) from exc
+    if response.status_code >= 400:
+        body = await response.aread()
+        await response.aclose()
+        raise upstream_failure(state, response.status_code, body)
+    return response
+
+
+async def relay(gw: Gateway, state: ModelState, response: httpx.Response, tally: Tally) -> AsyncIterator[bytes]:
+    """Pass the runtime's event stream through as it arrives: no buffering, no re-encoding."""
+    status = 200
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    except httpx.TransportError as exc:
+        status = 502
+        failure = await _unreachable(gw, state, exc)
+        body = {"error": {"message": failure.message, "type": failure.type, "param": None, "code": None}}
+        yield b"data: " + json.dumps(body).encode() + b"\n\n"
+    except BaseException:
+        status = 499  # the client went away (the stream was cancelled)
+        raise
+    finally:
+        await response.aclose()
+        tally.finish(status)
