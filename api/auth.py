@@ -1,22 +1,19 @@
 """API keys: who is asking, on behalf of which organization, and whether they may manage models.
 
 Keys live in the config only as SHA-256 digests (`modelium keys create` prints a key and its
-entry). A key is 32 random bytes, so a fast digest is as safe as a slow one here: there is no
-dictionary to try, and the lookup compares digests, never the secret itself.
+entry; see `modelium.keys`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 from dataclasses import dataclass
 
 from fastapi import Request
 
 from api.errors import Forbidden, Unauthorized
 from modelium.config import ApiKey
+from modelium.keys import digest
 
-KEY_PREFIX = "mdl-"
 ANONYMOUS = "anonymous"
 
 
@@ -29,14 +26,6 @@ class Principal:
 
 # Without configured keys everyone is this principal: the gateway is then meant for loopback.
 OPEN_ACCESS = Principal(ANONYMOUS, ANONYMOUS, admin=True)
-
-
-def new_key() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def digest(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 class KeyRing:

@@ -17,13 +17,15 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.errors import ControlPlaneUnavailable
 from modelium.names import model_from_workflow_id, workflow_id
 from modelium.types import ModelState, Phase
-from workflows.contracts import running_models_query
+from workflows.contracts import NODE_KEY, PHASE_KEY, RUNTIME_KEY, running_models_query
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 log = logging.getLogger(__name__)
 
 NOT_LOADED_TTL = 0.2
 QUERY_TIMEOUT = timedelta(seconds=10)
+# Listing every model should not hang on one whose worker is down; it is shown from visibility.
+LIST_QUERY_TIMEOUT = timedelta(seconds=2)
 
 
 class ModelRegistry:
@@ -35,7 +37,9 @@ class ModelRegistry:
         # Last request this gateway served per model (epoch seconds).
         self._last_request: dict[str, float] = {}
 
-    async def get(self, model: str, *, fresh: bool = False) -> ModelState | None:
+    async def get(
+        self, model: str, *, fresh: bool = False, timeout: timedelta = QUERY_TIMEOUT
+    ) -> ModelState | None:
         """The model's state, or None when no such model exists (or it was removed)."""
         cached = self._cache.get(model)
         if cached is not None and not fresh and time.monotonic() - cached[0] < self._ttl_for(cached[1]):
@@ -47,7 +51,7 @@ class ModelRegistry:
         future: asyncio.Future[ModelState | None] = asyncio.get_running_loop().create_future()
         self._inflight[model] = future
         try:
-            state = await self._query(model)
+            state = await self._query(model, timeout)
             if state is None:
                 self._cache.pop(model, None)
             else:
@@ -66,10 +70,10 @@ class ModelRegistry:
         # "not loaded" would turn clients away after the load finished.
         return self._ttl if state.phase == Phase.LOADED else min(self._ttl, NOT_LOADED_TTL)
 
-    async def _query(self, model: str) -> ModelState | None:
+    async def _query(self, model: str, timeout: timedelta) -> ModelState | None:
         handle = self._client.get_workflow_handle(workflow_id(model))
         try:
-            state: ModelState = await handle.query(ModelLifecycleWorkflow.state, rpc_timeout=QUERY_TIMEOUT)
+            state: ModelState = await handle.query(ModelLifecycleWorkflow.state, rpc_timeout=timeout)
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 return None
@@ -94,22 +98,48 @@ class ModelRegistry:
 
     async def names(self) -> list[str]:
         """Names of every model with a running workflow (from Temporal's visibility store)."""
-        names = []
+        return sorted(await self._visible())
+
+    async def _visible(self) -> dict[str, ModelState]:
+        """Running models as the visibility store sees them: name, phase, runtime, node."""
+        found = {}
         try:
             async for execution in self._client.list_workflows(running_models_query()):
                 name = model_from_workflow_id(execution.id)
                 if name:
-                    names.append(name)
+                    attrs = execution.typed_search_attributes
+                    found[name] = ModelState(
+                        name=name,
+                        path="",
+                        phase=attrs.get(PHASE_KEY) or Phase.DISCOVERED,
+                        runtime=attrs.get(RUNTIME_KEY),
+                        node=attrs.get(NODE_KEY),
+                    )
         except RPCError as exc:
             raise ControlPlaneUnavailable(f"cannot list models: {exc.message}", retry_after=5) from exc
-        return sorted(set(names))
+        return found
 
     async def all(self) -> list[ModelState]:
-        names = await self.names()
-        for gone in set(self._cache) - set(names):
+        """Every model's state. A workflow that cannot answer its query right now (its worker is
+        down) is listed from the visibility store, with the reason, rather than failing the list."""
+        visible = await self._visible()
+        for gone in set(self._cache) - set(visible):
             self._cache.pop(gone, None)
-        states = await asyncio.gather(*(self.get(n, fresh=True) for n in names))
-        return [s for s in states if s is not None]
+        names = sorted(visible)
+        states = await asyncio.gather(
+            *(self.get(n, fresh=True, timeout=LIST_QUERY_TIMEOUT) for n in names), return_exceptions=True
+        )
+        out = []
+        for name, state in zip(names, states, strict=True):
+            if isinstance(state, ControlPlaneUnavailable):
+                fallback = visible[name]
+                fallback.last_error = f"live state unavailable: {state.message}"
+                out.append(fallback)
+            elif isinstance(state, BaseException):
+                raise state
+            elif state is not None:
+                out.append(state)
+        return out
 
     async def refresh_forever(self, interval: float) -> None:
         """Keep every model's state fresh, so metrics describe models nobody asked about yet."""

@@ -36,6 +36,10 @@ class UsageBatcher:
         if self._flush_seconds == 0:
             self._wake.set()
 
+    def pending(self) -> dict[tuple[str, str], int]:
+        """Counts not sent yet, by (model, organization)."""
+        return dict(self._counts)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="usage-flush")
 

@@ -116,6 +116,32 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_manage(args: argparse.Namespace) -> int:
+    from modelium import manage
+
+    return manage.main(args.command, _settings(args), args)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from modelium.keys import digest, new_key
+
+    key = new_key()
+    entry = {
+        "name": args.name,
+        "organization": args.org,
+        "sha256": digest(key),
+        "scopes": ["admin"] if args.admin else [],
+    }
+    from modelium.config import ApiKey
+
+    ApiKey.model_validate(entry)  # a bad --org or --name fails here, not at the next start
+    print(f"API key (shown once; the config keeps only its digest):\n  {key}\n")
+    print("Add this to modelium.yaml under gateway.api_keys:")
+    print(f"  - name: {entry['name']}\n    organization: {entry['organization']}\n"
+          f"    sha256: {entry['sha256']}\n    scopes: {json.dumps(entry['scopes'])}")  # fmt: skip
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(json.dumps(_settings(args).model_dump(mode="json"), indent=2))
     return 0
@@ -165,6 +191,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", default="text-generation", choices=["text-generation", "text-classification", "feature-extraction"]
     )
     demo.set_defaults(func=cmd_demo_model)
+
+    def client_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", help="the gateway (default: $MODELIUM_URL, else gateway.host:gateway.port)")
+        p.add_argument("--api-key", help="API key (default: $MODELIUM_API_KEY)")
+        p.add_argument("--http-timeout", type=float, default=660.0, help=argparse.SUPPRESS)
+        p.set_defaults(func=cmd_manage)
+
+    models = sub.add_parser("models", help="list models: phase, runtime, node, memory, last use, requests")
+    models.add_argument("--json", action="store_true", help="print the gateway's JSON")
+    client_options(models)
+
+    load = sub.add_parser("load", help="load a model now (optionally pinned, or with its own idle timeout)")
+    load.add_argument("name")
+    load.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--pin: never unload for being idle; --no-pin: undo that",
+    )
+    load.add_argument("--idle-timeout", type=float, metavar="SECONDS", help="this model's idle timeout")
+    load.add_argument("--no-wait", action="store_true", help="return at once; do not wait until it serves")
+    load.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long to wait (default: gateway.cold_start_timeout_seconds)",
+    )
+    client_options(load)
+
+    unload = sub.add_parser("unload", help="unload a model (it stays known; a request loads it again)")
+    unload.add_argument("name")
+    unload.add_argument("--no-wait", action="store_true")
+    client_options(unload)
+
+    keys = sub.add_parser("keys", help="API keys for the gateway")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="make a key; prints it once and its config entry")
+    create.add_argument("--org", required=True, help="the organization requests with this key count for")
+    create.add_argument("--name", required=True, help="a label for the key (who or what uses it)")
+    create.add_argument("--admin", action="store_true", help="may load and unload models")
+    create.set_defaults(func=cmd_keys)
 
     config = sub.add_parser("config", help="print the effective configuration")
     config.set_defaults(func=cmd_config)

@@ -119,6 +119,12 @@ async def running_modelium(settings: Settings, client: Client, **parts: bool) ->
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=60)
+        # Workflows outlive their workers; end this test's so that later tests, which share the
+        # Temporal server, do not list models no worker serves any more.
+        queue = settings.temporal.control_task_queue
+        async for execution in client.list_workflows('ExecutionStatus="Running"'):
+            if execution.task_queue == queue:
+                await client.get_workflow_handle(execution.id).terminate("test over")
 
 
 def metric_value(text: str, name: str, **labels: str) -> float | None:

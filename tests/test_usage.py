@@ -1,0 +1,71 @@
+"""Usage counting keeps workflow histories bounded: one signal per model per flush interval,
+or one per request with an interval of 0. Checked in the real history of a real workflow."""
+
+from __future__ import annotations
+
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+
+from api.usage import UsageBatcher
+from modelium.names import workflow_id
+from modelium.types import ModelSource
+from tests.conftest import unique
+from workflows.contracts import LifecycleInput
+from workflows.lifecycle import ModelLifecycleWorkflow
+
+
+async def _workflow(client: Client) -> tuple[str, WorkflowHandle]:
+    # No worker polls this queue: the server still records every signal in the history, which
+    # is exactly what is counted here.
+    name = unique("usage")
+    handle = await client.start_workflow(
+        ModelLifecycleWorkflow.run,
+        LifecycleInput(ModelSource(name, "/nowhere", "f")),
+        id=workflow_id(name),
+        task_queue=unique("no-worker"),
+    )
+    return name, handle
+
+
+async def _usage_signals(handle: WorkflowHandle) -> list[int]:
+    counts = []
+    async for event in handle.fetch_history_events():
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            attrs = event.workflow_execution_signaled_event_attributes
+            if attrs.signal_name == "record_usage":
+                counts.append(len(attrs.input.payloads))
+    return counts
+
+
+async def test_coalesced_into_one_signal_per_interval(temporal_env: WorkflowEnvironment) -> None:
+    name, handle = await _workflow(temporal_env.client)
+    batcher = UsageBatcher(temporal_env.client, flush_seconds=60)
+    for i in range(500):
+        batcher.record(name, "acme" if i % 5 else "beta")
+    await batcher.flush()
+    assert batcher.signals_sent == 1
+    assert len(await _usage_signals(handle)) == 1
+    await handle.terminate("test over")
+
+
+async def test_zero_interval_sends_one_signal_per_request(temporal_env: WorkflowEnvironment) -> None:
+    name, handle = await _workflow(temporal_env.client)
+    batcher = UsageBatcher(temporal_env.client, flush_seconds=0)
+    batcher.start()
+    for _ in range(7):
+        batcher.record(name, "acme")
+    await batcher.stop()
+    assert batcher.signals_sent == 7
+    assert len(await _usage_signals(handle)) == 7
+    await handle.terminate("test over")
+
+
+async def test_unsent_counts_are_kept() -> None:
+    # Temporal cannot be reached: the counts stay and go out with a later flush.
+    client = await Client.connect("127.0.0.1:9", lazy=True)
+    batcher = UsageBatcher(client, flush_seconds=60)
+    batcher.record("kept-model", "acme", 3)
+    await batcher.flush()
+    assert batcher.signals_sent == 0
+    assert batcher.pending() == {("kept-model", "acme"): 3}
