@@ -8,7 +8,6 @@ import ipaddress
 import logging
 from collections.abc import AsyncIterator
 
-import httpx
 from fastapi import FastAPI
 from temporalio.client import Client
 
@@ -19,6 +18,7 @@ from api.deps import Gateway
 from api.limits import BodyLimit
 from api.registry import ModelRegistry
 from api.routes import health, inference, models, openai
+from api.upstream import UpstreamPool
 from api.usage import UsageBatcher
 from modelium import __version__
 from modelium.config import Settings
@@ -52,32 +52,29 @@ def create_app(
         usage = UsageBatcher(temporal, gw_settings.usage_flush_seconds)
         usage.start()
         refresher = asyncio.create_task(registry.refresh_forever(STATE_REFRESH_SECONDS), name="state-refresh")
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-        timeout = httpx.Timeout(gw_settings.request_timeout_seconds, connect=5.0)
-        async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
-            app.state.gateway = Gateway(
-                settings=settings,
-                temporal=temporal,
-                http=http,
-                registry=registry,
-                usage=usage,
-                metrics=own_metrics,
-                cold=ColdStarts(
-                    temporal,
-                    registry,
-                    own_metrics,
-                    timeout=gw_settings.cold_start_timeout_seconds,
-                    max_waiting=gw_settings.max_waiting_requests,
-                ),  # fmt: skip
-                keys=keys,
-            )
-            try:
-                yield
-            finally:
-                refresher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await refresher
-                await usage.stop()
+        upstream = UpstreamPool(timeout=gw_settings.request_timeout_seconds)
+        cold = ColdStarts(
+            temporal, registry, own_metrics,
+            timeout=gw_settings.cold_start_timeout_seconds, max_waiting=gw_settings.max_waiting_requests,
+        )  # fmt: skip
+        app.state.gateway = Gateway(
+            settings=settings,
+            temporal=temporal,
+            upstream=upstream,
+            registry=registry,
+            usage=usage,
+            metrics=own_metrics,
+            cold=cold,
+            keys=keys,
+        )
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            await usage.stop()
+            await upstream.aclose()
 
     keys = KeyRing(settings.gateway.api_keys)
     if not keys.enabled and not _is_loopback(settings.gateway.host):

@@ -101,6 +101,11 @@ class UpstreamError(GatewayError):
     type = "upstream_error"
 
 
+class GatewayTimeout(GatewayError):
+    status = 504
+    type = "timeout_error"
+
+
 class ControlPlaneUnavailable(GatewayError):
     status = 503
     type = "control_plane_unavailable"

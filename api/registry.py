@@ -37,9 +37,7 @@ class ModelRegistry:
         # Last request this gateway served per model (epoch seconds).
         self._last_request: dict[str, float] = {}
 
-    async def get(
-        self, model: str, *, fresh: bool = False, timeout: timedelta = QUERY_TIMEOUT
-    ) -> ModelState | None:
+    async def get(self, model: str, *, fresh: bool = False, timeout: timedelta = QUERY_TIMEOUT) -> ModelState | None:
         """The model's state, or None when no such model exists (or it was removed)."""
         cached = self._cache.get(model)
         if cached is not None and not fresh and time.monotonic() - cached[0] < self._ttl_for(cached[1]):

@@ -9,13 +9,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-
 from api.auth import Principal
 from api.coldstart import failed_model
 from api.deps import Gateway
-from api.errors import BadRequest, GatewayError, ModelNotFound, ModelNotReady, UpstreamError
+from api.errors import BadRequest, GatewayError, GatewayTimeout, ModelNotFound, ModelNotReady, UpstreamError
 from api.registry import ModelRegistry
+from api.upstream import Stream, UpstreamFailure, UpstreamTimeout
 from modelium.names import InvalidModelName, validate_model_name, workflow_id
 from modelium.types import ModelState, Phase
 from workflows.contracts import HealthReport
@@ -24,7 +23,6 @@ from workflows.lifecycle import ModelLifecycleWorkflow
 log = logging.getLogger(__name__)
 
 RELOAD_RETRY_AFTER = 10.0
-_JSON = {"content-type": "application/json"}
 
 
 async def known_model(registry: ModelRegistry, name: str) -> ModelState:
@@ -85,20 +83,26 @@ class Tally:
             self.gw.registry.mark_used(self.model)
 
 
-async def _unreachable(gw: Gateway, state: ModelState, exc: Exception) -> ModelNotReady:
+async def _unreachable(gw: Gateway, state: ModelState, exc: Exception) -> GatewayError:
     """The runtime did not answer: tell the workflow, which checks it and reloads it."""
     assert state.endpoint is not None
+    if isinstance(exc, UpstreamTimeout):
+        # Slow is not dead: the client hears so, and the workflow is not bothered.
+        return GatewayTimeout(
+            f"model {state.name}'s runtime did not answer in time (gateway.request_timeout_seconds): {exc}"
+        )
     gw.registry.invalidate(state.name)
+    gw.upstream.forget(state.endpoint.url)
     handle = gw.temporal.get_workflow_handle(workflow_id(state.name))
     try:
         await handle.signal(
             ModelLifecycleWorkflow.report_unhealthy,
-            HealthReport(f"gateway could not reach {state.endpoint.url}: {exc!r}"),
+            HealthReport(f"gateway could not reach {state.endpoint.url}: {exc}"),
         )
     except Exception as signal_exc:  # the 503 below is still the right answer
         log.warning("could not report %s as unhealthy: %s", state.name, signal_exc)
     return ModelNotReady(
-        f"model {state.name}'s runtime did not answer; it is being checked and reloaded",
+        f"model {state.name}'s runtime did not answer ({exc}); it is being checked and reloaded",
         retry_after=state.load_seconds or RELOAD_RETRY_AFTER,
     )
 
@@ -124,40 +128,41 @@ async def post(gw: Gateway, state: ModelState, path: str, content: bytes) -> byt
     """POST `content` to the runtime and return its successful answer, unparsed."""
     assert state.endpoint is not None
     try:
-        response = await gw.http.post(state.endpoint.url + path, content=content, headers=_JSON)
-    except httpx.TransportError as exc:
+        answer = await gw.upstream.post(state.endpoint.url + path, content)
+    except UpstreamFailure as exc:
         raise await _unreachable(gw, state, exc) from exc
-    if response.status_code >= 400:
-        raise upstream_failure(state, response.status_code, response.content)
-    return response.content
+    if answer.status >= 400:
+        raise upstream_failure(state, answer.status, answer.body)
+    return answer.body
 
 
 async def post_json(gw: Gateway, state: ModelState, path: str, payload: dict[str, Any]) -> Any:
     return json.loads(await post(gw, state, path, json.dumps(payload).encode()))
 
 
-async def open_stream(gw: Gateway, state: ModelState, path: str, content: bytes) -> httpx.Response:
-    """POST and return the runtime's response with its body not read yet (server-sent events)."""
+async def open_stream(gw: Gateway, state: ModelState, path: str, content: bytes) -> Stream:
+    """POST and return the runtime's answer with its body not read yet (server-sent events)."""
     assert state.endpoint is not None
-    request = gw.http.build_request("POST", state.endpoint.url + path, content=content, headers=_JSON)
     try:
-        response = await gw.http.send(request, stream=True)
-    except httpx.TransportError as exc:
+        stream = await gw.upstream.open(state.endpoint.url + path, content)
+    except UpstreamFailure as exc:
         raise await _unreachable(gw, state, exc) from exc
-    if response.status_code >= 400:
-        body = await response.aread()
-        await response.aclose()
-        raise upstream_failure(state, response.status_code, body)
-    return response
+    if stream.status >= 400:
+        try:
+            body = await stream.read()
+        except UpstreamFailure as exc:
+            raise await _unreachable(gw, state, exc) from exc
+        raise upstream_failure(state, stream.status, body)
+    return stream
 
 
-async def relay(gw: Gateway, state: ModelState, response: httpx.Response, tally: Tally) -> AsyncIterator[bytes]:
+async def relay(gw: Gateway, state: ModelState, stream: Stream, tally: Tally) -> AsyncIterator[bytes]:
     """Pass the runtime's event stream through as it arrives: no buffering, no re-encoding."""
     status = 200
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in stream.chunks():
             yield chunk
-    except httpx.TransportError as exc:
+    except UpstreamFailure as exc:
         status = 502
         failure = await _unreachable(gw, state, exc)
         body = {"error": {"message": failure.message, "type": failure.type, "param": None, "code": None}}
@@ -166,5 +171,5 @@ async def relay(gw: Gateway, state: ModelState, response: httpx.Response, tally:
         status = 499  # the client went away (the stream was cancelled)
         raise
     finally:
-        await response.aclose()
+        await stream.aclose()
         tally.finish(status)

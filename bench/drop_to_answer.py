@@ -15,56 +15,31 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import yaml
 
-from modelium.demo import write_demo_model
-from modelium.runtimes.process import free_port
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import modelium_serve  # noqa: E402
+
+from modelium.demo import write_demo_model  # noqa: E402
 
 
 def one_run(settle: float, staged: Path, workdir: Path, run: int) -> dict[str, float]:
-    gw, tp, ui, mp = (free_port() for _ in range(4))
-    config = workdir / f"modelium-{run}.yaml"
-    incoming = workdir / f"incoming-{run}"
-    config.write_text(yaml.safe_dump({
-        "state_dir": str(workdir / f"state-{run}"),
-        "temporal": {"port": tp, "ui_port": ui, "ui": False},
-        "gateway": {"port": gw}, "metrics": {"port": mp},
-        "orchestration": {"model_discovery": {"watch_directories": [str(incoming)],
-                                              "settle_seconds": settle}},
-    }))  # fmt: skip
-    log = (workdir / f"serve-{run}.log").open("wb")
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modelium.cli", "--config", str(config), "serve"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{gw}"
-    try:
-        with httpx.Client(timeout=30) as http:
-            while True:
-                try:
-                    if http.get(f"{base}/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None:
-                    raise SystemExit(f"modelium serve exited; see {log.name}")
-                time.sleep(0.05)
-            startup = time.monotonic() - started
-            incoming.mkdir(exist_ok=True)
-            target = incoming / "bench-model"
+    discovery = {"model_discovery": {"watch_directories": [str(workdir / f"incoming-{run}")],
+                                     "settle_seconds": settle}}  # fmt: skip
+    with modelium_serve(workdir, str(run), orchestration=discovery) as served:
+        base = served.url
+        with httpx.Client(timeout=120) as http:
             shutil.copytree(staged, workdir / ".tmp-copy")
             t0 = time.monotonic()
-            os.rename(workdir / ".tmp-copy", target)
+            os.rename(workdir / ".tmp-copy", served.incoming / "bench-model")
+            # Until the watcher hands the model over it is unknown (404); from then on the request
+            # waits for the load and is answered.
             while True:
                 r = http.post(f"{base}/predict/bench-model",
                               json={"prompt": "Hello", "max_tokens": 8})  # fmt: skip
@@ -73,11 +48,8 @@ def one_run(settle: float, staged: Path, workdir: Path, run: int) -> dict[str, f
                 time.sleep(0.05)
             total = time.monotonic() - t0
             info = http.get(f"{base}/models/bench-model").json()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
     load = float(info["load_seconds"])
-    return {"startup": startup, "total": total, "settle": settle, "load": load,
+    return {"startup": served.startup_seconds, "total": total, "settle": settle, "load": load,
             "overhead": total - settle - load}  # fmt: skip
 
 
