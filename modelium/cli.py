@@ -143,9 +143,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
         "sha256": digest(key),
         "scopes": ["admin"] if args.admin else [],
     }
+    from pydantic import ValidationError
+
     from modelium.config import ApiKey
 
-    ApiKey.model_validate(entry)  # a bad --org or --name fails here, not at the next start
+    try:
+        ApiKey.model_validate(entry)  # a bad --org or --name fails here, not at the next start
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'org' if e['loc'][0] == 'organization' else e['loc'][0]}: {e['msg']}"
+                             for e in exc.errors())  # fmt: skip
+        print(f"modelium keys create: {problems}", file=sys.stderr)
+        return 2
     print(f"API key (shown once; the config keeps only its digest):\n  {key}\n")
     print("Add this to modelium.yaml under gateway.api_keys:")
     print(f"  - name: {entry['name']}\n    organization: {entry['organization']}\n"

@@ -5,8 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from modelium.config import ConfigError, load_settings
+from modelium.keys import digest
 
 
 def test_defaults_need_no_file(tmp_path: Path) -> None:
@@ -48,6 +50,10 @@ def test_seed_keys_from_file_and_env_override(tmp_path: Path) -> None:
         ("node: {id: 'Bad Node!'}", {}, "node.id"),
         ("- a list", {}, "the top level must be a mapping"),
         ("key: [unclosed", {}, "not valid YAML"),
+        ("gateway: {api_keys: [{name: k, organization: o, sha256: xyz}]}", {}, "gateway.api_keys.0.sha256"),
+        ("gateway: {api_keys: [{name: k, organization: o, sha256: " + "a" * 64 + ", scopes: [root]}]}", {},
+         "gateway.api_keys.0.scopes.0"),
+        ("gateway: {max_waiting_requests: -1}", {}, "gateway.max_waiting_requests"),
     ],
 )  # fmt: skip
 def test_bad_values_name_the_key(tmp_path: Path, yaml_text: str, env: dict[str, str],
@@ -73,3 +79,25 @@ def test_cli_stops_with_the_key_named(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "metrics.port" in done.stderr
+
+
+def test_shipped_deploy_config_is_valid() -> None:
+    settings = load_settings(Path(__file__).parent.parent / "deploy" / "modelium.yaml", environ={})
+    assert settings.gateway.api_keys == [] and settings.gateway.host == "127.0.0.1"
+
+
+def test_keys_create_prints_a_key_and_its_digest(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "modelium.cli", "keys", "create", "--org", "acme", "--name", "ci", "--admin"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    key = next(line.strip() for line in done.stdout.splitlines() if line.strip().startswith("mdl-"))
+    entry_yaml = done.stdout.split("gateway.api_keys:", 1)[1]
+    entry = yaml.safe_load(entry_yaml)[0]
+    assert entry == {"name": "ci", "organization": "acme", "sha256": digest(key), "scopes": ["admin"]}
+    bad = subprocess.run(
+        [sys.executable, "-m", "modelium.cli", "keys", "create", "--org", "no spaces!", "--name", "x"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--org" in bad.stderr
