@@ -126,14 +126,11 @@ def upstream_failure(state: ModelState, status: int, content: bytes) -> GatewayE
 
 async def post(gw: Gateway, state: ModelState, path: str, content: bytes) -> bytes:
     """POST `content` to the runtime and return its successful answer, unparsed."""
-    assert state.endpoint is not None
+    stream = await open_stream(gw, state, path, content)
     try:
-        answer = await gw.upstream.post(state.endpoint.url + path, content)
+        return await stream.read()
     except UpstreamFailure as exc:
         raise await _unreachable(gw, state, exc) from exc
-    if answer.status >= 400:
-        raise upstream_failure(state, answer.status, answer.body)
-    return answer.body
 
 
 async def post_json(gw: Gateway, state: ModelState, path: str, payload: dict[str, Any]) -> Any:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
@@ -134,3 +135,34 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return None
+
+
+async def phase_of(http: httpx.AsyncClient, name: str, headers: dict[str, str] | None = None) -> str | None:
+    """The model's phase as `GET /models/{name}` tells it, or None while it is unknown."""
+    response = await http.get(f"/models/{name}", headers=headers)
+    return response.json()["phase"] if response.status_code == 200 else None
+
+
+async def wait_phase(http: httpx.AsyncClient, name: str, phase: str, *, timeout: float = 120.0,
+                     headers: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Poll the gateway until the model is in `phase`; return its `GET /models/{name}`."""
+
+    async def reached() -> dict[str, Any] | None:
+        response = await http.get(f"/models/{name}", headers=headers)
+        ok = response.status_code == 200 and response.json()["phase"] == phase
+        return response.json() if ok else None  # type: ignore[no-any-return]
+
+    return await wait_for(reached, timeout=timeout, what=f"{name} {phase}")
+
+
+@contextlib.asynccontextmanager
+async def serving_model(
+    settings: Settings, client: Client, model_dir: Path, name: str, headers: dict[str, str] | None = None
+) -> AsyncIterator[tuple[Running, httpx.AsyncClient]]:
+    """`running_modelium` with `model_dir` dropped into its watched folder as `name` and loaded;
+    yields the running parts and an HTTP client on the gateway."""
+    async with running_modelium(settings, client) as running:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=120) as http:
+            copy_model(model_dir, settings.watch_directories[0] / name)
+            await wait_phase(http, name, "loaded", headers=headers)
+            yield running, http

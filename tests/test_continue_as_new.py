@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
 from modelium.names import workflow_id
-from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_for
+from tests.conftest import make_settings, serving_model, unique, wait_for
 from workers.temporal_server import temporal_binary
 from workflows.contracts import SEARCH_ATTRIBUTES, UsageReport
 from workflows.lifecycle import ModelLifecycleWorkflow
@@ -35,44 +34,37 @@ async def test_usage_heavy_workflow_continues_as_new_and_keeps_serving(
     try:
         settings = make_settings(tmp_path)
         name = unique("long-lived")
-        async with running_modelium(settings, env.client) as running:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=60) as http:
-                copy_model(demo_models["text-generation"], tmp_path / "incoming" / name)
+        model = demo_models["text-generation"]
+        async with serving_model(settings, env.client, model, name) as (_, http):
+            before = (await http.get(f"/models/{name}")).json()
+            pin = await http.post(f"/models/{name}/load", json={"pin": True, "idle_timeout_seconds": 99})
+            assert pin.status_code == 200
+            handle = env.client.get_workflow_handle(workflow_id(name))
+            first_run = (await handle.describe()).run_id
+            for _ in range(80):  # one signal each: far past the limit of 60 events
+                await handle.signal(ModelLifecycleWorkflow.record_usage, UsageReport(1, {"acme": 1}))
 
-                async def loaded() -> dict[str, object] | None:
-                    response = await http.get(f"/models/{name}")
-                    ok = response.status_code == 200 and response.json()["phase"] == "loaded"
-                    return response.json() if ok else None
+            async def continued() -> str | None:
+                run_id = (await handle.describe()).run_id
+                return run_id if run_id != first_run else None
 
-                before = await wait_for(loaded, timeout=120, what="model loaded")
-                pin = await http.post(f"/models/{name}/load", json={"pin": True, "idle_timeout_seconds": 99})
-                assert pin.status_code == 200
-                handle = env.client.get_workflow_handle(workflow_id(name))
-                first_run = (await handle.describe()).run_id
-                for _ in range(80):  # one signal each: far past the limit of 60 events
-                    await handle.signal(ModelLifecycleWorkflow.record_usage, UsageReport(1, {"acme": 1}))
+            await wait_for(continued, timeout=30, what="continue-as-new")
+            first = env.client.get_workflow_handle(workflow_id(name), run_id=first_run)
+            events = [e async for e in first.fetch_history_events()]
+            assert events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
 
-                async def continued() -> str | None:
-                    run_id = (await handle.describe()).run_id
-                    return run_id if run_id != first_run else None
+            async def all_counted() -> dict[str, object] | None:
+                info = (await http.get(f"/models/{name}")).json()
+                return info if info["request_count"] == 80 else None
 
-                await wait_for(continued, timeout=30, what="continue-as-new")
-                first = env.client.get_workflow_handle(workflow_id(name), run_id=first_run)
-                events = [e async for e in first.fetch_history_events()]
-                assert events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
-
-                async def all_counted() -> dict[str, object] | None:
-                    info = (await http.get(f"/models/{name}")).json()
-                    return info if info["request_count"] == 80 else None
-
-                after = await wait_for(all_counted, timeout=30, what="every usage signal counted")
-                assert after["phase"] == "loaded"
-                assert after["requests_by_organization"] == {"acme": 80}
-                assert after["pinned"] and after["idle_timeout_seconds"] == 99
-                # The model was not reloaded: same process, same load count, and it answers.
-                assert after["endpoint"] == before["endpoint"]  # type: ignore[index]
-                assert after["load_count"] == before["load_count"]
-                answer = await http.post(f"/predict/{name}", json={"prompt": "Hi", "max_tokens": 2})
-                assert answer.status_code == 200, answer.text
+            after = await wait_for(all_counted, timeout=30, what="every usage signal counted")
+            assert after["phase"] == "loaded"
+            assert after["requests_by_organization"] == {"acme": 80}
+            assert after["pinned"] and after["idle_timeout_seconds"] == 99
+            # The model was not reloaded: same process, same load count, and it answers.
+            assert after["endpoint"] == before["endpoint"]  # type: ignore[index]
+            assert after["load_count"] == before["load_count"]
+            answer = await http.post(f"/predict/{name}", json={"prompt": "Hi", "max_tokens": 2})
+            assert answer.status_code == 200, answer.text
     finally:
         await env.shutdown()

@@ -6,7 +6,6 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 from temporalio.testing import WorkflowEnvironment
@@ -14,7 +13,7 @@ from temporalio.testing import WorkflowEnvironment
 from api.app import create_app
 from modelium.keys import digest, new_key
 from modelium.names import workflow_id
-from tests.conftest import copy_model, make_settings, metric_value, running_modelium, unique, wait_for
+from tests.conftest import make_settings, metric_value, serving_model, unique, wait_for
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 pytestmark = pytest.mark.slow
@@ -31,80 +30,72 @@ async def test_keys_scopes_organizations_and_limits(
     ]
     settings = make_settings(tmp_path, gateway={"port": 0, "api_keys": keys, "max_body_bytes": 4096})
     name = unique("secure")
-    async with running_modelium(settings, temporal_env.client) as running:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    user = {"X-API-Key": USER_KEY}
+    model = demo_models["text-generation"]
+    async with serving_model(settings, temporal_env.client, model, name, headers=user) as (running, http):
         url = f"http://127.0.0.1:{running.gateway_port}"
-        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-        user = {"X-API-Key": USER_KEY}
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-            copy_model(demo_models["text-generation"], tmp_path / "incoming" / name)
+        # Liveness needs no key; everything else does.
+        assert (await http.get("/health")).status_code == 200
+        missing = await http.get("/models")
+        assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == "Bearer"
+        assert "requires an API key" in missing.json()["error"]["message"]
+        wrong = await http.post(f"/predict/{name}", json={"prompt": "x"}, headers={"X-API-Key": "mdl-nope"})
+        assert wrong.status_code == 401 and "not valid" in wrong.json()["error"]["message"]
+        basic = await http.get("/models", headers={"Authorization": "Basic abc"})
+        assert basic.status_code == 401 and "Bearer" in basic.json()["error"]["message"]
 
-            async def loaded() -> bool:
-                response = await http.get(f"/models/{name}", headers=user)
-                return response.status_code == 200 and response.json()["phase"] == "loaded"
+        # A key without the admin scope may infer but not load or unload.
+        ok = await http.post(f"/predict/{name}", json={"prompt": "Hi", "max_tokens": 2}, headers=user)
+        assert ok.status_code == 200, ok.text
+        for action in ("load", "unload"):
+            denied = await http.post(f"/models/{name}/{action}", headers=user)
+            assert denied.status_code == 403
+            message = denied.json()["error"]["message"]
+            assert "'app'" in message and "admin scope" in message and f"{action} models" in message
+        assert (await http.post(f"/models/{name}/load", json={"pin": True}, headers=admin)).status_code == 200
 
-            await wait_for(loaded, timeout=120, what="model loaded")
+        # The official client with a key works; with a wrong one it gets AuthenticationError.
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=USER_KEY, max_retries=0)
+        await client.completions.create(model=name, prompt="Hi", max_tokens=2)
+        bad_client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="mdl-wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            await bad_client.models.list()
 
-            # Liveness needs no key; everything else does.
-            assert (await http.get("/health")).status_code == 200
-            missing = await http.get("/models")
-            assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == "Bearer"
-            assert "requires an API key" in missing.json()["error"]["message"]
-            wrong = await http.post(f"/predict/{name}", json={"prompt": "x"}, headers={"X-API-Key": "mdl-nope"})
-            assert wrong.status_code == 401 and "not valid" in wrong.json()["error"]["message"]
-            basic = await http.get("/models", headers={"Authorization": "Basic abc"})
-            assert basic.status_code == 401 and "Bearer" in basic.json()["error"]["message"]
+        # Requests are attributed to the key's organization: metrics and the workflow.
+        metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
+        assert metric_value(metrics, "modelium_requests_total", model=name, organizationId="beta",
+                            status="200") == 2.0  # fmt: skip
+        handle = temporal_env.client.get_workflow_handle(workflow_id(name))
 
-            # A key without the admin scope may infer but not load or unload.
-            ok = await http.post(f"/predict/{name}", json={"prompt": "Hi", "max_tokens": 2}, headers=user)
-            assert ok.status_code == 200, ok.text
-            for action in ("load", "unload"):
-                denied = await http.post(f"/models/{name}/{action}", headers=user)
-                assert denied.status_code == 403
-                message = denied.json()["error"]["message"]
-                assert "'app'" in message and "admin scope" in message and f"{action} models" in message
-            assert (await http.post(f"/models/{name}/load", json={"pin": True}, headers=admin)).status_code == 200
+        async def counted() -> dict[str, int] | None:
+            state = await handle.query(ModelLifecycleWorkflow.state)
+            return state.requests_by_organization if state.requests_by_organization.get("beta") == 2 else None
 
-            # The official client with a key works; with a wrong one it gets AuthenticationError.
-            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=USER_KEY, max_retries=0)
-            await client.completions.create(model=name, prompt="Hi", max_tokens=2)
-            bad_client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="mdl-wrong", max_retries=0)
-            with pytest.raises(openai.AuthenticationError):
-                await bad_client.models.list()
+        await wait_for(counted, timeout=10, what="usage by organization")
 
-            # Requests are attributed to the key's organization: metrics and the workflow.
-            metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
-            assert metric_value(metrics, "modelium_requests_total", model=name, organizationId="beta",
-                                status="200") == 2.0  # fmt: skip
-            handle = temporal_env.client.get_workflow_handle(workflow_id(name))
+        # Body limits: by Content-Length, and for a chunked body while it is read.
+        big = {"prompt": "x" * 5000, "max_tokens": 1}
+        too_big = await http.post(f"/predict/{name}", json=big, headers=user)
+        assert too_big.status_code == 413 and "gateway.max_body_bytes" in too_big.json()["error"]["message"]
 
-            async def counted() -> dict[str, int] | None:
-                state = await handle.query(ModelLifecycleWorkflow.state)
-                return state.requests_by_organization if state.requests_by_organization.get("beta") == 2 else None
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(10):
+                yield b" " * 1000
 
-            await wait_for(counted, timeout=10, what="usage by organization")
+        chunked = await http.post(
+            "/v1/completions", content=chunks(), headers={**user, "content-type": "application/json"}
+        )
+        assert chunked.status_code == 413
 
-            # Body limits: by Content-Length, and for a chunked body while it is read.
-            big = {"prompt": "x" * 5000, "max_tokens": 1}
-            too_big = await http.post(f"/predict/{name}", json=big, headers=user)
-            assert too_big.status_code == 413 and "gateway.max_body_bytes" in too_big.json()["error"]["message"]
-
-            async def chunks() -> AsyncIterator[bytes]:
-                for _ in range(10):
-                    yield b" " * 1000
-
-            chunked = await http.post(
-                "/v1/completions", content=chunks(), headers={**user, "content-type": "application/json"}
-            )
-            assert chunked.status_code == 413
-
-            # Names from paths are checked before they reach workflow ids or metric labels.
-            for bad_name in ("UPPER", "a b", "..", ".hidden", "x" * 64, "a%2Fb"):
-                answer = await http.post(f"/predict/{bad_name}", json={"prompt": "x"}, headers=user)
-                assert answer.status_code in (400, 404), (bad_name, answer.status_code)
-                if answer.status_code == 400:
-                    assert "invalid model name" in answer.json()["error"]["message"]
-            metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
-            assert "UPPER" not in metrics and 'model="a b"' not in metrics
+        # Names from paths are checked before they reach workflow ids or metric labels.
+        for bad_name in ("UPPER", "a b", "..", ".hidden", "x" * 64, "a%2Fb"):
+            answer = await http.post(f"/predict/{bad_name}", json={"prompt": "x"}, headers=user)
+            assert answer.status_code in (400, 404), (bad_name, answer.status_code)
+            if answer.status_code == 400:
+                assert "invalid model name" in answer.json()["error"]["message"]
+        metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
+        assert "UPPER" not in metrics and 'model="a b"' not in metrics
 
 
 def test_public_bind_without_keys_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -14,7 +14,7 @@ from temporalio.testing import WorkflowEnvironment
 from modelium import cli
 from modelium.names import workflow_id
 from modelium.types import ModelSource
-from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_for
+from tests.conftest import make_settings, running_modelium, serving_model, unique, wait_for
 from workflows.contracts import LifecycleInput
 from workflows.lifecycle import ModelLifecycleWorkflow
 
@@ -38,55 +38,46 @@ async def test_load_pin_unload_through_api_and_cli(
 ) -> None:
     settings = make_settings(tmp_path)
     name = unique("managed")
-    async with running_modelium(settings, temporal_env.client) as running:
+    async with serving_model(settings, temporal_env.client, demo_models["text-generation"], name) as (running, http):
         url = f"http://127.0.0.1:{running.gateway_port}"
-        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-            copy_model(demo_models["text-generation"], tmp_path / "incoming" / name)
+        # API: unload, then load pinned with its own idle timeout.
+        down = await http.post(f"/models/{name}/unload", json={"reason": "make room"})
+        assert down.status_code == 200 and down.json()["phase"] == "unloaded"
+        assert "make room" in down.json()["unload_reason"]
+        up = await http.post(f"/models/{name}/load", json={"pin": True, "idle_timeout_seconds": 42})
+        assert up.status_code == 200, up.text
+        info = up.json()
+        assert info["phase"] == "loaded" and info["pinned"] and info["idle_timeout_seconds"] == 42
+        assert info["load_count"] == 2
+        # Bad bodies name the field.
+        bad = await http.post(f"/models/{name}/load", json={"idle_timeout_seconds": -1})
+        assert bad.status_code == 422 and bad.json()["error"]["param"] == "idle_timeout_seconds"
+        unknown = await http.post("/models/no-such-model/load")
+        assert unknown.status_code == 404
 
-            async def phase() -> str | None:
-                response = await http.get(f"/models/{name}")
-                return response.json()["phase"] if response.status_code == 200 else None
+        # GET /models: everything a user needs to see.
+        listed = {m["name"]: m for m in (await http.get("/models")).json()["models"]}
+        entry = listed[name]
+        for key in ("phase", "runtime", "node", "memory_estimate_bytes", "booked_bytes", "last_used_at",
+                    "request_count", "requests_by_organization", "pinned"):  # fmt: skip
+            assert key in entry, key
+        assert entry["booked_bytes"] > 0 and entry["node"] == settings.node.id
 
-            await wait_for(lambda: _eq(phase(), "loaded"), timeout=120, what="first load")
-
-            # API: unload, then load pinned with its own idle timeout.
-            down = await http.post(f"/models/{name}/unload", json={"reason": "make room"})
-            assert down.status_code == 200 and down.json()["phase"] == "unloaded"
-            assert "make room" in down.json()["unload_reason"]
-            up = await http.post(f"/models/{name}/load", json={"pin": True, "idle_timeout_seconds": 42})
-            assert up.status_code == 200, up.text
-            info = up.json()
-            assert info["phase"] == "loaded" and info["pinned"] and info["idle_timeout_seconds"] == 42
-            assert info["load_count"] == 2
-            # Bad bodies name the field.
-            bad = await http.post(f"/models/{name}/load", json={"idle_timeout_seconds": -1})
-            assert bad.status_code == 422 and bad.json()["error"]["param"] == "idle_timeout_seconds"
-            unknown = await http.post("/models/no-such-model/load")
-            assert unknown.status_code == 404
-
-            # GET /models: everything a user needs to see.
-            listed = {m["name"]: m for m in (await http.get("/models")).json()["models"]}
-            entry = listed[name]
-            for key in ("phase", "runtime", "node", "memory_estimate_bytes", "booked_bytes", "last_used_at",
-                        "request_count", "requests_by_organization", "pinned"):  # fmt: skip
-                assert key in entry, key
-            assert entry["booked_bytes"] > 0 and entry["node"] == settings.node.id
-
-            # CLI, pointed at this gateway.
-            code, out, _ = await _cli("models", "--url", url)
-            assert code == 0
-            row = next(line for line in out.splitlines() if line.startswith(name))
-            assert "loaded" in row and "embedded" in row and "yes" in row  # pinned
-            code, out, _ = await _cli("unload", name, "--url", url)
-            assert (code, out.strip()) == (0, f"{name}: unloaded")
-            code, out, _ = await _cli("load", name, "--idle-timeout", "30", "--url", url)
-            assert code == 0 and "loaded (embedded on" in out and "30s idle" in out
-            info = (await http.get(f"/models/{name}")).json()
-            assert info["phase"] == "loaded" and not info["pinned"] and info["idle_timeout_seconds"] == 30
-            code, out, err = await _cli("load", "no-such-model", "--url", url)
-            assert code == 1 and "404" in err and "no-such-model" in err
-            code, _, err = await _cli("models", "--url", "http://127.0.0.1:9")
-            assert code == 1 and "cannot reach the gateway" in err
+        # CLI, pointed at this gateway.
+        code, out, _ = await _cli("models", "--url", url)
+        assert code == 0
+        row = next(line for line in out.splitlines() if line.startswith(name))
+        assert "loaded" in row and "embedded" in row and "yes" in row  # pinned
+        code, out, _ = await _cli("unload", name, "--url", url)
+        assert (code, out.strip()) == (0, f"{name}: unloaded")
+        code, out, _ = await _cli("load", name, "--idle-timeout", "30", "--url", url)
+        assert code == 0 and "loaded (embedded on" in out and "30s idle" in out
+        info = (await http.get(f"/models/{name}")).json()
+        assert info["phase"] == "loaded" and not info["pinned"] and info["idle_timeout_seconds"] == 30
+        code, out, err = await _cli("load", "no-such-model", "--url", url)
+        assert code == 1 and "404" in err and "no-such-model" in err
+        code, _, err = await _cli("models", "--url", "http://127.0.0.1:9")
+        assert code == 1 and "cannot reach the gateway" in err
 
 
 async def _eq(value: object, expected: str) -> bool:

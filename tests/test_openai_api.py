@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from temporalio.testing import WorkflowEnvironment
 
-from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_for
+from tests.conftest import make_settings, serving_model, unique
 
 pytestmark = pytest.mark.slow
 
@@ -26,17 +26,8 @@ async def served(
     tmp = tmp_path_factory.mktemp("openai")
     settings = make_settings(tmp, gateway={"port": 0, "max_tokens_limit": 256})
     name = unique("chat-gpt2")
-    async with running_modelium(settings, temporal_env.client) as running:
-        url = f"http://127.0.0.1:{running.gateway_port}"
-        copy_model(demo_models["text-generation"], tmp / "incoming" / name)
-        async with httpx.AsyncClient(base_url=url) as http:
-
-            async def loaded() -> bool:
-                response = await http.get(f"/models/{name}")
-                return response.status_code == 200 and response.json()["phase"] == "loaded"
-
-            await wait_for(loaded, timeout=120, what="model loaded")
-        yield url, name
+    async with serving_model(settings, temporal_env.client, demo_models["text-generation"], name) as (running, _):
+        yield f"http://127.0.0.1:{running.gateway_port}", name
 
 
 @pytest.fixture

@@ -57,22 +57,11 @@ async def load_model(
     handle = gw.temporal.get_workflow_handle(workflow_id(name))
     reason = f"load requested through the API by {principal.name}"
     if not body.wait:
-        await _call(name, handle.signal(ModelLifecycleWorkflow.load,
-                                        LoadCommand(reason, body.pin, body.idle_timeout_seconds)))  # fmt: skip
-        gw.registry.invalidate(name)
-        return JSONResponse(_info(gw, state).model_dump(mode="json"), status_code=202)
-    timeout = body.timeout_seconds or gw.settings.gateway.cold_start_timeout_seconds
+        command = LoadCommand(reason, body.pin, body.idle_timeout_seconds)
+        return await _accepted(gw, state, handle.signal(ModelLifecycleWorkflow.load, command))
     request = EnsureLoadedRequest(reason, body.pin, body.idle_timeout_seconds)
-    try:
-        loaded = await asyncio.wait_for(
-            _call(name, handle.execute_update(ModelLifecycleWorkflow.ensure_loaded, request)), timeout
-        )
-    except TimeoutError:
-        raise ModelNotReady(
-            f"model {name} is still loading after {timeout:g}s; see GET /models/{name}", retry_after=10
-        ) from None
-    gw.registry.store(loaded)
-    return _info(gw, loaded)
+    timeout = body.timeout_seconds or gw.settings.gateway.cold_start_timeout_seconds
+    return await _settled(gw, name, handle.execute_update(ModelLifecycleWorkflow.ensure_loaded, request), timeout)
 
 
 @router.post("/{name}/unload", response_model=ModelInfo, responses={202: {"model": ModelInfo}})
@@ -89,19 +78,28 @@ async def unload_model(
     handle = gw.temporal.get_workflow_handle(workflow_id(name))
     reason = f"{body.reason} (by {principal.name})"
     if not body.wait:
-        await _call(name, handle.signal(ModelLifecycleWorkflow.unload, UnloadCommand(reason)))
-        gw.registry.invalidate(name)
-        return JSONResponse(_info(gw, state).model_dump(mode="json"), status_code=202)
-    timeout = gw.settings.gateway.cold_start_timeout_seconds
+        return await _accepted(gw, state, handle.signal(ModelLifecycleWorkflow.unload, UnloadCommand(reason)))
+    update = handle.execute_update(ModelLifecycleWorkflow.ensure_unloaded, EnsureUnloadedRequest(reason))
+    return await _settled(gw, name, update, gw.settings.gateway.cold_start_timeout_seconds)
+
+
+async def _accepted(gw: Gateway, state: ModelState, signal: Awaitable[None]) -> JSONResponse:
+    """202: the workflow has the request; `GET /models/{name}` shows how it goes."""
+    await _call(state.name, signal)
+    gw.registry.invalidate(state.name)
+    return JSONResponse(_info(gw, state).model_dump(mode="json"), status_code=202)
+
+
+async def _settled(gw: Gateway, name: str, update: Awaitable[ModelState], timeout: float) -> ModelInfo:
+    """The model's state once the update is done, within `timeout`."""
     try:
-        unloaded = await asyncio.wait_for(
-            _call(name, handle.execute_update(ModelLifecycleWorkflow.ensure_unloaded, EnsureUnloadedRequest(reason))),
-            timeout,
-        )
+        state = await asyncio.wait_for(_call(name, update), timeout)
     except TimeoutError:
-        raise ModelNotReady(f"model {name} is still unloading after {timeout:g}s", retry_after=10) from None
-    gw.registry.store(unloaded)
-    return _info(gw, unloaded)
+        raise ModelNotReady(
+            f"model {name} has not settled after {timeout:g}s; see GET /models/{name}", retry_after=10
+        ) from None
+    gw.registry.store(state)
+    return _info(gw, state)
 
 
 async def _call(name: str, call: Awaitable[_T]) -> _T:
