@@ -56,11 +56,11 @@ async def test_keys_scopes_organizations_and_limits(
         assert (await http.post(f"/models/{name}/load", json={"pin": True}, headers=admin)).status_code == 200
 
         # The official client with a key works; with a wrong one it gets AuthenticationError.
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=USER_KEY, max_retries=0)
-        await client.completions.create(model=name, prompt="Hi", max_tokens=2)
-        bad_client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="mdl-wrong", max_retries=0)
-        with pytest.raises(openai.AuthenticationError):
-            await bad_client.models.list()
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=USER_KEY, max_retries=0) as client:
+            await client.completions.create(model=name, prompt="Hi", max_tokens=2)
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="mdl-wrong", max_retries=0) as bad_client:
+            with pytest.raises(openai.AuthenticationError):
+                await bad_client.models.list()
 
         # Requests are attributed to the key's organization: metrics and the workflow.
         metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text

@@ -30,9 +30,10 @@ async def served(
         yield f"http://127.0.0.1:{running.gateway_port}", name
 
 
-@pytest.fixture
-def client(served: tuple[str, str]) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=served[0] + "/v1", api_key="not-needed-without-keys", max_retries=0)
+@pytest_asyncio.fixture
+async def client(served: tuple[str, str]) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=served[0] + "/v1", api_key="no-keys-configured", max_retries=0) as c:
+        yield c
 
 
 async def test_models_list(client: openai.AsyncOpenAI, served: tuple[str, str]) -> None:

@@ -24,14 +24,15 @@ async def test_concurrent_requests_share_one_load_and_all_succeed(
         down = await http.post(f"/models/{name}/unload")
         assert down.status_code == 200 and down.json()["phase"] == "unloaded", down.text
 
-        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{running.gateway_port}/v1", api_key="x", max_retries=0)
-        requests = [
-            client.chat.completions.create(
-                model=name, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=3
-            )  # fmt: skip
-            for i in range(8)
-        ]
-        answers = await asyncio.gather(*requests)
+        base_url = f"http://127.0.0.1:{running.gateway_port}/v1"
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as client:
+            requests = [
+                client.chat.completions.create(
+                    model=name, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=3
+                )  # fmt: skip
+                for i in range(8)
+            ]
+            answers = await asyncio.gather(*requests)
         assert all(a.choices[0].message.role == "assistant" for a in answers)
 
         info = (await http.get(f"/models/{name}")).json()
