@@ -19,27 +19,62 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from modelium.types import ModelAnalysis, Task
+import yaml
+
+from modelium import memory
+from modelium.formats import (
+    ModelDirectoryError,
+    gguf_quantization,
+    read_gguf_header,
+    read_onnx_info,
+    read_triton_entry,
+)
+from modelium.types import Modality, ModelAnalysis, ModelFormat, Task
 
 log = logging.getLogger(__name__)
-
-# What a Python process with torch and transformers costs before any weights are loaded.
-RUNTIME_OVERHEAD_BYTES = 400 * 1024 * 1024
-# Activations, allocator slack and temporary buffers, as a share of the weights.
-WEIGHT_SLACK = 0.2
 
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }  # fmt: skip
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "feature_extractor_config.json")
+_TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+# What the gateway lets one request use: the KV cache is sized for at most this many tokens.
+DEFAULT_MAX_CONTEXT_TOKENS = 4096
 # Files that mean a copy or download is still in progress.
 PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".incomplete", ".crdownload", ".lock")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-class ModelDirectoryError(ValueError):
-    """The directory cannot be served as it is; the message says why and what to fix."""
+# Most specific first: an architecture listed under several tasks takes the first.
+_TASK_MAPPINGS = (
+    (Task.TEXT_GENERATION, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    (Task.TEXT2TEXT_GENERATION, "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    (Task.AUTOMATIC_SPEECH_RECOGNITION, "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES"),
+    (Task.AUTOMATIC_SPEECH_RECOGNITION, "MODEL_FOR_CTC_MAPPING_NAMES"),
+    (Task.AUDIO_CLASSIFICATION, "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES"),
+    (Task.IMAGE_TEXT_TO_TEXT, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),
+    (Task.ZERO_SHOT_IMAGE_CLASSIFICATION, "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
+    (Task.IMAGE_CLASSIFICATION, "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
+    (Task.TEXT_CLASSIFICATION, "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    (Task.TOKEN_CLASSIFICATION, "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+    (Task.FILL_MASK, "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+    (Task.FEATURE_EXTRACTION, "MODEL_MAPPING_NAMES"),
+)
+TABLES_SCHEMA = 2
+
+MODALITY = {
+    Task.TEXT_GENERATION: Modality.TEXT, Task.TEXT2TEXT_GENERATION: Modality.TEXT,
+    Task.TEXT_CLASSIFICATION: Modality.TEXT, Task.TOKEN_CLASSIFICATION: Modality.TEXT,
+    Task.FILL_MASK: Modality.TEXT, Task.FEATURE_EXTRACTION: Modality.TEXT,
+    Task.IMAGE_CLASSIFICATION: Modality.VISION, Task.AUTOMATIC_SPEECH_RECOGNITION: Modality.AUDIO,
+    Task.AUDIO_CLASSIFICATION: Modality.AUDIO, Task.ZERO_SHOT_IMAGE_CLASSIFICATION: Modality.MULTIMODAL,
+    Task.IMAGE_TEXT_TO_TEXT: Modality.MULTIMODAL,
+}  # fmt: skip
+# Tasks that generate token by token, and so keep a KV cache.
+GENERATIVE = {Task.TEXT_GENERATION, Task.TEXT2TEXT_GENERATION, Task.AUTOMATIC_SPEECH_RECOGNITION,
+              Task.IMAGE_TEXT_TO_TEXT}  # fmt: skip
 
 
 def _tables_from_transformers() -> dict[str, Any]:
@@ -48,14 +83,9 @@ def _tables_from_transformers() -> dict[str, Any]:
     from transformers.models.auto import modeling_auto as auto
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    by_task = (
-        (Task.TEXT_GENERATION, auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
-        (Task.TEXT_CLASSIFICATION, auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
-        (Task.FEATURE_EXTRACTION, auto.MODEL_MAPPING_NAMES),
-    )
     known: dict[str, str] = {}
-    for task, mapping in by_task:
-        for names in mapping.values():
+    for task, mapping_name in _TASK_MAPPINGS:
+        for names in getattr(auto, mapping_name, {}).values():
             for name in names if isinstance(names, tuple | list) else (names,):
                 known.setdefault(name, task)
     return {"architectures": known, "model_types": sorted(CONFIG_MAPPING_NAMES)}
@@ -74,7 +104,7 @@ def _tables() -> dict[str, Any]:
     seconds (which would stall Temporal workflow activations running beside it).
     """
     version = importlib.metadata.version("transformers")
-    cache = _cache_dir() / f"transformers-{version}-architectures.json"
+    cache = _cache_dir() / f"transformers-{version}-tables-v{TABLES_SCHEMA}.json"
     try:
         return json.loads(cache.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
     except (OSError, ValueError):
@@ -194,17 +224,35 @@ def _task_for(architecture: str) -> str | None:
     return None
 
 
-def analyze_directory(path: str | Path, name: str) -> ModelAnalysis:
+def analyze_directory(
+    path: str | Path, name: str, *, max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS
+) -> ModelAnalysis:
+    """What the directory holds: a HuggingFace checkout, a Triton repository entry, a GGUF file or
+    an ONNX model. An unknown layout is reported, not guessed."""
     directory = Path(path)
     if not directory.is_dir():
         raise ModelDirectoryError(f"{directory} is not a directory (or it was removed)")
     partial = [p.name for p in directory.rglob("*") if p.name.endswith(PARTIAL_SUFFIXES)]
     if partial:
         raise ModelDirectoryError(f"a copy is still in progress: {', '.join(partial[:5])}")
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ModelDirectoryError("no config.json: this does not look like a HuggingFace model directory")
-    config = _read_json(config_path)
+    if (directory / "config.pbtxt").is_file():
+        return _analyze_triton(directory, name)
+    if not (directory / "config.json").is_file():
+        ggufs = sorted(directory.glob("*.gguf"))
+        if ggufs:
+            return _analyze_gguf(directory, name, ggufs, max_context_tokens)
+        onnx = sorted(directory.glob("*.onnx")) or sorted(directory.glob("onnx/*.onnx"))
+        if onnx:
+            return _analyze_onnx(directory, name, onnx)
+        raise ModelDirectoryError(
+            "no config.json: this is not a HuggingFace model directory, and it holds no *.gguf, "
+            "*.onnx or Triton config.pbtxt either"
+        )
+    return _analyze_huggingface(directory, name, max_context_tokens)
+
+
+def _analyze_huggingface(directory: Path, name: str, max_context_tokens: int) -> ModelAnalysis:
+    config = _read_json(directory / "config.json")
     if not isinstance(config, dict):
         raise ModelDirectoryError("config.json must hold a JSON object")
     model_type = config.get("model_type")
@@ -221,38 +269,217 @@ def analyze_directory(path: str | Path, name: str) -> ModelAnalysis:
         raise ModelDirectoryError(
             f"unknown architecture {architecture!r}: the installed transformers has no such class"
         )
+    modality = MODALITY.get(task, Modality.TEXT)
     files, params, dtype = _weights(directory)
     weight_bytes = sum(p.stat().st_size for p in files)
     has_tokenizer = any((directory / f).is_file() for f in _TOKENIZER_FILES)
-    if not has_tokenizer:
-        # Every task served here reads text; vision and audio models come with their processors.
+    has_processor = any((directory / f).is_file() for f in _PROCESSOR_FILES)
+    if modality in (Modality.TEXT, Modality.AUDIO, Modality.MULTIMODAL) and not has_tokenizer:
         raise ModelDirectoryError(
             f"{task} needs a tokenizer, and none was found (looked for {', '.join(_TOKENIZER_FILES)})"
         )
-    context = next(
-        (
-            int(config[k])
-            for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
-            if isinstance(config.get(k), int)
-        ),
-        None,
-    )
+    if modality in (Modality.VISION, Modality.AUDIO, Modality.MULTIMODAL) and not has_processor:
+        raise ModelDirectoryError(
+            f"{task} needs its input processor, and none was found (looked for {', '.join(_PROCESSOR_FILES)})"
+        )
+    text = _text_config(config)
+    context = _first_int(text, "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length",
+                         "max_target_positions")  # fmt: skip
+    if context is None and text is not config:
+        context = _first_int(config, "max_position_embeddings", "max_target_positions")
+    kv = _kv_shape(config, dtype) if task in GENERATIVE else None
+    card = _model_card(directory)
+    estimates = {
+        runtime: memory.estimate(weight_bytes, kv, context, runtime, max_context_tokens=max_context_tokens)
+        for runtime in memory.PROFILES
+    }
     return ModelAnalysis(
         name=name,
         path=str(directory.resolve()),
-        format="huggingface",
+        format=ModelFormat.HUGGINGFACE,
         architecture=architecture,
         model_type=model_type,
         task=task,
-        modality="text",
+        modality=modality,
         weight_files=[p.name for p in files],
         weight_bytes=weight_bytes,
         parameter_count=params,
-        dtype=dtype,
+        dtype=dtype or _torch_dtype_name(config),
         has_tokenizer=has_tokenizer,
         context_length=context,
-        memory_estimate_bytes=int(weight_bytes * (1 + WEIGHT_SLACK)) + RUNTIME_OVERHEAD_BYTES,
+        memory_estimate_bytes=estimates["embedded"],
+        has_chat_template=_has_chat_template(directory),
+        quantization=_quantization(config),
+        kv_bytes_per_token=kv.bytes_per_token() if kv else None,
+        memory_estimates=estimates,
+        license=_card_str(card.get("license")),
+        pipeline_tag=_card_str(card.get("pipeline_tag")),
+        base_model=_card_str(card.get("base_model")),
     )
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Multimodal configs nest the language model's numbers under text_config."""
+    nested = config.get("text_config")
+    return nested if isinstance(nested, dict) else config
+
+
+def _first_int(config: dict[str, Any], *keys: str) -> int | None:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _kv_shape(config: dict[str, Any], dtype: str | None) -> memory.KvShape | None:
+    """Per-token KV cache of the (decoder) layers, from config.json's own numbers."""
+    text = _text_config(config)
+    layers = _first_int(text, "num_hidden_layers", "n_layer", "num_decoder_layers", "decoder_layers", "num_layers")
+    heads = _first_int(text, "num_attention_heads", "n_head", "num_heads", "decoder_attention_heads")
+    hidden = _first_int(text, "hidden_size", "n_embd", "d_model")
+    if not layers or not heads:
+        return None
+    kv_heads = _first_int(text, "num_key_value_heads", "num_kv_heads") or heads
+    head_dim = _first_int(text, "head_dim", "d_kv") or (hidden // heads if hidden else None)
+    if not head_dim:
+        return None
+    # Quantized weights still keep keys and values in the compute dtype (16-bit).
+    value_bytes = _TORCH_DTYPE_BYTES.get(str(text.get("torch_dtype") or config.get("torch_dtype")), 0)
+    if not value_bytes:
+        value_bytes = 4 if dtype == "F32" else 2
+    return memory.KvShape(layers, kv_heads, head_dim, value_bytes)
+
+
+def _torch_dtype_name(config: dict[str, Any]) -> str | None:
+    dtype = config.get("torch_dtype") or config.get("dtype")
+    return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(str(dtype)) if dtype else None
+
+
+def _quantization(config: dict[str, Any]) -> str | None:
+    quant = config.get("quantization_config")
+    if not isinstance(quant, dict):
+        return None
+    method = str(quant.get("quant_method") or "quantized")
+    bits = quant.get("bits") or quant.get("w_bit")
+    if quant.get("load_in_4bit"):
+        bits = 4
+    elif quant.get("load_in_8bit"):
+        bits = 8
+    return f"{method} {bits}-bit" if bits else method
+
+
+def _has_chat_template(directory: Path) -> bool:
+    if (directory / "chat_template.jinja").is_file() or (directory / "chat_template.json").is_file():
+        return True
+    tokenizer_config = directory / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        try:
+            return bool(json.loads(tokenizer_config.read_text(encoding="utf-8")).get("chat_template"))
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            return False
+    return False
+
+
+def _model_card(directory: Path) -> dict[str, Any]:
+    """The YAML front matter of README.md (license, pipeline_tag, base_model, ...), if any."""
+    readme = directory / "README.md"
+    if not readme.is_file():
+        return {}
+    text = readme.read_text(encoding="utf-8", errors="replace")[:64_000]
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}
+    try:
+        data = yaml.safe_load(text[3:end])
+    except yaml.YAMLError:
+        log.info("README.md of %s has front matter that is not valid YAML; ignored", directory.name)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _card_str(value: Any) -> str | None:
+    if isinstance(value, list):
+        value = ", ".join(str(v) for v in value)
+    return str(value) if value not in (None, "") else None
+
+
+def _analyze_gguf(directory: Path, name: str, files: list[Path], max_context_tokens: int) -> ModelAnalysis:
+    if len(files) > 1:
+        raise ModelDirectoryError(
+            f"{len(files)} GGUF files here ({', '.join(f.name for f in files[:4])}); put one model per directory"
+        )
+    header = read_gguf_header(files[0])
+    meta = header.metadata
+    arch = str(meta.get("general.architecture") or "unknown")
+
+    def arch_int(key: str) -> int | None:
+        value = meta.get(f"{arch}.{key}")
+        return value if isinstance(value, int) and value > 0 else None
+
+    context = arch_int("context_length")
+    heads = arch_int("attention.head_count")
+    layers = arch_int("block_count")
+    width = arch_int("embedding_length")
+    kv = None
+    if layers and heads and width:
+        kv = memory.KvShape(layers, arch_int("attention.head_count_kv") or heads, width // heads, 2)
+    weight_bytes = files[0].stat().st_size
+    estimates = {
+        runtime: memory.estimate(weight_bytes, kv, context, runtime, max_context_tokens=max_context_tokens)
+        for runtime in memory.PROFILES
+    }
+    return ModelAnalysis(
+        name=name, path=str(directory.resolve()), format=ModelFormat.GGUF, architecture=arch,
+        model_type=arch, task=Task.TEXT_GENERATION, modality=Modality.TEXT, weight_files=[files[0].name],
+        weight_bytes=weight_bytes, parameter_count=header.parameter_count, dtype=None,
+        has_tokenizer="tokenizer.ggml.tokens" in meta, context_length=context,
+        memory_estimate_bytes=estimates["embedded"], has_chat_template="tokenizer.chat_template" in meta,
+        quantization=gguf_quantization(meta), kv_bytes_per_token=kv.bytes_per_token() if kv else None,
+        memory_estimates=estimates, license=_card_str(meta.get("general.license")),
+        details={"gguf_version": str(header.version), "tensors": str(header.tensor_count),
+                 "model_name": str(meta.get("general.name", ""))},
+    )  # fmt: skip
+
+
+def _analyze_onnx(directory: Path, name: str, files: list[Path]) -> ModelAnalysis:
+    if len(files) > 1:
+        raise ModelDirectoryError(
+            f"{len(files)} ONNX files here ({', '.join(f.name for f in files[:4])}); put one model per "
+            "directory, or make it a Triton repository entry (config.pbtxt)"
+        )
+    info = read_onnx_info(files[0])
+    # Weights may sit beside the graph as external data files.
+    weight_bytes = sum(p.stat().st_size for p in files[0].parent.iterdir() if p.is_file())
+    return _custom(
+        directory, name, ModelFormat.ONNX, "onnx", files[0].name, weight_bytes,
+        {"inputs": ", ".join(info.inputs), "outputs": ", ".join(info.outputs), "opset": str(info.opset),
+         "producer": info.producer or "", "ir_version": str(info.ir_version)},
+    )  # fmt: skip
+
+
+def _analyze_triton(directory: Path, name: str) -> ModelAnalysis:
+    entry = read_triton_entry(directory)
+    kind = entry.platform or entry.backend or "ensemble"
+    return _custom(
+        directory, name, ModelFormat.TRITON, kind, "config.pbtxt", entry.weight_bytes,
+        {"platform": entry.platform or "", "backend": entry.backend or "", "versions": ", ".join(entry.versions),
+         "max_batch_size": str(entry.max_batch_size), "triton_name": entry.name or ""},
+    )  # fmt: skip
+
+
+def _custom(
+    directory: Path, name: str, fmt: str, kind: str, main_file: str, weight_bytes: int, details: dict[str, str]
+) -> ModelAnalysis:
+    estimates = {runtime: int(weight_bytes * (1 + p.weight_slack)) + p.overhead_bytes
+                 for runtime, p in memory.PROFILES.items()}  # fmt: skip
+    return ModelAnalysis(
+        name=name, path=str(directory.resolve()), format=fmt, architecture=kind, model_type=fmt,
+        task=Task.CUSTOM, modality=Modality.UNKNOWN, weight_files=[main_file], weight_bytes=weight_bytes,
+        memory_estimate_bytes=estimates["embedded"], memory_estimates=estimates, details=details,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -31,6 +31,31 @@ class Task:
     TEXT_GENERATION = "text-generation"
     TEXT_CLASSIFICATION = "text-classification"
     FEATURE_EXTRACTION = "feature-extraction"
+    TEXT2TEXT_GENERATION = "text2text-generation"
+    TOKEN_CLASSIFICATION = "token-classification"
+    FILL_MASK = "fill-mask"
+    IMAGE_CLASSIFICATION = "image-classification"
+    AUTOMATIC_SPEECH_RECOGNITION = "automatic-speech-recognition"
+    AUDIO_CLASSIFICATION = "audio-classification"
+    ZERO_SHOT_IMAGE_CLASSIFICATION = "zero-shot-image-classification"
+    IMAGE_TEXT_TO_TEXT = "image-text-to-text"
+    # An ONNX model or a Triton entry: its inputs and outputs say what it does.
+    CUSTOM = "custom"
+
+
+class Modality:
+    TEXT = "text"
+    VISION = "vision"
+    AUDIO = "audio"
+    MULTIMODAL = "multimodal"
+    UNKNOWN = "unknown"
+
+
+class ModelFormat:
+    HUGGINGFACE = "huggingface"
+    ONNX = "onnx"
+    TRITON = "triton"
+    GGUF = "gguf"
 
 
 class Protocol:
@@ -65,10 +90,25 @@ class ModelAnalysis:
     has_tokenizer: bool = False
     context_length: int | None = None
     memory_estimate_bytes: int = 0
+    has_chat_template: bool = False
+    # e.g. "gptq 4-bit", "awq 4-bit", "Q4_K_M" (GGUF); None for full-precision weights.
+    quantization: str | None = None
+    # Keys and values cached per token of context (decoders only), from config.json.
+    kv_bytes_per_token: int | None = None
+    # Runtime name -> bytes it will need (see modelium.memory); memory_estimate_bytes is the
+    # embedded runtime's.
+    memory_estimates: dict[str, int] = field(default_factory=dict)
+    # From the model card's front matter (README.md).
+    license: str | None = None
+    pipeline_tag: str | None = None
+    base_model: str | None = None
+    # Format-specific facts in words (ONNX inputs/outputs, Triton platform, GGUF architecture).
+    details: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
-        size = f"{self.parameter_count:,} params" if self.parameter_count else "size unknown"
-        return f"{self.architecture} ({self.model_type}), {self.task}, {size}"
+        size = f"{self.parameter_count:,} params" if self.parameter_count else f"{self.weight_bytes:,} bytes"
+        quant = f", {self.quantization}" if self.quantization else ""
+        return f"{self.architecture} ({self.model_type}), {self.task}, {size}{quant}"
 
 
 @dataclass

@@ -1,0 +1,72 @@
+"""What a model will take in memory before it is loaded: weights + KV cache + runtime overhead.
+
+Pure arithmetic on facts the analyzer read (no I/O), so every term can be checked by hand:
+
+    weights * (1 + slack)                     the tensors, plus activations and allocator slack
+  + 2 * layers * kv_heads * head_dim * bytes  keys and values, per token
+      * context tokens * concurrent sequences
+  + runtime overhead                          interpreter, CUDA context, kernels, server
+
+Runtimes differ in slack, overhead and how many sequences they keep in flight: the embedded
+runtime generates one sequence at a time; vLLM batches many.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+
+@dataclass(frozen=True)
+class RuntimeProfile:
+    overhead_bytes: int
+    weight_slack: float
+    # Sequences whose KV cache is resident at once.
+    concurrent_sequences: int
+
+
+# Overheads measured on the embedded runtime (a Python process with torch + transformers); the
+# others are the usual figures for their servers and are corrected by measured profiles.
+PROFILES: dict[str, RuntimeProfile] = {
+    "embedded": RuntimeProfile(overhead_bytes=400 * MIB, weight_slack=0.2, concurrent_sequences=1),
+    "vllm": RuntimeProfile(overhead_bytes=1536 * MIB, weight_slack=0.05, concurrent_sequences=16),
+    "triton": RuntimeProfile(overhead_bytes=300 * MIB, weight_slack=0.1, concurrent_sequences=4),
+    "ray_serve": RuntimeProfile(overhead_bytes=600 * MIB, weight_slack=0.2, concurrent_sequences=1),
+}
+
+
+@dataclass(frozen=True)
+class KvShape:
+    """Per-token key/value cache of a decoder: from config.json."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    bytes_per_value: int
+
+    def bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_value
+
+
+def kv_cache_bytes(kv: KvShape | None, context_tokens: int | None, sequences: int) -> int:
+    if kv is None or not context_tokens:
+        return 0
+    return kv.bytes_per_token() * context_tokens * sequences
+
+
+def estimate(
+    weight_bytes: int,
+    kv: KvShape | None,
+    model_context: int | None,
+    runtime: str,
+    *,
+    max_context_tokens: int,
+) -> int:
+    """Bytes `runtime` will need to serve the model. The KV cache is sized for the model's own
+    context, capped at `max_context_tokens` (what the gateway lets a request use)."""
+    profile = PROFILES.get(runtime, PROFILES["embedded"])
+    context = min(model_context, max_context_tokens) if model_context else None
+    weights = int(weight_bytes * (1 + profile.weight_slack))
+    return weights + kv_cache_bytes(kv, context, profile.concurrent_sequences) + profile.overhead_bytes
