@@ -293,6 +293,12 @@ def _analyze_huggingface(directory: Path, name: str, max_context_tokens: int) ->
         runtime: memory.estimate(weight_bytes, kv, context, runtime, max_context_tokens=max_context_tokens)
         for runtime in memory.PROFILES
     }
+    quantization = _quantization(config)
+    details = {}
+    if quantization and params is not None:
+        # Packed integer tensors: their element count is not the model's parameter count.
+        details["stored_elements"] = str(params)
+        params = None
     return ModelAnalysis(
         name=name,
         path=str(directory.resolve()),
@@ -309,12 +315,13 @@ def _analyze_huggingface(directory: Path, name: str, max_context_tokens: int) ->
         context_length=context,
         memory_estimate_bytes=estimates["embedded"],
         has_chat_template=_has_chat_template(directory),
-        quantization=_quantization(config),
+        quantization=quantization,
         kv_bytes_per_token=kv.bytes_per_token() if kv else None,
         memory_estimates=estimates,
         license=_card_str(card.get("license")),
         pipeline_tag=_card_str(card.get("pipeline_tag")),
         base_model=_card_str(card.get("base_model")),
+        details=details,
     )
 
 
