@@ -9,6 +9,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
+from modelium.gpu import GpuReader, MemoryProfile, MemoryProfiles, process_tree, resident_bytes
 from modelium.ledger import InsufficientCapacity, Ledger
 from modelium.metrics import Metrics
 from modelium.runtimes.base import RuntimeAdapter, RuntimeStartError, RuntimeUnhealthy
@@ -22,6 +23,13 @@ from modelium.types import (
 )
 from workflows.contracts import ActivityName, ErrorType
 
+# A measured model is booked at what it took plus this share, for allocator variation.
+MEASURED_MARGIN = 1.1
+
+
+def _mib(value: int | None) -> str:
+    return "unmeasured" if value is None else f"{value / 2**20:.0f} MiB"
+
 
 class NodeActivities:
     def __init__(
@@ -30,11 +38,16 @@ class NodeActivities:
         ledger: Ledger,
         adapters: Mapping[str, RuntimeAdapter],
         metrics: Metrics,
+        gpu: GpuReader | None = None,
+        profiles: MemoryProfiles | None = None,
     ) -> None:
         self._node = node
         self._ledger = ledger
         self._adapters = dict(adapters)
         self._metrics = metrics
+        self._gpu = gpu
+        self._profiles = profiles
+        self._estimates: dict[str, int] = {}
 
     def _adapter(self, runtime: str) -> RuntimeAdapter:
         adapter = self._adapters.get(runtime)
@@ -52,14 +65,54 @@ class NodeActivities:
 
     @activity.defn(name=ActivityName.RESERVE_GPU)
     async def reserve_gpu(self, request: ReserveRequest) -> Booking:
+        nbytes = self.booking_size(request)
         try:
-            return self._ledger.reserve(request.model, request.device, request.bytes)
+            booking = self._ledger.reserve(request.model, request.device, nbytes)
         except InsufficientCapacity as exc:
             raise ApplicationError(str(exc), type=ErrorType.INSUFFICIENT_CAPACITY, non_retryable=True) from None
+        self.refresh_device_gauges()
+        return booking
+
+    def booking_size(self, request: ReserveRequest) -> int:
+        """The estimate, or what this model took on this runtime last time (plus a margin)."""
+        self._estimates[request.model] = request.bytes
+        self._metrics.model_memory.labels(model=request.model, kind="estimated").set(request.bytes)
+        profile = self._profiles.get(request.model, request.runtime) if self._profiles and request.runtime else None
+        if profile is None:
+            return request.bytes
+        return int(profile.measured_bytes * MEASURED_MARGIN)
+
+    def refresh_device_gauges(self) -> None:
+        gauge = self._metrics.gpu_memory
+        for device, capacity in self._ledger.capacities.items():
+            gauge.labels(node=self._node, gpu=device, kind="total").set(capacity)
+            gauge.labels(node=self._node, gpu=device, kind="booked").set(self._ledger.booked(device))
+        for gpu in self._gpu.gpus() if self._gpu else []:
+            gauge.labels(node=self._node, gpu=gpu.device, kind="used").set(gpu.used_bytes)
+
+    def measure(self, request: LoadRequest, pid: int | None) -> int | None:
+        """What the loaded model really takes: its processes' GPU memory (NVML) on a GPU, their
+        resident memory on CPU. Kept as the model's profile for its next load."""
+        if pid is None:
+            return None
+        pids = process_tree(pid)
+        if request.booking.device.startswith("cuda") and self._gpu is not None:
+            measured = sum(self._gpu.process_memory(pids).values())
+        else:
+            measured = resident_bytes(pids)
+        if not measured:
+            return None
+        self._metrics.model_memory.labels(model=request.model, kind="measured").set(measured)
+        if self._profiles is not None:
+            estimate = self._estimates.get(request.model, request.booking.bytes)
+            self._profiles.put(MemoryProfile(request.model, request.runtime, request.booking.device, measured,
+                                             estimate, time.time()))  # fmt: skip
+        return measured
 
     @activity.defn(name=ActivityName.RELEASE_GPU)
     async def release_gpu(self, model: str) -> None:
         self._ledger.release(model)
+        self.refresh_device_gauges()
 
     @activity.defn(name=ActivityName.LOAD_MODEL)
     async def load_model(self, request: LoadRequest) -> LoadResult:
@@ -77,8 +130,12 @@ class NodeActivities:
             self._refresh_loaded_gauge()
         seconds = time.monotonic() - started
         self._metrics.load_duration.labels(model=request.model, runtime=request.runtime).observe(seconds)
-        activity.logger.info("loaded %s in %.2fs at %s", request.model, seconds, endpoint.url)
-        return LoadResult(endpoint=endpoint, load_seconds=seconds)
+        measured = self.measure(request, endpoint.pid)
+        activity.logger.info(
+            "loaded %s in %.2fs at %s; it takes %s (booked %s)", request.model, seconds, endpoint.url,
+            _mib(measured), _mib(request.booking.bytes),
+        )  # fmt: skip
+        return LoadResult(endpoint=endpoint, load_seconds=seconds, measured_bytes=measured)
 
     @activity.defn(name=ActivityName.UNLOAD_MODEL)
     async def unload_model(self, request: UnloadRequest) -> None:

@@ -58,6 +58,7 @@ class ModelInfo(BaseModel):
     decision_source: str | None
     endpoint: EndpointInfo | None
     memory_estimate_bytes: int | None
+    measured_memory_bytes: int | None
     booked_bytes: int | None
     idle_timeout_seconds: float
     last_used_at: float | None
@@ -88,6 +89,7 @@ class ModelInfo(BaseModel):
             if s.endpoint
             else None,  # fmt: skip
             memory_estimate_bytes=s.memory_estimate_bytes,
+            measured_memory_bytes=s.measured_memory_bytes,
             booked_bytes=s.booking.bytes if s.booking else None,
             idle_timeout_seconds=s.idle_seconds,
             last_used_at=s.last_used_at,

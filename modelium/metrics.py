@@ -62,6 +62,14 @@ class Metrics:
             "modelium_requests_waiting", "Requests waiting for their model to load", ["model"], registry=r
         )
         self.unloads = Counter("modelium_unloads", "Models unloaded, by reason", ["reason"], registry=r)
+        self.model_memory = Gauge(
+            "modelium_model_memory_bytes", "Memory a model needs: estimated before its load, measured after",
+            ["model", "kind"], registry=r,
+        )  # fmt: skip
+        self.gpu_memory = Gauge(
+            "modelium_gpu_memory_bytes", "Device memory of a node: total, used (NVML), booked by models",
+            ["node", "gpu", "kind"], registry=r,
+        )  # fmt: skip
         self._idle_collector: _IdleCollector | None = None
 
     def track_idle(self, source: IdleSource) -> None:

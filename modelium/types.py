@@ -140,6 +140,8 @@ class ReserveRequest:
     model: str
     device: str
     bytes: int
+    # The runtime the model will run on: a measured profile for it replaces the estimate.
+    runtime: str = ""
 
 
 @dataclass
@@ -164,6 +166,8 @@ class LoadRequest:
 class LoadResult:
     endpoint: Endpoint
     load_seconds: float
+    # What the model really took once loaded (GPU memory from NVML, or resident memory on CPU).
+    measured_bytes: int | None = None
 
 
 class UnloadKind:
@@ -211,6 +215,7 @@ class ModelState:
     last_used_at: float | None = None
     loaded_at: float | None = None
     load_seconds: float | None = None
+    measured_memory_bytes: int | None = None
     request_count: int = 0
     load_count: int = 0
     last_error: str | None = None

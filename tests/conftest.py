@@ -27,6 +27,20 @@ from workflows.contracts import SEARCH_ATTRIBUTES
 T = TypeVar("T")
 
 
+def has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None or Path("/dev/nvidia0").exists()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run where a GPU is; elsewhere they are skipped, saying so."""
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 async def wait_for(
     probe: Callable[[], Awaitable[T | None]] | Callable[[], T | None],
     timeout: float = 60.0,
@@ -106,7 +120,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def running_modelium(settings: Settings, client: Client, **parts: bool) -> AsyncIterator[Running]:
+async def running_modelium(settings: Settings, client: Client, **parts: Any) -> AsyncIterator[Running]:
     """`modelium serve`'s composition, in this process, against the session's Temporal."""
     stop = asyncio.Event()
     ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()

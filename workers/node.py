@@ -10,6 +10,7 @@ from temporalio.worker import Worker
 
 from activities.node import NodeActivities
 from modelium.config import Settings
+from modelium.gpu import GpuReader, MemoryProfiles, NvmlReader
 from modelium.ledger import Ledger, system_memory_bytes
 from modelium.metrics import Metrics
 from modelium.names import node_task_queue
@@ -35,15 +36,21 @@ class NodeAgent:
             await adapter.stop_all()
 
 
-def node_agent(client: Client, settings: Settings, metrics: Metrics) -> NodeAgent:
+def node_agent(client: Client, settings: Settings, metrics: Metrics, gpu: GpuReader | None = None) -> NodeAgent:
+    """`gpu` is the NVML seam: the real NVML unless a caller (a CPU-only test) gives another."""
     node_id = settings.node.id
     node_dir = settings.state_dir / "nodes" / node_id
+    reader = gpu if gpu is not None else NvmlReader()
     budget = settings.node.cpu_memory_budget_bytes or system_memory_bytes() // 2
-    ledger = Ledger(node_dir / "bookings.json", node_id, {"cpu": budget})
+    # Every GPU by its total memory, and the CPU's budget for models served on CPU.
+    capacities = {"cpu": budget, **{g.device: g.total_bytes for g in reader.gpus()}}
+    ledger = Ledger(node_dir / "bookings.json", node_id, capacities)
     adapters: dict[str, RuntimeAdapter] = {
         EMBEDDED: EmbeddedRuntimeAdapter(node_id, node_dir / "logs", settings.runtimes.embedded)
     }
-    acts = NodeActivities(node_id, ledger, adapters, metrics)
+    profiles = MemoryProfiles(node_dir / "memory-profiles.json")
+    acts = NodeActivities(node_id, ledger, adapters, metrics, reader, profiles)
+    acts.refresh_device_gauges()
     worker = Worker(
         client,
         task_queue=node_task_queue(node_id),

@@ -21,6 +21,7 @@ from temporalio.client import Client
 
 from api.app import create_app, temporal_address
 from modelium.config import Settings
+from modelium.gpu import GpuReader
 from modelium.metrics import Metrics
 from workers.control import control_worker
 from workers.node import NodeAgent, node_agent, reconcile_node
@@ -106,7 +107,9 @@ async def serve(
     watch: bool = True,
     on_ready: Callable[[Running], Awaitable[None] | None] | None = None,
     client: Client | None = None,
+    gpu: GpuReader | None = None,
 ) -> None:
+    """`gpu` replaces the node agent's NVML reading (tests on machines without a GPU)."""
     metrics = Metrics()
     async with contextlib.AsyncExitStack() as stack:
         embedded = None
@@ -130,7 +133,7 @@ async def serve(
             tasks.append(asyncio.create_task(worker.run(), name="control-worker"))
             stack.push_async_callback(worker.shutdown)
         if node:
-            agent = node_agent(client, settings, metrics)
+            agent = node_agent(client, settings, metrics, gpu)
             running.node = agent
             # Runs after the worker stops (callbacks unwind in reverse): nothing left running.
             stack.push_async_callback(agent.shutdown_runtimes)

@@ -278,7 +278,9 @@ class ModelLifecycleWorkflow:
             self._set_phase(Phase.RESERVING)
             self._state.booking = await workflow.execute_activity(
                 ActivityName.RESERVE_GPU,
-                ReserveRequest(self._state.name, decision.device, self._analysis.memory_estimate_bytes),
+                ReserveRequest(
+                    self._state.name, decision.device, self._analysis.memory_estimate_bytes, decision.runtime
+                ),
                 result_type=Booking,
                 task_queue=queue,
                 start_to_close_timeout=timedelta(seconds=30),
@@ -317,6 +319,7 @@ class ModelLifecycleWorkflow:
         now = workflow.now().timestamp()
         self._state.endpoint = result.endpoint
         self._state.load_seconds = result.load_seconds
+        self._state.measured_memory_bytes = result.measured_bytes
         self._state.loaded_at = now
         self._state.last_used_at = now
         self._state.load_count += 1
