@@ -69,7 +69,11 @@ class NodeActivities:
         try:
             booking = self._ledger.reserve(request.model, request.device, nbytes)
         except InsufficientCapacity as exc:
-            raise ApplicationError(str(exc), type=ErrorType.INSUFFICIENT_CAPACITY, non_retryable=True) from None
+            # Two decisions raced for the same room; the workflow waits and decides again.
+            raise ApplicationError(
+                str(exc), type=ErrorType.INSUFFICIENT_CAPACITY, non_retryable=True,
+                category=ApplicationErrorCategory.BENIGN,
+            ) from None  # fmt: skip
         self.refresh_device_gauges()
         return booking
 

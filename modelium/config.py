@@ -117,6 +117,8 @@ class Node(_Section):
     id: str = Field(default_factory=lambda: sanitize_node_id(socket.gethostname()))
     # Memory that models may book on a node without a GPU. None: half of this machine's RAM.
     cpu_memory_budget_bytes: int | None = Field(default=None, gt=0)
+    # How often the node agent announces its inventory; three missed announcements mean gone.
+    announce_seconds: float = Field(default=5.0, gt=0.0, le=300.0)
 
     @field_validator("id")
     @classmethod

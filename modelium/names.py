@@ -65,3 +65,11 @@ def sanitize_node_id(raw: str) -> str:
 
 def node_task_queue(node_id: str) -> str:
     return f"modelium-node-{sanitize_node_id(node_id)}"
+
+
+NODE_WORKFLOW_ID_PREFIX = "modelium-node-"
+
+
+def node_workflow_id(node_id: str) -> str:
+    """The id of the workflow that holds a node agent's announced inventory."""
+    return NODE_WORKFLOW_ID_PREFIX + sanitize_node_id(node_id)

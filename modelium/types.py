@@ -15,6 +15,8 @@ class Phase:
     DECIDING = "deciding"
     RESERVING = "reserving"
     LOADING = "loading"
+    # No node has room: the model waits, and loads when memory frees.
+    WAITING_FOR_CAPACITY = "waiting_for_capacity"
     LOADED = "loaded"
     UNLOADING = "unloading"
     UNLOADED = "unloaded"
@@ -24,7 +26,7 @@ class Phase:
     # Phases in which the model answers requests.
     SERVING = frozenset({LOADED})
     # Phases in which the model is on its way to serving.
-    STARTING = frozenset({DISCOVERED, ANALYZING, DECIDING, RESERVING, LOADING})
+    STARTING = frozenset({DISCOVERED, ANALYZING, DECIDING, RESERVING, LOADING, WAITING_FOR_CAPACITY})
 
 
 class Task:
@@ -118,6 +120,27 @@ class Decision:
     device: str
     reason: str
     source: str = "rules"
+    # What the chosen runtime needs on the chosen device (the analyzer's estimate for it).
+    memory_bytes: int = 0
+
+
+@dataclass
+class DeviceInventory:
+    device: str  # "cpu" or "cuda:<index>"
+    name: str
+    total_bytes: int
+    used_bytes: int | None
+    booked_bytes: int
+
+
+@dataclass
+class NodeInventory:
+    """What a node agent announces: its devices, their memory and bookings, its runtimes."""
+
+    node: str
+    devices: list[DeviceInventory]
+    runtimes: list[str]
+    announced_at: float
 
 
 @dataclass

@@ -19,14 +19,14 @@ from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.control import ControlActivities
+from activities.control import ControlActivities, static_nodes
 from activities.node import NodeActivities
 from modelium.ledger import Ledger
 from modelium.metrics import Metrics
 from modelium.names import node_task_queue, workflow_id
 from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
 from modelium.runtimes.process import pid_alive
-from modelium.types import ModelSource, ModelState, Phase
+from modelium.types import DeviceInventory, ModelSource, ModelState, NodeInventory, Phase
 from modelium.watcher import fingerprint
 from tests.conftest import copy_model, unique, wait_for
 from workers.temporal_server import ensure_search_attributes
@@ -69,7 +69,8 @@ async def _lifecycle(model_dir: Path, tmp_path: Path) -> AsyncIterator[Lifecycle
     control_queue = unique("control")
     adapter = EmbeddedRuntimeAdapter(node, tmp_path / "logs")
     ledger = Ledger(tmp_path / "bookings.json", node, {"cpu": 8 * 2**30})
-    control = ControlActivities(node=node, device="cpu", runtimes=["embedded"])
+    cpu = DeviceInventory("cpu", "CPU", 8 * 2**30, None, 0)
+    control = ControlActivities(["embedded"], static_nodes(NodeInventory(node, [cpu], ["embedded"], time.time())))
     node_acts = NodeActivities(node, ledger, {"embedded": adapter}, Metrics())
     async with await WorkflowEnvironment.start_time_skipping(test_server_existing_path=_test_server()) as env:
         await ensure_search_attributes(env.client)

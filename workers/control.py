@@ -7,10 +7,11 @@ import logging
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.control import ControlActivities
+from activities.control import ControlActivities, RegistryNodes
 from modelium.config import Settings
 from modelium.runtimes.embedded import NAME as EMBEDDED
 from workflows.lifecycle import ModelLifecycleWorkflow
+from workflows.nodes import NodeRegistryWorkflow
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,11 @@ def available_runtimes(settings: Settings) -> list[str]:
 
 
 def control_worker(client: Client, settings: Settings) -> Worker:
-    acts = ControlActivities(node=settings.node.id, device="cpu", runtimes=available_runtimes(settings))
+    nodes = RegistryNodes(client, alive_seconds=3 * settings.node.announce_seconds)
+    acts = ControlActivities(available_runtimes(settings), nodes)
     return Worker(
         client,
         task_queue=settings.temporal.control_task_queue,
-        workflows=[ModelLifecycleWorkflow],
+        workflows=[ModelLifecycleWorkflow, NodeRegistryWorkflow],
         activities=acts.all(),
     )

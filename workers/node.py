@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from activities.node import NodeActivities
@@ -13,13 +16,21 @@ from modelium.config import Settings
 from modelium.gpu import GpuReader, MemoryProfiles, NvmlReader
 from modelium.ledger import Ledger, system_memory_bytes
 from modelium.metrics import Metrics
-from modelium.names import node_task_queue
+from modelium.names import node_task_queue, node_workflow_id
 from modelium.runtimes.base import RuntimeAdapter
 from modelium.runtimes.embedded import NAME as EMBEDDED
 from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
-from modelium.types import Phase
-from workflows.contracts import NODE_KEY, PHASE_KEY, HealthReport, running_models_query
+from modelium.types import DeviceInventory, NodeInventory, Phase
+from workflows.contracts import (
+    NODE_KEY,
+    PHASE_KEY,
+    HealthReport,
+    LeaveRequest,
+    NodeRegistryInput,
+    running_models_query,
+)
 from workflows.lifecycle import ModelLifecycleWorkflow
+from workflows.nodes import NodeRegistryWorkflow
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +41,47 @@ class NodeAgent:
     adapters: dict[str, RuntimeAdapter]
     ledger: Ledger
     node_id: str
+    gpu: GpuReader
 
     async def shutdown_runtimes(self) -> None:
         for adapter in self.adapters.values():
             await adapter.stop_all()
+
+    def inventory(self) -> NodeInventory:
+        gpus = {g.device: g for g in self.gpu.gpus()}
+        devices = []
+        for device, total in self.ledger.capacities.items():
+            gpu = gpus.get(device)
+            devices.append(DeviceInventory(
+                device=device, name=gpu.name if gpu else "CPU (memory budget)", total_bytes=total,
+                used_bytes=gpu.used_bytes if gpu else None, booked_bytes=self.ledger.booked(device),
+            ))  # fmt: skip
+        return NodeInventory(self.node_id, devices, sorted(self.adapters), time.time())
+
+
+async def announce_forever(client: Client, agent: NodeAgent, control_queue: str, interval: float) -> None:
+    """Tell the control plane, every `interval` seconds, what this node has (signal-with-start of
+    the node's workflow), so decide can place models here and sees when the node is gone."""
+    wf_id = node_workflow_id(agent.node_id)
+    while True:
+        inventory = agent.inventory()
+        try:
+            await client.start_workflow(
+                NodeRegistryWorkflow.run, NodeRegistryInput(inventory), id=wf_id, task_queue=control_queue,
+                start_signal="announce", start_signal_args=[inventory],
+            )  # fmt: skip
+        except RPCError as exc:
+            log.warning("could not announce node %s: %s", agent.node_id, exc.message)
+        await asyncio.sleep(interval)
+
+
+async def leave(client: Client, agent: NodeAgent, reason: str) -> None:
+    try:
+        await client.get_workflow_handle(node_workflow_id(agent.node_id)).signal(
+            NodeRegistryWorkflow.leave, LeaveRequest(reason)
+        )
+    except RPCError as exc:
+        log.info("could not tell the control plane that node %s leaves: %s", agent.node_id, exc.message)
 
 
 def node_agent(client: Client, settings: Settings, metrics: Metrics, gpu: GpuReader | None = None) -> NodeAgent:
@@ -58,7 +106,7 @@ def node_agent(client: Client, settings: Settings, metrics: Metrics, gpu: GpuRea
         # Loads wait on processes for minutes; keep room for many at once.
         max_concurrent_activities=64,
     )
-    return NodeAgent(worker=worker, adapters=adapters, ledger=ledger, node_id=node_id)
+    return NodeAgent(worker=worker, adapters=adapters, ledger=ledger, node_id=node_id, gpu=reader)
 
 
 async def reconcile_node(client: Client, agent: NodeAgent) -> int:

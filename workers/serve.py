@@ -24,7 +24,7 @@ from modelium.config import Settings
 from modelium.gpu import GpuReader
 from modelium.metrics import Metrics
 from workers.control import control_worker
-from workers.node import NodeAgent, node_agent, reconcile_node
+from workers.node import NodeAgent, announce_forever, leave, node_agent, reconcile_node
 from workers.temporal_server import EmbeddedTemporal, ensure_search_attributes
 from workers.watch import WorkflowBridge, folder_watcher
 
@@ -135,6 +135,13 @@ async def serve(
         if node:
             agent = node_agent(client, settings, metrics, gpu)
             running.node = agent
+            announcer = asyncio.create_task(
+                announce_forever(client, agent, settings.temporal.control_task_queue, settings.node.announce_seconds),
+                name="node-announce",
+            )
+            tasks.append(announcer)
+            stack.push_async_callback(leave, client, agent, "node agent stopped")
+            stack.callback(announcer.cancel)
             # Runs after the worker stops (callbacks unwind in reverse): nothing left running.
             stack.push_async_callback(agent.shutdown_runtimes)
             tasks.append(asyncio.create_task(agent.worker.run(), name="node-agent"))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from temporalio.common import SearchAttributeKey
 
-from modelium.types import ModelSource, ModelState
+from modelium.types import ModelSource, ModelState, NodeInventory
 
 
 class ActivityName:
@@ -32,9 +32,11 @@ class ErrorType:
     RUNTIME_UNHEALTHY = "RuntimeUnhealthy"
     MODEL_REMOVED = "ModelRemoved"
     LOAD_FAILED = "LoadFailed"
+    NO_CAPACITY = "NoCapacity"
 
 
 WORKFLOW_TYPE = "ModelLifecycle"
+NODE_WORKFLOW_TYPE = "ModeliumNode"
 
 MODEL_KEY = SearchAttributeKey.for_keyword("ModeliumModel")
 PHASE_KEY = SearchAttributeKey.for_keyword("ModeliumPhase")
@@ -109,3 +111,17 @@ class EnsureLoadedRequest:
 @dataclass
 class EnsureUnloadedRequest:
     reason: str = "unload requested"
+
+
+def running_nodes_query() -> str:
+    return f'WorkflowType="{NODE_WORKFLOW_TYPE}" AND ExecutionStatus="Running"'
+
+
+@dataclass
+class NodeRegistryInput:
+    inventory: NodeInventory
+
+
+@dataclass
+class LeaveRequest:
+    reason: str = "node agent stopped"

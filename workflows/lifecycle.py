@@ -85,6 +85,7 @@ class ModelLifecycleWorkflow:
         self._usage_seq = 0
         # Bumped when the idle timeout or the pin changes, so a waiting `loaded` loop re-reads them.
         self._settings_seq = 0
+        self._capacity_wait = 2.0
         self._bringups = 0
         self._upserted: tuple[str | None, str | None, str | None] | None = None
 
@@ -279,7 +280,10 @@ class ModelLifecycleWorkflow:
             self._state.booking = await workflow.execute_activity(
                 ActivityName.RESERVE_GPU,
                 ReserveRequest(
-                    self._state.name, decision.device, self._analysis.memory_estimate_bytes, decision.runtime
+                    self._state.name,
+                    decision.device,
+                    decision.memory_bytes or self._analysis.memory_estimate_bytes,
+                    decision.runtime,
                 ),
                 result_type=Booking,
                 task_queue=queue,
@@ -311,6 +315,9 @@ class ModelLifecycleWorkflow:
             return
         except (ActivityError, ApplicationError) as err:
             await self._release_booking()
+            if _error_type(err) in (ErrorType.NO_CAPACITY, ErrorType.INSUFFICIENT_CAPACITY):
+                await self._wait_for_capacity(_describe(err))
+                return
             self._state.last_error = f"{step} failed: {_describe(err)}"
             workflow.logger.warning("model %s: %s", self._state.name, self._state.last_error)
             self._bringups += 1
@@ -327,6 +334,26 @@ class ModelLifecycleWorkflow:
         self._state.unload_reason = None
         self._bringups += 1
         self._set_phase(Phase.LOADED)
+
+    async def _wait_for_capacity(self, reason: str) -> None:
+        """No room anywhere now: wait (backing off up to 30 s), then decide again. Removal,
+        new files or an unload end the wait at once."""
+        self._state.last_error = f"waiting for capacity: {reason}"
+        if self._state.phase != Phase.WAITING_FOR_CAPACITY:
+            workflow.logger.info("model %s waits for capacity: %s", self._state.name, reason)
+            self._capacity_wait = 2.0
+        self._set_phase(Phase.WAITING_FOR_CAPACITY)
+        try:
+            await workflow.wait_condition(
+                lambda: self._remove_reason is not None or self._new_source is not None or not self._want_loaded,
+                timeout=timedelta(seconds=self._capacity_wait),
+            )
+        except TimeoutError:
+            pass
+        self._capacity_wait = min(self._capacity_wait * 2, 30.0)
+        if not self._want_loaded:
+            self._unload_reason = None  # nothing was loaded: the unload is done
+            self._set_phase(Phase.UNLOADED)
 
     def _check_interrupt(self) -> None:
         if self._remove_reason is not None or self._new_source is not None:
@@ -455,6 +482,16 @@ class ModelLifecycleWorkflow:
         if self._state.node:
             updates.append(NODE_KEY.value_set(self._state.node))
         workflow.upsert_search_attributes(updates)
+
+
+def _error_type(err: BaseException) -> str | None:
+    """The `ApplicationError.type` at the root of an activity failure."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ApplicationError) and cause.type:
+            return cause.type
+        cause = cause.__cause__
+    return None
 
 
 def _describe(err: BaseException) -> str:
