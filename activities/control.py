@@ -1,26 +1,54 @@
-"""Activities of the control task queue: read a model directory, decide where it runs."""
+"""Activities of the control task queue: read a model directory, decide where it runs, make room."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import timedelta
 from typing import Any
 
 from temporalio import activity
-from temporalio.client import Client, WorkflowQueryFailedError
+from temporalio.client import Client, WorkflowQueryFailedError, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from temporalio.service import RPCError
 
+from modelium import llm_brain
 from modelium.analyzer import ModelDirectoryError, analyze_directory, warm_up
-from modelium.brain import NoCapacity, NoRuntimeAvailable, place
-from modelium.types import DecideRequest, Decision, ModelAnalysis, ModelSource, NodeInventory
-from workflows.contracts import ActivityName, ErrorType, running_nodes_query
+from modelium.brain import EvictionPolicy, NoCapacity, NoRuntimeAvailable, place
+from modelium.config import Eviction as EvictionConfig
+from modelium.config import LlmBrain, ModelSettings
+from modelium.metrics import Metrics
+from modelium.names import workflow_id
+from modelium.overrides import read_overrides
+from modelium.types import (
+    DecideRequest,
+    Decision,
+    ModelAnalysis,
+    ModelSource,
+    ModelState,
+    NodeInventory,
+    Phase,
+    Resident,
+)
+from workflows.contracts import (
+    PHASE_KEY,
+    ActivityName,
+    CapacityFreed,
+    ErrorType,
+    EvictCommand,
+    EvictRequest,
+    EvictResult,
+    running_models_query,
+    running_nodes_query,
+)
 from workflows.nodes import NodeRegistryWorkflow
 
-# Where the nodes' inventories come from: the node workflows in production, a fixed list in tests.
+# Where the nodes' inventories and the loaded models come from: workflows in production, fixed
+# lists in tests.
 NodeSource = Callable[[], Awaitable[list[NodeInventory]]]
+ResidentSource = Callable[[], Awaitable[list[Resident]]]
+_QUERY_TIMEOUT = timedelta(seconds=5)
 
 
 def static_nodes(*nodes: NodeInventory) -> NodeSource:
@@ -28,6 +56,10 @@ def static_nodes(*nodes: NodeInventory) -> NodeSource:
         return list(nodes)
 
     return source
+
+
+async def no_residents() -> list[Resident]:
+    return []
 
 
 class RegistryNodes:
@@ -43,7 +75,7 @@ class RegistryNodes:
         async for execution in self._client.list_workflows(running_nodes_query()):
             try:
                 inventory = await self._client.get_workflow_handle(execution.id).query(
-                    NodeRegistryWorkflow.inventory, rpc_timeout=timedelta(seconds=5)
+                    NodeRegistryWorkflow.inventory, rpc_timeout=_QUERY_TIMEOUT
                 )
             except (RPCError, WorkflowQueryFailedError) as exc:
                 activity.logger.warning("node workflow %s did not answer: %s", execution.id, exc)
@@ -53,39 +85,168 @@ class RegistryNodes:
         return found
 
 
+class RegistryResidents:
+    """The loaded models, from their workflows: what they hold and how they have been used."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    async def __call__(self) -> list[Resident]:
+        from workflows.lifecycle import ModelLifecycleWorkflow
+
+        handles = [
+            self._client.get_workflow_handle(execution.id)
+            async for execution in self._client.list_workflows(running_models_query(**{PHASE_KEY.name: Phase.LOADED}))
+        ]
+
+        async def state(handle: Any) -> ModelState | None:
+            try:
+                return await handle.query(ModelLifecycleWorkflow.state, rpc_timeout=_QUERY_TIMEOUT)  # type: ignore[no-any-return]
+            except (RPCError, WorkflowQueryFailedError):
+                return None
+
+        found = []
+        for s in await asyncio.gather(*(state(h) for h in handles)):
+            if s is None or s.phase != Phase.LOADED or s.booking is None:
+                continue
+            found.append(Resident(
+                model=s.name, node=s.booking.node, devices=s.booking.all_devices, bytes=s.booking.bytes,
+                pinned=s.pinned, loaded_at=s.loaded_at or 0.0, last_used_at=s.last_used_at or s.loaded_at or 0.0,
+                load_seconds=s.load_seconds, pid=s.endpoint.pid if s.endpoint else None,
+            ))  # fmt: skip
+        return found
+
+
+def _bad_directory(message: str) -> ApplicationError:
+    return ApplicationError(
+        message,
+        type=ErrorType.BAD_MODEL_DIRECTORY,
+        non_retryable=True,
+        # A user's broken directory is an expected outcome, not a worker fault to trace.
+        category=ApplicationErrorCategory.BENIGN,
+    )
+
+
 class ControlActivities:
-    def __init__(self, runtimes: Collection[str], nodes: NodeSource) -> None:
+    def __init__(
+        self,
+        runtimes: Collection[str],
+        nodes: NodeSource,
+        *,
+        residents: ResidentSource = no_residents,
+        eviction: EvictionConfig | None = None,
+        llm: LlmBrain | None = None,
+        models: Mapping[str, ModelSettings] | None = None,
+        metrics: Metrics | None = None,
+        client: Client | None = None,
+    ) -> None:
         # The analyzer's transformers tables: read them now, not inside the first analysis.
         warm_up()
         self._runtimes = tuple(runtimes)
         self._nodes = nodes
+        self._residents = residents
+        self._eviction = eviction or EvictionConfig()
+        self._llm = llm
+        self._models = dict(models or {})
+        self._metrics = metrics or Metrics()
+        self._client = client
 
     @activity.defn(name=ActivityName.ANALYZE_MODEL)
     async def analyze_model(self, source: ModelSource) -> ModelAnalysis:
         try:
             analysis = await asyncio.to_thread(analyze_directory, source.path, source.name)
         except ModelDirectoryError as exc:
-            raise ApplicationError(
-                f"{source.path}: {exc}",
-                type=ErrorType.BAD_MODEL_DIRECTORY,
-                non_retryable=True,
-                # A user's broken directory is an expected outcome, not a worker fault to trace.
-                category=ApplicationErrorCategory.BENIGN,
-            ) from None
+            raise _bad_directory(f"{source.path}: {exc}") from None
+        try:
+            analysis.overrides = read_overrides(source.path, source.name, self._models)
+        except ModelDirectoryError as exc:
+            raise _bad_directory(str(exc)) from None
         activity.logger.info("analyzed %s: %s", source.name, analysis.summary())
         return analysis
 
     @activity.defn(name=ActivityName.DECIDE_RUNTIME)
     async def decide_runtime(self, request: DecideRequest) -> Decision:
         nodes = await self._nodes()
+        policy = EvictionPolicy(
+            now=time.time(),
+            min_resident_seconds=self._eviction.min_resident_seconds,
+            min_idle_seconds=self._eviction.min_idle_seconds,
+            enabled=self._eviction.enabled,
+        )
+        residents = await self._residents() if policy.enabled else []
         try:
-            return place(request.analysis, self._runtimes, nodes, request.runtime_override)
+            decision = place(request.analysis, self._runtimes, nodes, request.runtime_override,
+                             overrides=request.overrides, residents=residents, policy=policy)  # fmt: skip
         except NoRuntimeAvailable as exc:
             raise ApplicationError(str(exc), type=ErrorType.NO_RUNTIME, non_retryable=True) from None
         except NoCapacity as exc:
             raise ApplicationError(
                 str(exc), type=ErrorType.NO_CAPACITY, non_retryable=True, category=ApplicationErrorCategory.BENIGN
             ) from None
+        overridden = request.overrides is not None and (request.overrides.runtime or request.overrides.devices
+                                                        or request.overrides.node)  # fmt: skip
+        # The LLM proposes only where the rules found room without evicting and the user fixed
+        # nothing; when its answer cannot be used, the rules' decision stands and says why.
+        if self._llm is not None and self._llm.enabled and not decision.evict and not overridden:
+            try:
+                decision = await llm_brain.ask(self._llm, request.analysis, self._runtimes, nodes)
+            except llm_brain.LlmAnswerRejected as exc:
+                activity.logger.warning("LLM brain answer not used for %s: %s", request.analysis.name, exc)
+                decision.reason = f"{decision.reason} (LLM brain answer not used: {exc})"
+        self._metrics.brain_decisions.labels(runtime=decision.runtime, source=decision.source).inc()
+        return decision
+
+    @activity.defn(name=ActivityName.EVICT_MODELS)
+    async def evict_models(self, request: EvictRequest) -> EvictResult:
+        """Ask each chosen model's workflow to unload (its `evict` update re-checks that it is
+        still idle and unpinned); wait until each is down. The reason lands in its history."""
+        from workflows.lifecycle import ModelLifecycleWorkflow
+
+        client = self._require_client()
+        evicted: list[str] = []
+        refused: dict[str, str] = {}
+        pids: list[int] = []
+
+        async def one(victim: Any) -> None:
+            handle = client.get_workflow_handle(workflow_id(victim.model))
+            command = EvictCommand(victim.reason, request.for_model, self._eviction.min_idle_seconds)
+            try:
+                await handle.execute_update(ModelLifecycleWorkflow.evict, command)
+            except WorkflowUpdateFailedError as exc:
+                refused[victim.model] = str(exc.cause.message if hasattr(exc.cause, "message") else exc.cause)
+                return
+            except RPCError as exc:
+                refused[victim.model] = exc.message
+                return
+            evicted.append(victim.model)
+            if victim.pid is not None:
+                pids.append(victim.pid)
+            self._metrics.evictions.labels(node=victim.node).inc()
+
+        await asyncio.gather(*(one(v) for v in request.victims))
+        activity.logger.info("evicted %s for %s; kept %s", evicted or "nothing", request.for_model, refused or "none")
+        return EvictResult(sorted(evicted), refused, pids)
+
+    @activity.defn(name=ActivityName.NOTIFY_WAITING)
+    async def notify_waiting(self, notice: CapacityFreed) -> int:
+        """Wake the models waiting for capacity: memory was released on `notice.node`."""
+        from workflows.lifecycle import ModelLifecycleWorkflow
+
+        client = self._require_client()
+        told = 0
+        query = running_models_query(**{PHASE_KEY.name: Phase.WAITING_FOR_CAPACITY})
+        async for execution in client.list_workflows(query):
+            try:
+                await client.get_workflow_handle(execution.id).signal(ModelLifecycleWorkflow.capacity_freed, notice)
+                told += 1
+            except RPCError:
+                continue  # it ended meanwhile
+        return told
+
+    def _require_client(self) -> Client:
+        if self._client is None:
+            raise ApplicationError("this control worker has no Temporal client", non_retryable=True)
+        return self._client
 
     def all(self) -> list[Callable[..., Any]]:
-        return [self.analyze_model, self.decide_runtime]
+        return [self.analyze_model, self.decide_runtime, self.evict_models, self.notify_waiting]

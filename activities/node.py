@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,8 +14,10 @@ from modelium.gpu import GpuReader, MemoryProfile, MemoryProfiles, process_tree,
 from modelium.ledger import InsufficientCapacity, Ledger
 from modelium.metrics import Metrics
 from modelium.runtimes.base import RuntimeAdapter, RuntimeStartError, RuntimeUnhealthy
+from modelium.runtimes.process import pid_alive
 from modelium.types import (
     Booking,
+    ConfirmFreedRequest,
     HealthRequest,
     LoadRequest,
     LoadResult,
@@ -67,7 +70,7 @@ class NodeActivities:
     async def reserve_gpu(self, request: ReserveRequest) -> Booking:
         nbytes = self.booking_size(request)
         try:
-            booking = self._ledger.reserve(request.model, request.device, nbytes)
+            booking = self._ledger.reserve(request.model, request.device, nbytes, request.devices or None)
         except InsufficientCapacity as exc:
             # Two decisions raced for the same room; the workflow waits and decides again.
             raise ApplicationError(
@@ -84,7 +87,8 @@ class NodeActivities:
         profile = self._profiles.get(request.model, request.runtime) if self._profiles and request.runtime else None
         if profile is None:
             return request.bytes
-        return int(profile.measured_bytes * MEASURED_MARGIN)
+        # A measured tensor-parallel model is spread evenly over its devices.
+        return int(profile.measured_bytes * MEASURED_MARGIN / max(1, len(request.devices)))
 
     def refresh_device_gauges(self) -> None:
         gauge = self._metrics.gpu_memory
@@ -112,6 +116,28 @@ class NodeActivities:
             self._profiles.put(MemoryProfile(request.model, request.runtime, request.booking.device, measured,
                                              estimate, time.time()))  # fmt: skip
         return measured
+
+    @activity.defn(name=ActivityName.CONFIRM_FREED)
+    async def confirm_memory_freed(self, request: ConfirmFreedRequest) -> None:
+        """Return once the evicted models' processes are gone and, on a GPU, NVML no longer
+        counts memory for them: only then may the next model book what they held."""
+        deadline = time.monotonic() + request.timeout_seconds
+        while True:
+            alive = [pid for pid in request.pids if pid_alive(pid)]
+            holding: dict[int, int] = {}
+            if request.device.startswith("cuda") and self._gpu is not None:
+                holding = {p: b for p, b in self._gpu.process_memory(set(request.pids)).items() if b > 0}
+            if not alive and not holding:
+                self.refresh_device_gauges()
+                return
+            if time.monotonic() > deadline:
+                raise ApplicationError(
+                    f"memory of evicted processes on {self._node}/{request.device} did not come back within "
+                    f"{request.timeout_seconds:g}s: still running {alive}, still holding GPU memory {holding}",
+                    type=ErrorType.MEMORY_NOT_FREED,
+                )
+            activity.heartbeat(f"waiting for pids {alive or list(holding)}")
+            await asyncio.sleep(0.2)
 
     @activity.defn(name=ActivityName.RELEASE_GPU)
     async def release_gpu(self, model: str) -> None:
@@ -165,4 +191,4 @@ class NodeActivities:
 
     def all(self) -> list[Callable[..., Any]]:
         return [self.reserve_gpu, self.release_gpu, self.load_model, self.unload_model,
-                self.check_health]  # fmt: skip
+                self.check_health, self.confirm_memory_freed]  # fmt: skip

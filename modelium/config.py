@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from modelium.names import CONTROL_TASK_QUEUE, sanitize_node_id
+from modelium.names import CONTROL_TASK_QUEUE, sanitize_node_id, validate_model_name
 
 ENV_PREFIX = "MODELIUM_"
 # Environment variables with the prefix that are not configuration keys.
@@ -51,9 +51,59 @@ class Policies(_Section):
     evict_after_idle_seconds: float = Field(default=300.0, gt=0.0)
 
 
+class Eviction(_Section):
+    """When no device has room, idle models may be unloaded for a model that needs it."""
+
+    enabled: bool = True
+    # Only models loaded at least this long (no thrashing of fresh loads) ...
+    min_resident_seconds: float = Field(default=120.0, ge=0.0)
+    # ... and unused at least this long may be evicted.
+    min_idle_seconds: float = Field(default=30.0, ge=0.0)
+
+
 class Orchestration(_Section):
     model_discovery: ModelDiscovery = Field(default_factory=ModelDiscovery)
     policies: Policies = Field(default_factory=Policies)
+    eviction: Eviction = Field(default_factory=Eviction)
+
+
+RuntimeName = Literal["embedded", "vllm", "triton", "ray_serve"]
+
+
+class ModelSettings(_Section):
+    """Per-model overrides: under `models.<name>` here, or in a `modelium.yaml` beside the model."""
+
+    runtime: RuntimeName | None = None
+    pin: bool | None = None
+    idle_timeout_seconds: float | None = Field(default=None, gt=0.0)
+    # Place the model only on this node, and only on these of its devices ("cpu", "cuda:0").
+    node: str | None = None
+    devices: list[str] = Field(default_factory=list)
+
+    @field_validator("devices")
+    @classmethod
+    def _valid_devices(cls, devices: list[str]) -> list[str]:
+        for device in devices:
+            if device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
+                raise ValueError(f"{device!r} is not a device; use cpu or cuda:<index>")
+        return devices
+
+
+class LlmBrain(_Section):
+    """Ask an OpenAI-compatible endpoint (any, even a model Modelium serves) where a model should
+    run; the rules decide when it fails, times out or answers something not available."""
+
+    enabled: bool = False
+    # e.g. http://127.0.0.1:8000/v1 (the gateway itself) or a hosted API's base URL.
+    base_url: str | None = None
+    model: str | None = None
+    # The name of an environment variable holding the API key, if the endpoint needs one.
+    api_key_env: str | None = None
+    timeout_seconds: float = Field(default=10.0, gt=0.0, le=300.0)
+
+
+class Brain(_Section):
+    llm: LlmBrain = Field(default_factory=LlmBrain)
 
 
 class Metrics(_Section):
@@ -155,6 +205,25 @@ class Settings(_Section):
     gateway: Gateway = Field(default_factory=Gateway)
     node: Node = Field(default_factory=Node)
     runtimes: Runtimes = Field(default_factory=Runtimes)
+    brain: Brain = Field(default_factory=Brain)
+    models: dict[str, ModelSettings] = Field(default_factory=dict)
+
+    @field_validator("models")
+    @classmethod
+    def _valid_model_names(cls, models: dict[str, ModelSettings]) -> dict[str, ModelSettings]:
+        for name in models:
+            try:
+                validate_model_name(name)
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+        return models
+
+    @model_validator(mode="after")
+    def _llm_brain_complete(self) -> Settings:
+        llm = self.brain.llm
+        if llm.enabled and not (llm.base_url and llm.model):
+            raise ValueError("brain.llm.enabled needs brain.llm.base_url and brain.llm.model")
+        return self
 
     @field_validator("log_level")
     @classmethod

@@ -40,7 +40,7 @@ class Ledger:
             return self._booked_locked(device)
 
     def _booked_locked(self, device: str) -> int:
-        return sum(b.bytes for b in self._bookings.values() if b.device == device)
+        return sum(b.bytes for b in self._bookings.values() if device in b.all_devices)
 
     def bookings(self) -> list[Booking]:
         with self._lock:
@@ -50,23 +50,28 @@ class Ledger:
         with self._lock:
             return self._bookings.get(model)
 
-    def reserve(self, model: str, device: str, nbytes: int) -> Booking:
+    def reserve(self, model: str, device: str, nbytes: int, devices: list[str] | None = None) -> Booking:
+        """Book `nbytes` on `device` (or on each of `devices`, tensor parallel), all or nothing."""
+        wanted = list(devices) if devices else [device]
         with self._lock:
             existing = self._bookings.get(model)
-            if existing is not None and existing.device == device and existing.bytes == nbytes:
+            if existing is not None and existing.all_devices == wanted and existing.bytes == nbytes:
                 return existing
-            if device not in self._capacities:
-                raise InsufficientCapacity(
-                    f"node {self._node} has no device {device!r} (devices: {', '.join(self._capacities)})"
-                )
-            others = self._booked_locked(device) - (existing.bytes if existing and existing.device == device else 0)
-            capacity = self._capacities[device]
-            if others + nbytes > capacity:
-                raise InsufficientCapacity(
-                    f"{model} needs {nbytes / 2**20:.0f} MiB on {self._node}/{device}, but only "
-                    f"{(capacity - others) / 2**20:.0f} MiB of {capacity / 2**20:.0f} MiB is free"
-                )
-            booking = Booking(model=model, node=self._node, device=device, bytes=nbytes)
+            for dev in wanted:
+                if dev not in self._capacities:
+                    raise InsufficientCapacity(
+                        f"node {self._node} has no device {dev!r} (devices: {', '.join(self._capacities)})"
+                    )
+                mine = existing.bytes if existing and dev in existing.all_devices else 0
+                others = self._booked_locked(dev) - mine
+                capacity = self._capacities[dev]
+                if others + nbytes > capacity:
+                    raise InsufficientCapacity(
+                        f"{model} needs {nbytes / 2**20:.0f} MiB on {self._node}/{dev}, but only "
+                        f"{(capacity - others) / 2**20:.0f} MiB of {capacity / 2**20:.0f} MiB is free"
+                    )
+            booking = Booking(model=model, node=self._node, device=wanted[0], bytes=nbytes,
+                              devices=wanted if len(wanted) > 1 else [])  # fmt: skip
             self._bookings[model] = booking
             self._save_locked()
             return booking

@@ -70,3 +70,10 @@ def estimate(
     context = min(model_context, max_context_tokens) if model_context else None
     weights = int(weight_bytes * (1 + profile.weight_slack))
     return weights + kv_cache_bytes(kv, context, profile.concurrent_sequences) + profile.overhead_bytes
+
+
+def per_shard(need: int, runtime: str, shards: int) -> int:
+    """What each of `shards` GPUs needs when a model of `need` bytes is split tensor-parallel:
+    weights and KV cache divide; every shard's process carries the whole runtime overhead."""
+    overhead = PROFILES.get(runtime, PROFILES["embedded"]).overhead_bytes
+    return -(-max(need - overhead, 0) // shards) + overhead

@@ -70,6 +70,13 @@ class Metrics:
             "modelium_gpu_memory_bytes", "Device memory of a node: total, used (NVML), booked by models",
             ["node", "gpu", "kind"], registry=r,
         )  # fmt: skip
+        self.brain_decisions = Counter(
+            "modelium_brain_decisions", "Placement decisions, by runtime and by who decided (rules or llm)",
+            ["runtime", "source"], registry=r,
+        )  # fmt: skip
+        self.evictions = Counter(
+            "modelium_evictions", "Idle models unloaded to make room for another", ["node"], registry=r
+        )
         self._idle_collector: _IdleCollector | None = None
 
     def track_idle(self, source: IdleSource) -> None:

@@ -17,6 +17,8 @@ class Phase:
     LOADING = "loading"
     # No node has room: the model waits, and loads when memory frees.
     WAITING_FOR_CAPACITY = "waiting_for_capacity"
+    # Idle models are being unloaded to make room for this one.
+    EVICTING = "evicting"
     LOADED = "loaded"
     UNLOADING = "unloading"
     UNLOADED = "unloaded"
@@ -26,7 +28,7 @@ class Phase:
     # Phases in which the model answers requests.
     SERVING = frozenset({LOADED})
     # Phases in which the model is on its way to serving.
-    STARTING = frozenset({DISCOVERED, ANALYZING, DECIDING, RESERVING, LOADING, WAITING_FOR_CAPACITY})
+    STARTING = frozenset({DISCOVERED, ANALYZING, DECIDING, EVICTING, RESERVING, LOADING, WAITING_FOR_CAPACITY})
 
 
 class Task:
@@ -106,6 +108,8 @@ class ModelAnalysis:
     base_model: str | None = None
     # Format-specific facts in words (ONNX inputs/outputs, Triton platform, GGUF architecture).
     details: dict[str, str] = field(default_factory=dict)
+    # How the user asked this model to run (modelium.yaml beside it, `models:` in the config).
+    overrides: ModelOverrides | None = None
 
     def summary(self) -> str:
         size = f"{self.parameter_count:,} params" if self.parameter_count else f"{self.weight_bytes:,} bytes"
@@ -114,14 +118,42 @@ class ModelAnalysis:
 
 
 @dataclass
+class Eviction:
+    """An idle model to unload so that another fits, and why it was chosen."""
+
+    model: str
+    node: str
+    device: str
+    bytes: int
+    # Its retention score (lower goes first) and the score's parts in words.
+    score: float
+    reason: str
+    # Its runtime process, to confirm its memory came back once it is unloaded.
+    pid: int | None = None
+
+
+class DecisionSource:
+    RULES = "rules"
+    LLM = "llm"
+
+
+@dataclass
 class Decision:
     runtime: str
     node: str
     device: str
     reason: str
-    source: str = "rules"
-    # What the chosen runtime needs on the chosen device (the analyzer's estimate for it).
+    source: str = DecisionSource.RULES
+    # What the chosen runtime needs on each chosen device (the analyzer's estimate for it).
     memory_bytes: int = 0
+    # Every device the model spans (tensor parallel); empty means just `device`.
+    devices: list[str] = field(default_factory=list)
+    # Idle models to unload first to make room (empty when the model fits as things are).
+    evict: list[Eviction] = field(default_factory=list)
+
+    @property
+    def all_devices(self) -> list[str]:
+        return self.devices or [self.device]
 
 
 @dataclass
@@ -144,10 +176,43 @@ class NodeInventory:
 
 
 @dataclass
+class ModelOverrides:
+    """Per-model settings from `models.<name>` in the config or a `modelium.yaml` beside the
+    model (the config wins where both set a key). None leaves the default."""
+
+    runtime: str | None = None
+    pin: bool | None = None
+    idle_timeout_seconds: float | None = None
+    # Restrict placement: a node id, and devices on it ("cpu", "cuda:0", ...).
+    node: str | None = None
+    devices: list[str] = field(default_factory=list)
+    # Where each value came from, for messages ("models.foo in modelium.yaml", ...).
+    source: str = ""
+
+
+@dataclass
+class Resident:
+    """A loaded model as placement sees it: what it holds and how it has been used."""
+
+    model: str
+    node: str
+    devices: list[str]
+    # Booked bytes on each device.
+    bytes: int
+    pinned: bool
+    loaded_at: float
+    last_used_at: float
+    # What loading it took last time: the cost of bringing it back.
+    load_seconds: float | None
+    pid: int | None = None
+
+
+@dataclass
 class DecideRequest:
     analysis: ModelAnalysis
     # Per-model runtime asked for by the user, if any.
     runtime_override: str | None = None
+    overrides: ModelOverrides | None = None
 
 
 @dataclass
@@ -155,16 +220,35 @@ class Booking:
     model: str
     node: str
     device: str
+    # Bytes booked on each device.
     bytes: int
+    # Every device booked (tensor parallel); empty means just `device`.
+    devices: list[str] = field(default_factory=list)
+
+    @property
+    def all_devices(self) -> list[str]:
+        return self.devices or [self.device]
 
 
 @dataclass
 class ReserveRequest:
     model: str
     device: str
+    # Bytes to book on each device.
     bytes: int
     # The runtime the model will run on: a measured profile for it replaces the estimate.
     runtime: str = ""
+    # Every device to book (tensor parallel); empty means just `device`.
+    devices: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ConfirmFreedRequest:
+    """Evicted models' processes, whose memory must be back before the next load books it."""
+
+    device: str
+    pids: list[int]
+    timeout_seconds: float = 60.0
 
 
 @dataclass
@@ -201,6 +285,7 @@ class UnloadKind:
     REMOVED = "removed"
     FILES_CHANGED = "files_changed"
     UNHEALTHY = "unhealthy"
+    EVICTED = "evicted"
 
 
 @dataclass

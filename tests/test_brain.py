@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from modelium.brain import NoCapacity, NoRuntimeAvailable, choose_runtime, place
-from modelium.types import DeviceInventory, Modality, ModelAnalysis, ModelFormat, NodeInventory, Task
+from modelium import llm_brain, memory
+from modelium.brain import EvictionPolicy, NoCapacity, NoRuntimeAvailable, choose_runtime, place, retention_score
+from modelium.types import (
+    DeviceInventory,
+    Modality,
+    ModelAnalysis,
+    ModelFormat,
+    ModelOverrides,
+    NodeInventory,
+    Resident,
+    Task,
+)
 
 GIB = 2**30
 
@@ -92,3 +104,128 @@ def test_cpu_only_nodes_and_no_room() -> None:
     # A node without the runtime the model needs is not a place for it.
     with pytest.raises(NoRuntimeAvailable):
         place(analysis(Task.CUSTOM, Modality.UNKNOWN, ModelFormat.ONNX), ["embedded"], nodes)
+
+
+def resident(model: str, node_id: str = "a", device: str = "cpu", nbytes: int = 2 * GIB, *, pinned: bool = False,
+             loaded_ago: float = 3600, used_ago: float = 600, load_seconds: float = 5.0) -> Resident:  # fmt: skip
+    now = 10_000.0
+    return Resident(model, node_id, [device], nbytes, pinned, now - loaded_ago, now - used_ago, load_seconds, pid=1)
+
+
+POLICY = EvictionPolicy(now=10_000.0, min_resident_seconds=120, min_idle_seconds=30)
+
+
+def test_nothing_fits_evicts_what_is_least_worth_keeping() -> None:
+    full = [node("a", ("cpu", 6 * GIB, 6 * GIB))]
+    residents = [
+        resident("hot", used_ago=40),  # idle long enough, but used recently: worth more
+        resident("cold-slow", used_ago=3000, load_seconds=60),  # long unused, but costly to reload
+        resident("cold-quick", used_ago=3000, load_seconds=2),
+    ]
+    d = place(analysis(need=2 * GIB), ["embedded"], full, residents=residents, policy=POLICY)
+    assert [v.model for v in d.evict] == ["cold-quick"]
+    assert "after evicting cold-quick" in d.reason
+    assert "idle 3000s, reloads in 2.0s" in d.evict[0].reason
+    # Needing two models' room evicts the two cheapest, cheapest first.
+    d = place(analysis(need=4 * GIB), ["embedded"], full, residents=residents, policy=POLICY)
+    assert [v.model for v in d.evict] == ["cold-quick", "cold-slow"]
+    scores = {r.model: retention_score(r, POLICY.now)[0] for r in residents}
+    assert scores["cold-quick"] < scores["cold-slow"] < scores["hot"]
+
+
+def test_pinned_fresh_and_busy_models_are_never_evicted() -> None:
+    full = [node("a", ("cpu", 6 * GIB, 6 * GIB))]
+    keep = [
+        resident("pinned", pinned=True),
+        resident("fresh", loaded_ago=60),  # resident less than min_resident_seconds
+        resident("busy", used_ago=5),  # used less than min_idle_seconds ago
+    ]
+    with pytest.raises(NoCapacity, match="nothing there may be evicted now"):
+        place(analysis(need=2 * GIB), ["embedded"], full, residents=keep, policy=POLICY)
+    # Eviction turned off: the model waits instead.
+    off = EvictionPolicy(now=POLICY.now, enabled=False)
+    with pytest.raises(NoCapacity):
+        place(analysis(need=2 * GIB), ["embedded"], full, residents=[resident("idle")], policy=off)
+    # A model larger than the device is never made room for.
+    with pytest.raises(NoCapacity):
+        place(analysis(need=7 * GIB), ["embedded"], full, residents=[resident("idle")], policy=POLICY)
+
+
+def test_eviction_prefers_a_gpu_and_the_cheapest_device() -> None:
+    nodes = [node("a", ("cpu", 8 * GIB, 8 * GIB), ("cuda:0", 8 * GIB, 8 * GIB), ("cuda:1", 8 * GIB, 8 * GIB))]
+    residents = [
+        resident("on-cpu", device="cpu", used_ago=5000, load_seconds=1),
+        resident("gpu0", device="cuda:0", used_ago=100, load_seconds=30),
+        resident("gpu1", device="cuda:1", used_ago=2000, load_seconds=30),
+    ]
+    d = place(analysis(need=2 * GIB), ["embedded"], nodes, residents=residents, policy=POLICY)
+    assert (d.device, [v.model for v in d.evict]) == ("cuda:1", ["gpu1"])
+    # Room without evicting always wins over evicting.
+    nodes[0].devices[0].booked_bytes = 0
+    assert place(analysis(need=2 * GIB), ["embedded"], nodes, residents=residents, policy=POLICY).evict == []
+
+
+def test_too_large_for_one_gpu_goes_tensor_parallel_where_the_runtime_can() -> None:
+    gpus = node("g", *[(f"cuda:{i}", 24 * GIB, 0) for i in range(4)], runtimes=("embedded", "vllm"))
+    big = analysis(need=40 * GIB)  # vLLM: 41 GiB, more than one 24 GiB GPU holds
+    d = place(big, ["embedded", "vllm"], [gpus])
+    assert d.runtime == "vllm" and d.all_devices == ["cuda:0", "cuda:1"]
+    # Weights and cache split in two; each shard carries vLLM's whole overhead (1.5 GiB).
+    assert d.memory_bytes == memory.per_shard(41 * GIB, "vllm", 2) == int(21.25 * GIB)
+    assert "tensor-parallel over 2 GPUs" in d.reason
+    # Two GPUs partly booked: a shard fits neither, so the pair with room is taken.
+    gpus.devices[0].booked_bytes = gpus.devices[1].booked_bytes = 10 * GIB
+    assert place(big, ["embedded", "vllm"], [gpus]).all_devices == ["cuda:2", "cuda:3"]
+    # Four GPUs when two are not enough.
+    huge = analysis(need=70 * GIB)
+    gpus.devices[0].booked_bytes = gpus.devices[1].booked_bytes = 0
+    assert place(huge, ["embedded", "vllm"], [gpus]).all_devices == [f"cuda:{i}" for i in range(4)]
+    # The embedded runtime does not split models: no place for it.
+    with pytest.raises(NoCapacity):
+        place(big, ["embedded"], [node("g", *[(f"cuda:{i}", 24 * GIB, 0) for i in range(4)])])
+
+
+def test_overrides_restrict_runtime_node_and_devices() -> None:
+    nodes = [
+        node("a", ("cpu", 64 * GIB, 0), ("cuda:0", 24 * GIB, 0), ("cuda:1", 24 * GIB, 20 * GIB),
+             runtimes=("embedded", "vllm")),
+        node("b", ("cpu", 64 * GIB, 0), runtimes=("embedded", "vllm")),
+    ]  # fmt: skip
+    d = place(analysis(need=2 * GIB), ["embedded", "vllm"], nodes, overrides=ModelOverrides(runtime="embedded"))
+    assert (d.runtime, d.node, d.device) == ("embedded", "a", "cuda:1")
+    d = place(analysis(need=2 * GIB), ["embedded", "vllm"], nodes, overrides=ModelOverrides(devices=["cuda:0"]))
+    assert (d.runtime, d.device) == ("vllm", "cuda:0")
+    d = place(analysis(need=2 * GIB), ["embedded", "vllm"], nodes, overrides=ModelOverrides(node="b"))
+    assert (d.node, d.device, d.runtime) == ("b", "cpu", "embedded")
+    with pytest.raises(NoRuntimeAvailable, match=r"devices cuda:7 \(models.m\) are not on node a"):
+        place(analysis(), ["embedded"], nodes, overrides=ModelOverrides(node="a", devices=["cuda:7"], source="models.m"))
+    with pytest.raises(NoCapacity, match="node c .* is not alive"):
+        place(analysis(), ["embedded"], nodes, overrides=ModelOverrides(node="c"))
+
+
+def test_llm_answers_are_validated_against_what_is_available() -> None:
+    nodes = [node("a", ("cpu", 8 * GIB, 0), ("cuda:0", 24 * GIB, 23 * GIB), ("cuda:1", 24 * GIB, 0),
+                  runtimes=("embedded", "vllm"))]  # fmt: skip
+    ok = llm_brain.validate(llm_brain.parse('Sure:\n```json\n{"runtime": "vllm", "node": "a", "devices": ["cuda:1"],'
+                                            ' "reason": "room on cuda:1"}\n```'), analysis(), ["embedded", "vllm"],
+                            nodes)  # fmt: skip
+    assert (ok.runtime, ok.device, ok.source, ok.memory_bytes) == ("vllm", "cuda:1", "llm", 3 * GIB)
+    assert ok.reason == "LLM brain: room on cuda:1"
+    bad = {
+        '{"runtime": "triton", "node": "a", "devices": ["cuda:1"]}': "runtime 'triton' is not enabled",
+        '{"runtime": "vllm", "node": "z", "devices": ["cuda:1"]}': "node 'z' is not a live node",
+        '{"runtime": "vllm", "node": "a", "devices": ["cuda:9"]}': "a has no device cuda:9",
+        '{"runtime": "vllm", "node": "a", "devices": ["cuda:0"]}': "a/cuda:0 has 1024 MiB free",
+        '{"runtime": "vllm", "node": "a", "devices": ["cpu"]}': "vllm cannot serve",
+        '{"runtime": "embedded", "node": "a", "devices": ["cuda:0", "cuda:1"]}': "only vllm splits",
+        '{"node": "a"}': "lacks runtime, node or devices",
+        "I would put it on the GPU.": "holds no JSON object",
+        '{"runtime": vllm}': "not valid JSON",
+    }
+    for answer, words in bad.items():
+        with pytest.raises(llm_brain.LlmAnswerRejected, match=re.escape(words)):
+            llm_brain.validate(llm_brain.parse(answer), analysis(), ["embedded", "vllm"], nodes)
+    classifier = analysis(Task.TEXT_CLASSIFICATION)
+    with pytest.raises(llm_brain.LlmAnswerRejected, match="vllm cannot serve"):
+        llm_brain.validate({"runtime": "vllm", "node": "a", "devices": ["cuda:1"]}, classifier, ["embedded", "vllm"],
+                           nodes)  # fmt: skip

@@ -1,4 +1,4 @@
-"""The control worker: ModelLifecycle workflows and the analyze/decide activities."""
+"""The control worker: ModelLifecycle and node workflows, and the analyze/decide/evict activities."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import logging
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.control import ControlActivities, RegistryNodes
+from activities.control import ControlActivities, RegistryNodes, RegistryResidents
 from modelium.config import Settings
+from modelium.metrics import Metrics
 from modelium.runtimes.embedded import NAME as EMBEDDED
 from workflows.lifecycle import ModelLifecycleWorkflow
 from workflows.nodes import NodeRegistryWorkflow
@@ -29,12 +30,22 @@ def available_runtimes(settings: Settings) -> list[str]:
     return [EMBEDDED]
 
 
-def control_worker(client: Client, settings: Settings) -> Worker:
-    nodes = RegistryNodes(client, alive_seconds=3 * settings.node.announce_seconds)
-    acts = ControlActivities(available_runtimes(settings), nodes)
+def control_worker(client: Client, settings: Settings, metrics: Metrics | None = None) -> Worker:
+    acts = ControlActivities(
+        available_runtimes(settings),
+        RegistryNodes(client, alive_seconds=3 * settings.node.announce_seconds),
+        residents=RegistryResidents(client),
+        eviction=settings.orchestration.eviction,
+        llm=settings.brain.llm,
+        models=settings.models,
+        metrics=metrics,
+        client=client,
+    )
     return Worker(
         client,
         task_queue=settings.temporal.control_task_queue,
         workflows=[ModelLifecycleWorkflow, NodeRegistryWorkflow],
         activities=acts.all(),
+        # Evictions wait for other models' unloads: keep room beside them for the quick steps.
+        max_concurrent_activities=64,
     )

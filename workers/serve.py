@@ -129,7 +129,7 @@ async def serve(
         tasks: list[asyncio.Task[Any]] = []
         one_shot: list[asyncio.Task[Any]] = []
         if control:
-            worker = control_worker(client, settings)
+            worker = control_worker(client, settings, metrics)
             tasks.append(asyncio.create_task(worker.run(), name="control-worker"))
             stack.push_async_callback(worker.shutdown)
         if node:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from temporalio.common import SearchAttributeKey
 
-from modelium.types import ModelSource, ModelState, NodeInventory
+from modelium.types import Eviction, ModelSource, ModelState, NodeInventory
 
 
 class ActivityName:
@@ -20,6 +20,9 @@ class ActivityName:
     LOAD_MODEL = "load_model"
     UNLOAD_MODEL = "unload_model"
     CHECK_HEALTH = "check_health"
+    EVICT_MODELS = "evict_models"
+    CONFIRM_FREED = "confirm_memory_freed"
+    NOTIFY_WAITING = "notify_waiting_models"
 
 
 class ErrorType:
@@ -33,6 +36,7 @@ class ErrorType:
     MODEL_REMOVED = "ModelRemoved"
     LOAD_FAILED = "LoadFailed"
     NO_CAPACITY = "NoCapacity"
+    MEMORY_NOT_FREED = "MemoryNotFreed"
 
 
 WORKFLOW_TYPE = "ModelLifecycle"
@@ -111,6 +115,41 @@ class EnsureLoadedRequest:
 @dataclass
 class EnsureUnloadedRequest:
     reason: str = "unload requested"
+
+
+@dataclass
+class EvictCommand:
+    """Unload an idle model so that `for_model` fits. Refused (the validator) unless the model is
+    loaded, unpinned, not already unloading and unused for `min_idle_seconds`."""
+
+    reason: str
+    for_model: str
+    min_idle_seconds: float = 0.0
+
+
+@dataclass
+class EvictRequest:
+    """For the control activity that evicts the brain's chosen models for `for_model`."""
+
+    for_model: str
+    victims: list[Eviction]
+
+
+@dataclass
+class EvictResult:
+    evicted: list[str]
+    # Model -> why it could not be evicted (used meanwhile, already unloading, ...).
+    refused: dict[str, str]
+    # The evicted models' runtime processes, whose memory must come back.
+    pids: list[int]
+
+
+@dataclass
+class CapacityFreed:
+    """Some node released memory: a model waiting for capacity should decide again."""
+
+    node: str
+    model: str
 
 
 def running_nodes_query() -> str:

@@ -18,6 +18,7 @@ with workflow.unsafe.imports_passed_through():
     from modelium.names import node_task_queue
     from modelium.types import (
         Booking,
+        ConfirmFreedRequest,
         DecideRequest,
         Decision,
         HealthRequest,
@@ -37,9 +38,13 @@ with workflow.unsafe.imports_passed_through():
         RUNTIME_KEY,
         WORKFLOW_TYPE,
         ActivityName,
+        CapacityFreed,
         EnsureLoadedRequest,
         EnsureUnloadedRequest,
         ErrorType,
+        EvictCommand,
+        EvictRequest,
+        EvictResult,
         HealthReport,
         LifecycleInput,
         LoadCommand,
@@ -80,12 +85,14 @@ class ModelLifecycleWorkflow:
         self._new_source: ModelSource | None = None
         self._retry = False
         self._unload_reason: str | None = None
+        self._unload_kind = UnloadKind.REQUESTED
         self._remove_reason: str | None = None
         self._health_report: str | None = None
         self._usage_seq = 0
         # Bumped when the idle timeout or the pin changes, so a waiting `loaded` loop re-reads them.
         self._settings_seq = 0
         self._capacity_wait = 2.0
+        self._capacity_freed = False
         self._bringups = 0
         self._upserted: tuple[str | None, str | None, str | None] | None = None
 
@@ -133,6 +140,7 @@ class ModelLifecycleWorkflow:
         # kept from an unloaded model would unload its next load at once.
         if self._state.phase not in (Phase.UNLOADED, Phase.FAILED, Phase.REMOVED):
             self._unload_reason = command.reason
+            self._unload_kind = UnloadKind.REQUESTED
 
     def _configure(self, pin: bool | None, idle_seconds: float | None) -> None:
         if pin is not None and pin != self._state.pinned:
@@ -141,6 +149,37 @@ class ModelLifecycleWorkflow:
         if idle_seconds is not None and idle_seconds > 0 and idle_seconds != self._state.idle_seconds:
             self._state.idle_seconds = idle_seconds
             self._settings_seq += 1
+
+    @workflow.signal
+    def capacity_freed(self, notice: CapacityFreed) -> None:
+        self._capacity_freed = True
+
+    @workflow.update
+    async def evict(self, command: EvictCommand) -> ModelState:
+        """Unload this idle model to make room for another; returns once nothing of it runs.
+        A request that arrives before the unload starts keeps the model (the update fails)."""
+        self._want_loaded = False
+        self._unload_reason = f"evicted to make room for {command.for_model}: {command.reason}"
+        self._unload_kind = UnloadKind.EVICTED
+        await workflow.wait_condition(
+            lambda: self._nothing_running() or (self._state.phase == Phase.LOADED and self._unload_reason is None)
+        )
+        if not self._nothing_running():
+            raise ApplicationError(f"model {self._state.name} was used while it was to be evicted; it stays")
+        return self._state
+
+    @evict.validator
+    def _validate_evict(self, command: EvictCommand) -> None:
+        state = self._state
+        if state.phase != Phase.LOADED:
+            raise ApplicationError(f"model {state.name} is {state.phase}, not loaded")
+        if state.pinned:
+            raise ApplicationError(f"model {state.name} is pinned")
+        if self._unload_reason is not None or self._remove_reason is not None or self._new_source is not None:
+            raise ApplicationError(f"model {state.name} is already on its way down")
+        idle = workflow.now().timestamp() - (state.last_used_at or state.loaded_at or 0.0)
+        if idle < command.min_idle_seconds:
+            raise ApplicationError(f"model {state.name} was used {idle:.0f}s ago")
 
     @workflow.signal
     def remove(self, command: RemoveCommand) -> None:
@@ -256,12 +295,15 @@ class ModelLifecycleWorkflow:
                 self._state.task = self._analysis.task
                 self._state.analysis_summary = self._analysis.summary()
                 self._state.memory_estimate_bytes = self._analysis.memory_estimate_bytes
+                if self._analysis.overrides is not None:
+                    overrides = self._analysis.overrides
+                    self._configure(overrides.pin, overrides.idle_timeout_seconds)
             self._check_interrupt()
             step = "decide"
             self._set_phase(Phase.DECIDING)
             decision = await workflow.execute_activity(
                 ActivityName.DECIDE_RUNTIME,
-                DecideRequest(self._analysis),
+                DecideRequest(self._analysis, overrides=self._analysis.overrides),
                 result_type=Decision,
                 start_to_close_timeout=timedelta(minutes=1),
                 retry_policy=replace(_QUICK, non_retryable_error_types=[ErrorType.NO_RUNTIME]),
@@ -274,8 +316,12 @@ class ModelLifecycleWorkflow:
                 decision.device, decision.reason,
             )  # fmt: skip
             self._check_interrupt()
-            step = "reserve"
             queue = node_task_queue(decision.node)
+            if decision.evict:
+                step = "evict"
+                await self._evict_for(decision, queue)
+                self._check_interrupt()
+            step = "reserve"
             self._set_phase(Phase.RESERVING)
             self._state.booking = await workflow.execute_activity(
                 ActivityName.RESERVE_GPU,
@@ -284,6 +330,7 @@ class ModelLifecycleWorkflow:
                     decision.device,
                     decision.memory_bytes or self._analysis.memory_estimate_bytes,
                     decision.runtime,
+                    decision.devices,
                 ),
                 result_type=Booking,
                 task_queue=queue,
@@ -335,6 +382,33 @@ class ModelLifecycleWorkflow:
         self._bringups += 1
         self._set_phase(Phase.LOADED)
 
+    async def _evict_for(self, decision: Decision, queue: str) -> None:
+        """Unload the idle models the brain chose, then confirm their memory came back on the
+        node before this model books it. Raises NoCapacity when none could be evicted."""
+        self._set_phase(Phase.EVICTING)
+        names = ", ".join(v.model for v in decision.evict)
+        workflow.logger.info("model %s evicts %s on %s", self._state.name, names, decision.node)
+        result = await workflow.execute_activity(
+            ActivityName.EVICT_MODELS,
+            EvictRequest(self._state.name, decision.evict),
+            result_type=EvictResult,
+            start_to_close_timeout=timedelta(minutes=5),
+            retry_policy=_QUICK,
+        )
+        if result.pids:
+            await workflow.execute_activity(
+                ActivityName.CONFIRM_FREED,
+                ConfirmFreedRequest(decision.device, result.pids),
+                task_queue=queue,
+                start_to_close_timeout=timedelta(seconds=90),
+                schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
+                heartbeat_timeout=timedelta(seconds=20),
+                retry_policy=_NODE_STEP,
+            )
+        if not result.evicted:
+            refused = "; ".join(f"{m}: {why}" for m, why in result.refused.items())
+            raise ApplicationError(f"no model could be evicted ({refused})", type=ErrorType.NO_CAPACITY)
+
     async def _wait_for_capacity(self, reason: str) -> None:
         """No room anywhere now: wait (backing off up to 30 s), then decide again. Removal,
         new files or an unload end the wait at once."""
@@ -343,9 +417,15 @@ class ModelLifecycleWorkflow:
             workflow.logger.info("model %s waits for capacity: %s", self._state.name, reason)
             self._capacity_wait = 2.0
         self._set_phase(Phase.WAITING_FOR_CAPACITY)
+        self._capacity_freed = False
         try:
             await workflow.wait_condition(
-                lambda: self._remove_reason is not None or self._new_source is not None or not self._want_loaded,
+                lambda: (
+                    self._remove_reason is not None
+                    or self._new_source is not None
+                    or not self._want_loaded
+                    or self._capacity_freed
+                ),
                 timeout=timedelta(seconds=self._capacity_wait),
             )
         except TimeoutError:
@@ -381,7 +461,7 @@ class ModelLifecycleWorkflow:
                 return
             if self._unload_reason is not None:
                 reason, self._unload_reason = self._unload_reason, None
-                await self._take_down(Phase.UNLOADED, reason, UnloadKind.REQUESTED)
+                await self._take_down(Phase.UNLOADED, reason, self._unload_kind)
                 return
             if self._health_report is not None:
                 await self._check_health()
@@ -461,9 +541,21 @@ class ModelLifecycleWorkflow:
                 start_to_close_timeout=timedelta(seconds=30),
                 schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
             )
-            self._state.booking = None
+            freed, self._state.booking = self._state.booking, None
         except ActivityError as err:
             self._state.last_error = f"release failed: {_describe(err)}"
+            return
+        if workflow.patched("notify-waiting-on-release"):
+            # Models waiting for capacity decide again now rather than at their next backoff.
+            try:
+                await workflow.execute_activity(
+                    ActivityName.NOTIFY_WAITING,
+                    CapacityFreed(freed.node, self._state.name),
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=RetryPolicy(maximum_attempts=2),
+                )
+            except ActivityError as err:
+                workflow.logger.info("could not wake models waiting for capacity: %s", _describe(err))
 
     async def _continue_as_new(self) -> None:
         await workflow.wait_condition(workflow.all_handlers_finished)
