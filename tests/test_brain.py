@@ -198,7 +198,8 @@ def test_overrides_restrict_runtime_node_and_devices() -> None:
     d = place(analysis(need=2 * GIB), ["embedded", "vllm"], nodes, overrides=ModelOverrides(node="b"))
     assert (d.node, d.device, d.runtime) == ("b", "cpu", "embedded")
     with pytest.raises(NoRuntimeAvailable, match=r"devices cuda:7 \(models.m\) are not on node a"):
-        place(analysis(), ["embedded"], nodes, overrides=ModelOverrides(node="a", devices=["cuda:7"], source="models.m"))
+        strict = ModelOverrides(node="a", devices=["cuda:7"], source="models.m")
+        place(analysis(), ["embedded"], nodes, overrides=strict)
     with pytest.raises(NoCapacity, match="node c .* is not alive"):
         place(analysis(), ["embedded"], nodes, overrides=ModelOverrides(node="c"))
 
