@@ -53,8 +53,12 @@ def prompt(analysis: ModelAnalysis, runtimes: Collection[str], nodes: Sequence[N
                 "node": n.node,
                 "runtimes": sorted(set(n.runtimes) & set(runtimes)),
                 "devices": [
-                    {"device": d.device, "name": d.name, "free_bytes": d.total_bytes - d.booked_bytes,
-                     "total_bytes": d.total_bytes}  # fmt: skip
+                    {
+                        "device": d.device,
+                        "name": d.name,
+                        "free_bytes": d.total_bytes - d.booked_bytes,
+                        "total_bytes": d.total_bytes,
+                    }  # fmt: skip
                     for d in n.devices
                 ],
             }
