@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowQueryFailedError
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
@@ -16,11 +16,11 @@ from modelium.config import Settings
 from modelium.gpu import GpuReader, MemoryProfiles, NvmlReader
 from modelium.ledger import Ledger, system_memory_bytes
 from modelium.metrics import Metrics
-from modelium.names import node_task_queue, node_workflow_id
+from modelium.names import node_task_queue, node_workflow_id, workflow_id
 from modelium.runtimes.base import RuntimeAdapter
 from modelium.runtimes.embedded import NAME as EMBEDDED
 from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
-from modelium.types import DeviceInventory, NodeInventory, Phase
+from modelium.types import DeviceInventory, ModelState, NodeInventory, Phase
 from workflows.contracts import (
     NODE_KEY,
     PHASE_KEY,
@@ -42,6 +42,18 @@ class NodeAgent:
     ledger: Ledger
     node_id: str
     gpu: GpuReader
+    activities: NodeActivities
+    adopted: list[str] = field(default_factory=list)
+
+    async def adopt_runtimes(self) -> list[str]:
+        """Before taking work: take over the runtimes a killed node agent left running."""
+        adopted = []
+        for adapter in self.adapters.values():
+            adopted += await adapter.adopt()
+        self.adopted = adopted
+        if adopted:
+            log.info("node %s adopted %d running model(s): %s", self.node_id, len(adopted), ", ".join(adopted))
+        return adopted
 
     async def shutdown_runtimes(self) -> None:
         for adapter in self.adapters.values():
@@ -94,7 +106,9 @@ def node_agent(client: Client, settings: Settings, metrics: Metrics, gpu: GpuRea
     capacities = {"cpu": budget, **{g.device: g.total_bytes for g in reader.gpus()}}
     ledger = Ledger(node_dir / "bookings.json", node_id, capacities)
     adapters: dict[str, RuntimeAdapter] = {
-        EMBEDDED: EmbeddedRuntimeAdapter(node_id, node_dir / "logs", settings.runtimes.embedded)
+        EMBEDDED: EmbeddedRuntimeAdapter(
+            node_id, node_dir / "logs", settings.runtimes.embedded, state_dir=node_dir / "runtimes" / EMBEDDED
+        )  # fmt: skip
     }
     profiles = MemoryProfiles(node_dir / "memory-profiles.json")
     acts = NodeActivities(node_id, ledger, adapters, metrics, reader, profiles)
@@ -106,12 +120,13 @@ def node_agent(client: Client, settings: Settings, metrics: Metrics, gpu: GpuRea
         # Loads wait on processes for minutes; keep room for many at once.
         max_concurrent_activities=64,
     )
-    return NodeAgent(worker=worker, adapters=adapters, ledger=ledger, node_id=node_id, gpu=reader)
+    return NodeAgent(worker=worker, adapters=adapters, ledger=ledger, node_id=node_id, gpu=reader, activities=acts)
 
 
 async def reconcile_node(client: Client, agent: NodeAgent) -> int:
-    """Tell workflows that believe a model is loaded here, but whose runtime is not running
-    (the node agent restarted), to check and reload it. Returns how many were told."""
+    """After a (re)start: tell workflows that believe a model is loaded here, but whose runtime is
+    not running, to check and reload it; stop adopted runtimes no workflow wants here any more.
+    Returns how many workflows were told."""
     running = {m for adapter in agent.adapters.values() for m in adapter.running()}
     query = running_models_query(**{NODE_KEY.name: agent.node_id, PHASE_KEY.name: Phase.LOADED})
     told = 0
@@ -127,4 +142,18 @@ async def reconcile_node(client: Client, agent: NodeAgent) -> int:
         told += 1
     if told:
         log.info("asked %d workflow(s) to reload models this node no longer runs", told)
+    for model in agent.adopted:
+        known: ModelState | None
+        try:
+            known = await client.get_workflow_handle(workflow_id(model)).query(ModelLifecycleWorkflow.state)
+        except (RPCError, WorkflowQueryFailedError):
+            known = None
+        wanted = known is not None and known.node == agent.node_id and known.phase not in (
+            Phase.UNLOADED, Phase.FAILED, Phase.REMOVED)  # fmt: skip
+        if not wanted:
+            log.info("stopping adopted %s: no workflow wants it on node %s", model, agent.node_id)
+            for adapter in agent.adapters.values():
+                await adapter.stop(model)
+            agent.ledger.release(model)
+            agent.activities.refresh_device_gauges()
     return told

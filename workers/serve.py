@@ -135,6 +135,9 @@ async def serve(
         if node:
             agent = node_agent(client, settings, metrics, gpu)
             running.node = agent
+            # Before any load can arrive: a runtime a killed agent left running is taken over,
+            # not started twice.
+            await agent.adopt_runtimes()
             announcer = asyncio.create_task(
                 announce_forever(client, agent, settings.temporal.control_task_queue, settings.node.announce_seconds),
                 name="node-announce",

@@ -49,3 +49,8 @@ class RuntimeAdapter(Protocol):
     def running(self) -> list[str]:
         """Models this adapter is serving now."""
         ...
+
+    async def adopt(self) -> list[str]:
+        """Take over the healthy runtime processes an earlier node agent of this node left
+        running (it was killed). Returns the models adopted."""
+        ...

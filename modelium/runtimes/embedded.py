@@ -16,7 +16,8 @@ import httpx
 
 from modelium.config import EmbeddedRuntime as EmbeddedConfig
 from modelium.runtimes.base import Progress, RuntimeUnhealthy
-from modelium.runtimes.process import ManagedProcess, free_port
+from modelium.runtimes.process import ManagedProcess, free_port, process_argv, process_start_ticks
+from modelium.runtimes.records import RuntimeRecords
 from modelium.types import Endpoint, LoadRequest, Protocol, Task
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,13 @@ class EmbeddedRuntimeAdapter:
         config: EmbeddedConfig | None = None,
         host: str = "127.0.0.1",
         python: str = sys.executable,
+        state_dir: Path | None = None,
     ) -> None:
         self._node = node
         self._log_dir = log_dir
+        # One record per running model, so that a node agent started after this one was killed
+        # adopts the runtime processes that outlived it (None: nothing is recorded).
+        self._records = RuntimeRecords(state_dir) if state_dir is not None else None
         self._config = config or EmbeddedConfig()
         self._host = host
         self._python = python
@@ -115,8 +120,35 @@ class EmbeddedRuntimeAdapter:
                 await asyncio.to_thread(proc.stop)
                 raise
             self._procs[request.model] = (proc, endpoint)
+            if self._records is not None:
+                self._records.save(request.model, proc, endpoint)
             log.info("embedded runtime serves %s at %s (pid %s)", request.model, url, proc.pid)
             return endpoint
+
+    async def adopt(self) -> list[str]:
+        """Take over the runtime processes an earlier node agent of this node left running (it was
+        killed): those still alive, the same process (pid and start time), and healthy. Others
+        are stopped and forgotten. Returns the adopted models."""
+        if self._records is None:
+            return []
+        adopted = []
+        for model, record in self._records.load().items():
+            proc = ManagedProcess.adopt(record.pid, record.argv, self._log_dir / f"{model}.log", record.started_at)
+            same = process_start_ticks(record.pid) == record.start_ticks and process_argv(record.pid) == record.argv
+            if same:
+                try:
+                    await self._probe(record.endpoint)
+                except RuntimeUnhealthy as exc:
+                    log.warning("not adopting %s (pid %s): %s", model, record.pid, exc)
+                    await asyncio.to_thread(proc.stop)
+                else:
+                    self._procs[model] = (proc, record.endpoint)
+                    adopted.append(model)
+                    log.info("adopted %s at %s (pid %s), left running by an earlier node agent",
+                             model, record.endpoint.url, record.pid)  # fmt: skip
+                    continue
+            self._records.remove(model)
+        return adopted
 
     async def _probe(self, endpoint: Endpoint) -> None:
         try:
@@ -142,6 +174,8 @@ class EmbeddedRuntimeAdapter:
             if entry is None:
                 return False
             await asyncio.to_thread(entry[0].stop)
+            if self._records is not None:
+                self._records.remove(model)
             log.info("embedded runtime stopped %s (pid %s)", model, entry[0].pid)
             return True
 

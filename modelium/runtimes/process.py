@@ -55,11 +55,21 @@ class ManagedProcess:
         self._env = dict(env) if env is not None else None
         self._cwd = cwd
         self._proc: subprocess.Popen[bytes] | None = None
+        # Set instead of `_proc` for a process started by an earlier node agent (adopted).
+        self._adopted: int | None = None
         self.started_at: float | None = None
+
+    @classmethod
+    def adopt(cls, pid: int, argv: Sequence[str], log_path: Path, started_at: float | None = None) -> ManagedProcess:
+        """Take over a process an earlier node agent started (it was killed; its runtime lived on)."""
+        proc = cls(argv, log_path)
+        proc._adopted = pid
+        proc.started_at = started_at
+        return proc
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._proc.pid if self._proc else self._adopted
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,9 +87,12 @@ class ManagedProcess:
         log.info("started pid %s: %s (log %s)", self._proc.pid, self.argv[0], self.log_path)
 
     def alive(self) -> bool:
+        if self._adopted is not None:
+            return pid_alive(self._adopted)
         return self._proc is not None and self._proc.poll() is None
 
     def exit_code(self) -> int | None:
+        # An adopted process is not this process's child: its exit code is not ours to read.
         return self._proc.poll() if self._proc else None
 
     def log_tail(self, lines: int = 15) -> str:
@@ -121,6 +134,9 @@ class ManagedProcess:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the process group, SIGKILL it after `grace` seconds; reap the child."""
+        if self._adopted is not None:
+            self._stop_adopted(self._adopted, grace)
+            return
         if self._proc is None:
             return
         pgid = self._proc.pid
@@ -132,6 +148,34 @@ class ManagedProcess:
         # Whatever the leader did, nothing of its group may outlive it.
         _signal_group(pgid, signal.SIGKILL)
         self._proc.wait()
+
+    @staticmethod
+    def _stop_adopted(pgid: int, grace: float) -> None:
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while pid_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _signal_group(pgid, signal.SIGKILL)
+        while pid_alive(pgid):
+            time.sleep(0.02)
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When the process started (clock ticks since boot, /proc/<pid>/stat field 22): with the pid,
+    it names one process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_argv(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return [part.decode("utf-8", "replace") for part in fh.read().split(b"\0") if part]
+    except OSError:
+        return None
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
