@@ -187,9 +187,17 @@ class ControlActivities:
                                                         or request.overrides.node)  # fmt: skip
         # The LLM proposes only where the rules found room without evicting and the user fixed
         # nothing; when its answer cannot be used, the rules' decision stands and says why.
-        if self._llm is not None and self._llm.enabled and not decision.evict and not overridden:
+        # (Nor for the brain's own model, when Modelium serves it: it cannot answer before it runs.)
+        llm = self._llm
+        if (
+            llm is not None
+            and llm.enabled
+            and not decision.evict
+            and not overridden
+            and llm.model != request.analysis.name
+        ):
             try:
-                decision = await llm_brain.ask(self._llm, request.analysis, self._runtimes, nodes)
+                decision = await llm_brain.ask(llm, request.analysis, self._runtimes, nodes)
             except llm_brain.LlmAnswerRejected as exc:
                 activity.logger.warning("LLM brain answer not used for %s: %s", request.analysis.name, exc)
                 decision.reason = f"{decision.reason} (LLM brain answer not used: {exc})"

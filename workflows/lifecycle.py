@@ -564,6 +564,7 @@ class ModelLifecycleWorkflow:
     def _set_phase(self, phase: str) -> None:
         self._state.phase = phase
         self._state.updated_at = workflow.now().timestamp()
+        workflow.set_current_details(self._details())
         current = (phase, self._state.runtime, self._state.node)
         if current == self._upserted:
             return
@@ -574,6 +575,22 @@ class ModelLifecycleWorkflow:
         if self._state.node:
             updates.append(NODE_KEY.value_set(self._state.node))
         workflow.upsert_search_attributes(updates)
+
+    def _details(self) -> str:
+        """What the Temporal UI shows as this workflow's current details (Markdown)."""
+        st = self._state
+        lines = [f"**{st.name}**: {st.phase}" + (" (pinned)" if st.pinned else "")]
+        if st.decision is not None:
+            d = st.decision
+            where = f"{d.node}/{'+'.join(d.all_devices)}"
+            lines.append(f"- decided by {d.source}: {d.runtime} on {where}: {d.reason}")
+        if st.booking is not None:
+            lines.append(f"- booked {st.booking.bytes / 2**20:.0f} MiB on each of {', '.join(st.booking.all_devices)}")
+        if st.unload_reason:
+            lines.append(f"- last unloaded: {st.unload_reason}")
+        if st.last_error:
+            lines.append(f"- last error: {st.last_error}")
+        return "\n".join(lines)
 
 
 def _error_type(err: BaseException) -> str | None:
