@@ -1,0 +1,67 @@
+"""Per-model overrides: a `modelium.yaml` beside the model and `models:` in the main config, read
+by the control worker and applied by the model's workflow; a bad file fails the model, naming the
+file and its keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from temporalio.testing import WorkflowEnvironment
+
+from modelium.names import workflow_id
+from modelium.overrides import read_overrides
+from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_phase
+from workflows.lifecycle import ModelLifecycleWorkflow
+
+pytestmark = pytest.mark.slow
+
+
+async def test_overrides_from_the_model_folder_and_the_config(
+    temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    pinned, asks_triton, broken = unique("pinned"), unique("asks-triton"), unique("broken")
+    settings = make_settings(tmp_path, models={
+        # The config wins over the file beside the model where both set a key.
+        pinned: {"idle_timeout_seconds": 45},
+        asks_triton: {"runtime": "triton"},
+    })  # fmt: skip
+    incoming = settings.watch_directories[0]
+    source = demo_models["text-generation"]
+    client = temporal_env.client
+    async with running_modelium(settings, client) as running:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=60) as http:
+            staged = copy_model(source, tmp_path / "staging" / pinned)
+            (staged / "modelium.yaml").write_text(
+                yaml.safe_dump({"pin": True, "idle_timeout_seconds": 5, "devices": ["cpu"]})
+            )
+            staged.rename(incoming / pinned)
+            staged = copy_model(source, tmp_path / "staging" / broken)
+            (staged / "modelium.yaml").write_text(yaml.safe_dump({"pin": "maybe", "colour": "red"}))
+            staged.rename(incoming / broken)
+            copy_model(source, incoming / asks_triton)
+
+            info = await wait_phase(http, pinned, "loaded", timeout=180)
+            state = await client.get_workflow_handle(workflow_id(pinned)).query(ModelLifecycleWorkflow.state)
+            assert (state.pinned, state.idle_seconds, state.device) == (True, 45.0, "cpu")
+            assert info["pinned"] is True
+
+            failed = await wait_phase(http, broken, "failed", timeout=60)
+            error = failed["last_error"]
+            assert str(incoming / broken / "modelium.yaml") in error
+            assert "pin: Input should be a valid boolean" in error and "colour: unknown key" in error
+
+            failed = await wait_phase(http, asks_triton, "failed", timeout=60)
+            assert "runtime 'triton' was asked for this model but is not available" in failed["last_error"]
+
+
+def test_overrides_merge_and_name_their_source(tmp_path: Path) -> None:
+    from modelium.config import ModelSettings
+
+    (tmp_path / "modelium.yaml").write_text("runtime: embedded\npin: true\n")
+    merged = read_overrides(tmp_path, "m", {"m": ModelSettings(pin=False, node="gpu-1")})
+    assert (merged.runtime, merged.pin, merged.node) == ("embedded", False, "gpu-1")
+    assert merged.source == f"{tmp_path / 'modelium.yaml'} and models.m in the configuration"
+    assert read_overrides(tmp_path / "nothing-here", "m", {}).source == ""
