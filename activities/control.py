@@ -173,10 +173,16 @@ class ControlActivities:
             min_idle_seconds=self._eviction.min_idle_seconds,
             enabled=self._eviction.enabled,
         )
-        residents = await self._residents() if policy.enabled else []
+        analysis, override = request.analysis, request.runtime_override
         try:
-            decision = place(request.analysis, self._runtimes, nodes, request.runtime_override,
-                             overrides=request.overrides, residents=residents, policy=policy)  # fmt: skip
+            try:
+                decision = place(analysis, self._runtimes, nodes, override, overrides=request.overrides)
+            except NoCapacity:
+                if not policy.enabled:
+                    raise
+                # Only now is it worth reading every loaded model's state: to choose whom to evict.
+                decision = place(analysis, self._runtimes, nodes, override, overrides=request.overrides,
+                                 residents=await self._residents(), policy=policy)  # fmt: skip
         except NoRuntimeAvailable as exc:
             raise ApplicationError(str(exc), type=ErrorType.NO_RUNTIME, non_retryable=True) from None
         except NoCapacity as exc:
