@@ -113,6 +113,10 @@ async def test_twenty_models_onto_room_for_five(
                     if request.kind == UnloadKind.EVICTED:
                         reasons[name] = request.reason
         assert len(reasons) >= MODELS - ROOM_FOR, reasons
+        mib = 2**20
+        print(f"\n{MODELS} models onto room for {ROOM_FOR} ({booking / mib:.0f} MiB each, {capacity / mib:.0f} MiB): "
+              f"most booked {most_booked['ledger'] / mib:.0f} MiB (ledger), {most_booked['metric'] / mib:.0f} MiB "
+              f"(metric); {evictions:.0f} evictions; phases seen: {', '.join(sorted(phases_seen))}")  # fmt: skip
         for reason in reasons.values():
             assert reason.startswith("evicted to make room for m"), reason
             assert "reloads in" in reason and "score" in reason
