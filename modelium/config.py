@@ -38,6 +38,38 @@ class RuntimeToggle(_Section):
     enabled: bool = False
 
 
+class Vllm(_Section):
+    """vLLM's OpenAI-compatible server, one process per model on the booked GPUs."""
+
+    enabled: bool = False
+    # The command, then Modelium's arguments (--served-model-name, --host, --port,
+    # --tensor-parallel-size, --gpu-memory-utilization), then `extra_args`. "{model_dir}" and
+    # "{name}" are replaced in every element.
+    command: list[str] = Field(default_factory=lambda: ["vllm", "serve", "{model_dir}"], min_length=1)
+    extra_args: list[str] = Field(default_factory=list)
+    host: str = "127.0.0.1"
+    # Ports the servers listen on: [first, last].
+    port_range: tuple[int, int] = (8300, 8399)
+    load_timeout_seconds: float = Field(default=900.0, gt=0.0)
+
+    @field_validator("port_range")
+    @classmethod
+    def _valid_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        first, last = value
+        if not 1024 <= first <= last <= 65535:
+            raise ValueError(f"must be [first, last] with 1024 <= first <= last <= 65535, got {list(value)}")
+        return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _not_managed(cls, args: list[str]) -> list[str]:
+        managed = {"--port", "--host", "--served-model-name", "--tensor-parallel-size", "--gpu-memory-utilization"}
+        clash = sorted({a.split("=", 1)[0] for a in args} & managed)
+        if clash:
+            raise ValueError(f"{', '.join(clash)} are set by Modelium from the booking; remove them")
+        return args
+
+
 class ModelDiscovery(_Section):
     watch_directories: list[Path] = Field(default_factory=lambda: [Path("./models/incoming")])
     # A model directory is handed over only after its files stopped changing for this long.
@@ -196,7 +228,7 @@ class Runtimes(_Section):
 class Settings(_Section):
     state_dir: Path = Path("./.modelium")
     log_level: str = "INFO"
-    vllm: RuntimeToggle = Field(default_factory=RuntimeToggle)
+    vllm: Vllm = Field(default_factory=Vllm)
     triton: RuntimeToggle = Field(default_factory=RuntimeToggle)
     ray_serve: RuntimeToggle = Field(default_factory=RuntimeToggle)
     orchestration: Orchestration = Field(default_factory=Orchestration)

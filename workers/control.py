@@ -11,6 +11,7 @@ from activities.control import ControlActivities, RegistryNodes, RegistryResiden
 from modelium.config import Settings
 from modelium.metrics import Metrics
 from modelium.runtimes.embedded import NAME as EMBEDDED
+from modelium.runtimes.vllm import NAME as VLLM
 from workflows.lifecycle import ModelLifecycleWorkflow
 from workflows.nodes import NodeRegistryWorkflow
 
@@ -18,16 +19,19 @@ log = logging.getLogger(__name__)
 
 
 def available_runtimes(settings: Settings) -> list[str]:
-    # Only runtimes with an adapter in this build; vLLM, Triton and Ray Serve join as theirs land.
-    asked = [key for key in ("vllm", "triton", "ray_serve") if getattr(settings, key).enabled]
-    if asked:
+    """The runtimes models may be placed on: the embedded one, and those enabled that this build
+    has an adapter for (a node places a model only on a runtime it runs too)."""
+    runtimes = [EMBEDDED]
+    if settings.vllm.enabled:
+        runtimes.append(VLLM)
+    missing = [key for key in ("triton", "ray_serve") if getattr(settings, key).enabled]
+    if missing:
         log.warning(
-            "%s set in the configuration, but this version has no adapter for %s yet; "
-            "models are served by the embedded runtime",
-            ", ".join(f"{k}.enabled=true" for k in asked),
-            "it" if len(asked) == 1 else "them",
+            "%s set in the configuration, but this version has no adapter for %s yet",
+            ", ".join(f"{k}.enabled=true" for k in missing),
+            "it" if len(missing) == 1 else "them",
         )
-    return [EMBEDDED]
+    return runtimes
 
 
 def control_worker(client: Client, settings: Settings, metrics: Metrics | None = None) -> Worker:

@@ -20,6 +20,8 @@ from modelium.names import node_task_queue, node_workflow_id, workflow_id
 from modelium.runtimes.base import RuntimeAdapter
 from modelium.runtimes.embedded import NAME as EMBEDDED
 from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
+from modelium.runtimes.vllm import NAME as VLLM
+from modelium.runtimes.vllm import VllmRuntimeAdapter
 from modelium.types import DeviceInventory, ModelState, NodeInventory, Phase
 from workflows.contracts import (
     NODE_KEY,
@@ -110,6 +112,9 @@ def node_agent(client: Client, settings: Settings, metrics: Metrics, gpu: GpuRea
             node_id, node_dir / "logs", settings.runtimes.embedded, state_dir=node_dir / "runtimes" / EMBEDDED
         )  # fmt: skip
     }
+    if settings.vllm.enabled:
+        adapters[VLLM] = VllmRuntimeAdapter(node_id, node_dir / "logs", settings.vllm, capacities, reader,
+                                            state_dir=node_dir / "runtimes" / VLLM)  # fmt: skip
     profiles = MemoryProfiles(node_dir / "memory-profiles.json")
     acts = NodeActivities(node_id, ledger, adapters, metrics, reader, profiles)
     acts.refresh_device_gauges()

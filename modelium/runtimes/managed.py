@@ -1,0 +1,229 @@
+"""What every runtime that runs as one process per model shares (the embedded runtime, vLLM):
+start in its own process group on a port, wait until healthy, record it so that a node agent
+started after this one was killed adopts it, check its health, stop it and everything it spawned.
+
+A subclass says how to run one model (`argv`, `env`, `protocol`) and what healthy means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+from modelium.gpu import process_tree
+from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
+from modelium.runtimes.process import ManagedProcess, free_port, process_argv, process_start_ticks
+from modelium.runtimes.records import RuntimeRecords
+from modelium.types import Endpoint, LoadRequest
+
+log = logging.getLogger(__name__)
+
+
+class ProcessRuntime(ABC):
+    name = "process"
+
+    def __init__(
+        self,
+        node: str,
+        log_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        load_timeout_seconds: float = 600.0,
+        state_dir: Path | None = None,
+    ) -> None:
+        self._node = node
+        self._log_dir = log_dir
+        self._host = host
+        self._load_timeout = load_timeout_seconds
+        self._procs: dict[str, tuple[ManagedProcess, Endpoint]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        # One record per started model, so that a node agent started after this one was killed
+        # adopts the processes that outlived it, or stops them (None: nothing is recorded).
+        self._records = RuntimeRecords(state_dir) if state_dir is not None else None
+
+    # -- what a runtime says -------------------------------------------------------------------
+    @abstractmethod
+    def argv(self, request: LoadRequest, port: int) -> list[str]:
+        """The command that serves `request.model` on `port`."""
+
+    def env(self, request: LoadRequest) -> dict[str, str]:
+        """Variables added to this process's environment for the runtime."""
+        return {}
+
+    @abstractmethod
+    def protocol(self, request: LoadRequest) -> str:
+        """The protocol the model's endpoint speaks (`modelium.types.Protocol`)."""
+
+    def port(self) -> int:
+        """A free port for the next model."""
+        return free_port(self._host)
+
+    async def probe(self, endpoint: Endpoint, model: str) -> None:
+        """Raise RuntimeUnhealthy unless the model answers at `endpoint`."""
+        await _get_ok(f"{endpoint.url}/health")
+
+    async def after_stop(self, model: str, pids: set[int]) -> None:
+        """Called once the process group (`pids`, as it was before the stop) is gone: e.g. to
+        confirm that its GPU memory came back."""
+        log.debug("%s: %s (pids %s) is gone", self.name, model, sorted(pids))
+
+    # -- the adapter interface -----------------------------------------------------------------
+    def _lock(self, model: str) -> asyncio.Lock:
+        return self._locks.setdefault(model, asyncio.Lock())
+
+    def running(self) -> list[str]:
+        return [m for m, (proc, _) in self._procs.items() if proc.alive()]
+
+    def process(self, model: str) -> ManagedProcess | None:
+        entry = self._procs.get(model)
+        return entry[0] if entry else None
+
+    def ports_in_use(self) -> set[int]:
+        return {int(e.url.rsplit(":", 1)[1]) for _, e in self._procs.values()}
+
+    async def start(self, request: LoadRequest, progress: Progress) -> Endpoint:
+        async with self._lock(request.model):
+            existing = self._procs.get(request.model)
+            if existing is not None:
+                proc, endpoint = existing
+                if proc.alive() and proc.argv == self.argv(request, int(endpoint.url.rsplit(":", 1)[1])):
+                    try:
+                        await self.probe(endpoint, request.model)
+                        return endpoint
+                    except RuntimeUnhealthy:
+                        pass
+                await self._stop_locked(request.model)
+            port = self.port()
+            env = dict(os.environ)
+            # Never reach for a model hub: everything is read from the model directory.
+            env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+            env.update(self.env(request))
+            proc = ManagedProcess(self.argv(request, port), self._log_dir / f"{request.model}.log", env=env)
+            try:
+                proc.start()
+            except OSError as exc:
+                raise RuntimeStartError(f"{self.name} could not be started ({proc.argv[0]}): {exc}",
+                                        retryable=False) from None  # fmt: skip
+            endpoint = Endpoint(f"http://{self._host}:{port}", self.protocol(request), self.name, self._node, proc.pid)
+            # Recorded before it is healthy: a node agent killed while this model loads must not
+            # leave it behind.
+            self._procs[request.model] = (proc, endpoint)
+            if self._records is not None:
+                self._records.save(request.model, proc, endpoint)
+            try:
+                await self._wait_healthy(proc, endpoint, request.model, progress)
+            except BaseException:
+                # Cancelled or failed: never leave a half-started process behind.
+                await self._stop_locked(request.model)
+                raise
+            log.info("%s serves %s at %s (pid %s)", self.name, request.model, endpoint.url, proc.pid)
+            return endpoint
+
+    async def _wait_healthy(self, proc: ManagedProcess, endpoint: Endpoint, model: str, progress: Progress) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._load_timeout
+        while True:
+            if not proc.alive():
+                raise RuntimeStartError(
+                    f"process exited with code {proc.exit_code()} before it became healthy; "
+                    f"last lines of {proc.log_path}:\n{proc.log_tail()}"
+                )
+            try:
+                await self.probe(endpoint, model)
+                return
+            except RuntimeUnhealthy as exc:
+                if loop.time() > deadline:
+                    raise RuntimeStartError(
+                        f"not healthy after {self._load_timeout:.0f}s ({exc}); last lines of "
+                        f"{proc.log_path}:\n{proc.log_tail()}"
+                    ) from None
+            progress(f"waiting for {model} (pid {proc.pid})")
+            await asyncio.sleep(0.25)
+
+    async def adopt(self) -> list[str]:
+        """Take over the processes an earlier node agent of this node left running (it was killed):
+        those still alive, the same process (pid, start time, command line) and healthy. Others are
+        stopped and forgotten. Returns the adopted models."""
+        if self._records is None:
+            return []
+        adopted = []
+        for model, record in self._records.load().items():
+            proc = ManagedProcess.adopt(record.pid, record.argv, self._log_dir / f"{model}.log", record.started_at)
+            same = process_start_ticks(record.pid) == record.start_ticks and process_argv(record.pid) == record.argv
+            if same:
+                try:
+                    await self.probe(record.endpoint, model)
+                except RuntimeUnhealthy as exc:
+                    log.warning("not adopting %s (pid %s): %s; stopping it", model, record.pid, exc)
+                    await asyncio.to_thread(proc.stop)
+                else:
+                    self._procs[model] = (proc, record.endpoint)
+                    adopted.append(model)
+                    log.info("adopted %s at %s (pid %s), left running by an earlier node agent",
+                             model, record.endpoint.url, record.pid)  # fmt: skip
+                    continue
+            self._records.remove(model)
+        return adopted
+
+    async def check_health(self, model: str) -> None:
+        entry = self._procs.get(model)
+        if entry is None:
+            raise RuntimeUnhealthy(f"{model} is not running on node {self._node}")
+        proc, endpoint = entry
+        if not proc.alive():
+            code = proc.exit_code()
+            raise RuntimeUnhealthy(f"{model}'s process {proc.pid} exited" + (f" with code {code}" if code else ""))
+        await self.probe(endpoint, model)
+
+    def dead(self) -> list[str]:
+        """Models whose process has exited without being stopped (crashed or killed)."""
+        return [m for m, (proc, _) in self._procs.items() if not proc.alive()]
+
+    async def stop(self, model: str) -> bool:
+        async with self._lock(model):
+            return await self._stop_locked(model)
+
+    async def _stop_locked(self, model: str) -> bool:
+        entry = self._procs.pop(model, None)
+        if entry is None:
+            return False
+        proc = entry[0]
+        pids = process_tree(proc.pid) if proc.pid is not None and proc.alive() else set()
+        await asyncio.to_thread(proc.stop)
+        if self._records is not None:
+            self._records.remove(model)
+        await self.after_stop(model, pids | ({proc.pid} if proc.pid else set()))
+        log.info("%s stopped %s (pid %s)", self.name, model, proc.pid)
+        return True
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(self.stop(model) for model in list(self._procs)))
+
+
+async def _get_ok(url: str, timeout: float = 5.0) -> httpx.Response:
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            response = await client.get(url)
+    except httpx.TransportError as exc:
+        raise RuntimeUnhealthy(f"{url} does not answer: {exc}") from exc
+    if response.status_code != 200:
+        raise RuntimeUnhealthy(f"{url} answered {response.status_code}")
+    return response
+
+
+async def probe_openai(endpoint: Endpoint, model: str, health_path: str = "/health") -> None:
+    """Healthy for an OpenAI-compatible server: `/health` answers and `/v1/models` lists the model."""
+    await _get_ok(f"{endpoint.url}{health_path}")
+    listed = await _get_ok(f"{endpoint.url}/v1/models")
+    try:
+        ids: Sequence[str] = [m["id"] for m in listed.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        raise RuntimeUnhealthy(f"{endpoint.url}/v1/models did not answer a model list") from None
+    if model not in ids:
+        raise RuntimeUnhealthy(f"{endpoint.url}/v1/models does not list {model} (it lists {', '.join(ids)})")

@@ -1,0 +1,117 @@
+"""vLLM: `vllm serve <model dir>` per model, on the GPUs its booking names.
+
+From the booking: `CUDA_VISIBLE_DEVICES` (the booked GPUs), `--tensor-parallel-size` (how many),
+and `--gpu-memory-utilization` = booked bytes / the GPU's memory, so that vLLM takes what was
+booked and never its default 0.9 of the whole GPU from the models beside it. Healthy when
+`/health` answers and `/v1/models` lists the model. After a stop, NVML must stop counting memory
+for the process before the stop returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from modelium.config import Vllm as VllmConfig
+from modelium.gpu import GpuReader
+from modelium.runtimes.base import RuntimeStartError
+from modelium.runtimes.managed import ProcessRuntime, probe_openai
+from modelium.types import Endpoint, LoadRequest, Protocol
+
+log = logging.getLogger(__name__)
+
+NAME = "vllm"
+
+
+class VllmRuntimeAdapter(ProcessRuntime):
+    name = NAME
+
+    def __init__(
+        self,
+        node: str,
+        log_dir: Path,
+        config: VllmConfig,
+        capacities: Mapping[str, int],
+        gpu: GpuReader | None = None,
+        state_dir: Path | None = None,
+        memory_freed_timeout: float = 60.0,
+    ) -> None:
+        super().__init__(node, log_dir, host=config.host, load_timeout_seconds=config.load_timeout_seconds,
+                         state_dir=state_dir)  # fmt: skip
+        self._config = config
+        self._capacities = dict(capacities)
+        self._gpu = gpu
+        self._freed_timeout = memory_freed_timeout
+
+    @staticmethod
+    def gpu_memory_utilization(booked_bytes: int, total_bytes: int) -> float:
+        """The share of the GPU vLLM may take: what was booked, rounded down to 0.001."""
+        share = math.floor(booked_bytes / total_bytes * 1000) / 1000
+        if share <= 0:
+            raise RuntimeStartError(
+                f"a booking of {booked_bytes / 2**20:.0f} MiB is under 0.1% of a {total_bytes / 2**30:.0f} GiB GPU; "
+                "vLLM's --gpu-memory-utilization must be above 0", retryable=False,
+            )  # fmt: skip
+        return min(share, 0.98)
+
+    def argv(self, request: LoadRequest, port: int) -> list[str]:
+        booking = request.booking
+        devices = booking.all_devices
+        if not all(d.startswith("cuda:") for d in devices):
+            raise RuntimeStartError(f"vLLM runs on GPUs; {request.model} was booked on {', '.join(devices)}",
+                                    retryable=False)  # fmt: skip
+        totals = [self._capacities.get(d) for d in devices]
+        if any(t is None for t in totals):
+            raise RuntimeStartError(f"node {self._node} does not know the size of {', '.join(devices)}",
+                                    retryable=False)  # fmt: skip
+        utilization = min(self.gpu_memory_utilization(booking.bytes, t) for t in totals if t)
+        fill = {"model_dir": request.path, "name": request.model}
+        return [
+            *(part.format(**fill) for part in self._config.command),
+            "--served-model-name", request.model,
+            "--host", self._host,
+            "--port", str(port),
+            "--tensor-parallel-size", str(len(devices)),
+            "--gpu-memory-utilization", f"{utilization:g}",
+            *(part.format(**fill) for part in self._config.extra_args),
+        ]  # fmt: skip
+
+    def env(self, request: LoadRequest) -> dict[str, str]:
+        return {"CUDA_VISIBLE_DEVICES": ",".join(d.split(":", 1)[1] for d in request.booking.all_devices)}
+
+    def protocol(self, request: LoadRequest) -> str:
+        return Protocol.OPENAI
+
+    def port(self) -> int:
+        """The first port of `vllm.port_range` that no model of this node holds and that is free."""
+        first, last = self._config.port_range
+        taken = self.ports_in_use()
+        for port in range(first, last + 1):
+            if port in taken:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((self._host, port))
+                except OSError:
+                    continue
+            return port
+        raise RuntimeStartError(f"no free port in vllm.port_range {first}-{last} on node {self._node}")
+
+    async def probe(self, endpoint: Endpoint, model: str) -> None:
+        await probe_openai(endpoint, model)
+
+    async def after_stop(self, model: str, pids: set[int]) -> None:
+        """Wait until NVML no longer counts GPU memory for the stopped processes."""
+        if self._gpu is None or not pids:
+            return
+        deadline = time.monotonic() + self._freed_timeout
+        while held := {gpu: n for gpu, n in self._gpu.process_memory(pids).items() if n > 0}:
+            if time.monotonic() > deadline:
+                log.error("vLLM's %s stopped (pids %s) but NVML still counts %s", model, sorted(pids), held)
+                return
+            await asyncio.sleep(0.2)

@@ -1,0 +1,147 @@
+"""The vLLM adapter's whole contract, against a stand-in: vLLM needs a GPU, and this machine has
+none. `tests/standins/vllm_serve.py` stands in for `vllm serve`: it takes the command line the
+adapter builds (recording it) and serves the model over the same OpenAI protocol with Modelium's
+embedded server. The NVML seam stands in for the GPUs' memory readings.
+
+Checked: arguments and CUDA_VISIBLE_DEVICES from a booking (tensor parallel, memory share, port
+range, extra args), the health wait (`/health` and `/v1/models`), streaming through the gateway,
+stop of the process group, and the wait for NVML to give the memory back.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.testing import WorkflowEnvironment
+
+from modelium.config import Vllm
+from modelium.gpu import GpuInfo
+from modelium.runtimes.base import RuntimeStartError
+from modelium.runtimes.process import free_port, pid_alive
+from modelium.runtimes.vllm import VllmRuntimeAdapter
+from modelium.types import Booking, LoadRequest
+from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_for, wait_phase
+
+pytestmark = pytest.mark.slow
+
+GIB = 2**30
+H100 = 80 * GIB
+STANDIN = str(Path(__file__).parent / "standins" / "vllm_serve.py")
+
+
+class GpusHoldingWhileAlive:
+    """The NVML seam for two H100s on which a process holds 6 GiB for as long as it runs."""
+
+    def __init__(self) -> None:
+        self.reads_while_held = 0
+
+    def gpus(self) -> list[GpuInfo]:
+        return [GpuInfo(i, f"GPU-{i}", "NVIDIA H100 80GB HBM3", H100, 0) for i in range(2)]
+
+    def process_memory(self, pids: set[int]) -> dict[int, int]:
+        held = {0: 6 * GIB} if any(pid_alive(p) for p in pids) else {}
+        self.reads_while_held += bool(held)
+        return held
+
+
+def _config(tmp_path: Path, **extra: Any) -> Vllm:
+    first = free_port()
+    return Vllm(enabled=True, command=[sys.executable, STANDIN, "serve", "{model_dir}"],
+                extra_args=["--max-model-len", "256"], port_range=(first, first + 20), **extra)  # fmt: skip
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def test_vllm_contract_from_booking_to_stop(
+    demo_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = tmp_path / "standin.jsonl"
+    monkeypatch.setenv("MODELIUM_STANDIN_RECORD", str(record))
+    config = _config(tmp_path)
+    gpu = GpusHoldingWhileAlive()
+    adapter = VllmRuntimeAdapter("n", tmp_path / "logs", config, {"cpu": 8 * GIB, "cuda:0": H100, "cuda:1": H100},
+                                 gpu, state_dir=tmp_path / "runtimes")  # fmt: skip
+    model = str(demo_models["text-generation"])
+    booking = Booking("big", "n", "cuda:0", 20 * GIB, ["cuda:0", "cuda:1"])
+    progress: list[str] = []
+    endpoint = await adapter.start(LoadRequest("big", model, "vllm", "text-generation", booking), progress.append)
+    try:
+        [seen] = _records(record)
+        port = int(endpoint.url.rsplit(":", 1)[1])
+        assert seen["argv"] == [
+            "serve", model, "--served-model-name", "big", "--host", "127.0.0.1", "--port", str(port),
+            "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.25", "--max-model-len", "256",
+        ]  # fmt: skip
+        assert seen["cuda_visible_devices"] == "0,1"
+        assert config.port_range[0] <= port <= config.port_range[1]
+        assert progress, "the adapter reported progress while the server loaded"
+        # Healthy means /v1/models lists the model: the OpenAI API answers for it.
+        async with httpx.AsyncClient(base_url=endpoint.url, timeout=60) as http:
+            answer = await http.post("/v1/completions", json={"model": "big", "prompt": "Hi", "max_tokens": 2})
+            assert answer.status_code == 200 and answer.json()["model"] == "big"
+        # Idempotent: a retried load returns the running server.
+        again = await adapter.start(LoadRequest("big", model, "vllm", "text-generation", booking), progress.append)
+        assert again == endpoint and len(_records(record)) == 1
+        # A second model takes the next port of the range.
+        single = Booking("small", "n", "cuda:1", 8 * GIB)
+        other = await adapter.start(LoadRequest("small", model, "vllm", "text-generation", single), progress.append)
+        assert other.url != endpoint.url
+        assert _records(record)[1]["argv"][-5:-2] == ["1", "--gpu-memory-utilization", "0.1"]
+        await adapter.stop("small")
+    finally:
+        assert await adapter.stop("big")
+    assert endpoint.pid is not None and not pid_alive(endpoint.pid)
+    assert gpu.process_memory({endpoint.pid}) == {}
+    assert adapter.running() == [] and not list((tmp_path / "runtimes").glob("*.json"))
+
+
+def test_vllm_refuses_bookings_it_cannot_run(tmp_path: Path) -> None:
+    adapter = VllmRuntimeAdapter("n", tmp_path, _config(tmp_path), {"cpu": 8 * GIB, "cuda:0": H100})
+    request = LoadRequest("m", "/m", "vllm", "text-generation", Booking("m", "n", "cpu", GIB))
+    with pytest.raises(RuntimeStartError, match="vLLM runs on GPUs; m was booked on cpu"):
+        adapter.argv(request, 8000)
+    tiny = LoadRequest("m", "/m", "vllm", "text-generation", Booking("m", "n", "cuda:0", 50 * 2**20))
+    with pytest.raises(RuntimeStartError, match="50 MiB is under 0.1% of a 80 GiB GPU"):
+        adapter.argv(tiny, 8000)
+    with pytest.raises(ValueError, match="--port are set by Modelium"):
+        Vllm(extra_args=["--port=9000"])
+
+
+async def test_vllm_through_modelium_streams_and_unloads(
+    temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = tmp_path / "standin.jsonl"
+    monkeypatch.setenv("MODELIUM_STANDIN_RECORD", str(record))
+    config = _config(tmp_path).model_dump()
+    settings = make_settings(tmp_path, vllm=config)
+    name = unique("llm")
+    async with running_modelium(settings, temporal_env.client, gpu=GpusHoldingWhileAlive()) as running:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=120) as http:
+            copy_model(demo_models["text-generation"], settings.watch_directories[0] / name)
+            info = await wait_phase(http, name, "loaded", timeout=180)
+            # A decoder LLM on a node with GPUs and vLLM enabled: vLLM on a GPU.
+            assert (info["runtime"], info["device"]) == ("vllm", "cuda:0"), info
+            [seen] = _records(record)
+            assert seen["cuda_visible_devices"] == "0"
+            body = {"model": name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
+                    "stream": True}  # fmt: skip
+            events = []
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"].startswith("text/event-stream")
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+            assert events[-1] == "[DONE]" and len(events) >= 3
+            assert json.loads(events[0])["model"] == name
+            pid = seen["pid"]
+            response = await http.post(f"/models/{name}/unload", json={"wait": True})
+            assert response.status_code == 200, response.text
+            await wait_for(lambda: not pid_alive(pid), timeout=30, what="the vLLM stand-in to stop")
