@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -51,6 +52,10 @@ async def serving_model(gw: Gateway, name: str) -> ModelState:
         return state
     if state.phase == Phase.FAILED:
         raise failed_model(state)
+    if state.phase == Phase.RESTARTING:
+        wait = max(1, math.ceil((state.restart_at or 0) - time.time()))
+        raise ModelNotReady(f"model {name} is restarting: {state.last_error}", retry_after=wait,
+                            extra={"phase": state.phase})  # fmt: skip
     return await gw.cold.wait_loaded(state)
 
 

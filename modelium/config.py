@@ -81,6 +81,10 @@ class ModelDiscovery(_Section):
 
 class Policies(_Section):
     evict_after_idle_seconds: float = Field(default=300.0, gt=0.0)
+    # A runtime that crashes is restarted after restart_backoff_seconds, doubling each time, at
+    # most max_restarts times in 10 minutes; then the model is `failed` until asked to load.
+    max_restarts: int = Field(default=3, ge=0, le=100)
+    restart_backoff_seconds: float = Field(default=2.0, gt=0.0, le=600.0)
 
 
 class Eviction(_Section):
@@ -201,6 +205,8 @@ class Node(_Section):
     cpu_memory_budget_bytes: int | None = Field(default=None, gt=0)
     # How often the node agent announces its inventory; three missed announcements mean gone.
     announce_seconds: float = Field(default=5.0, gt=0.0, le=300.0)
+    # How often the node agent looks for runtime processes that exited on their own.
+    process_check_seconds: float = Field(default=2.0, gt=0.0, le=300.0)
 
     @field_validator("id")
     @classmethod

@@ -19,6 +19,8 @@ class Phase:
     WAITING_FOR_CAPACITY = "waiting_for_capacity"
     # Idle models are being unloaded to make room for this one.
     EVICTING = "evicting"
+    # The runtime crashed; it is started again at `restart_at` (requests get a 503 meanwhile).
+    RESTARTING = "restarting"
     LOADED = "loaded"
     UNLOADING = "unloading"
     UNLOADED = "unloaded"
@@ -333,3 +335,7 @@ class ModelState:
     pinned: bool = False
     # Requests counted per organization (API keys map to one); "anonymous" without keys.
     requests_by_organization: dict[str, int] = field(default_factory=dict)
+    # Crashes of its runtime in the current 10-minute window, and when the next start is due.
+    crash_count: int = 0
+    crashed_at: float | None = None
+    restart_at: float | None = None

@@ -89,6 +89,27 @@ async def announce_forever(client: Client, agent: NodeAgent, control_queue: str,
         await asyncio.sleep(interval)
 
 
+async def watch_processes(client: Client, agent: NodeAgent, interval: float) -> None:
+    """Notice runtime processes that exited on their own (crashed, killed) and tell their
+    workflows, which restart them; each death is reported once."""
+    reported: set[tuple[str, int | None]] = set()
+    while True:
+        dead = {(model, pid) for adapter in agent.adapters.values() for model, pid in adapter.dead().items()}
+        for model, pid in dead - reported:
+            log.warning("runtime process %s of %s exited on its own", pid, model)
+            try:
+                await client.get_workflow_handle(workflow_id(model)).signal(
+                    ModelLifecycleWorkflow.report_unhealthy,
+                    HealthReport(f"its runtime process {pid} on node {agent.node_id} exited"),
+                )
+            except RPCError as exc:
+                log.warning("could not report %s's exit: %s", model, exc.message)
+                continue
+            reported.add((model, pid))
+        reported &= dead
+        await asyncio.sleep(interval)
+
+
 async def leave(client: Client, agent: NodeAgent, reason: str) -> None:
     try:
         await client.get_workflow_handle(node_workflow_id(agent.node_id)).signal(

@@ -24,7 +24,7 @@ from modelium.config import Settings
 from modelium.gpu import GpuReader
 from modelium.metrics import Metrics
 from workers.control import control_worker
-from workers.node import NodeAgent, announce_forever, leave, node_agent, reconcile_node
+from workers.node import NodeAgent, announce_forever, leave, node_agent, reconcile_node, watch_processes
 from workers.temporal_server import EmbeddedTemporal, ensure_search_attributes
 from workers.watch import WorkflowBridge, folder_watcher
 
@@ -143,6 +143,11 @@ async def serve(
                 name="node-announce",
             )
             tasks.append(announcer)
+            process_watch = asyncio.create_task(
+                watch_processes(client, agent, settings.node.process_check_seconds), name="process-watch"
+            )
+            tasks.append(process_watch)
+            stack.callback(process_watch.cancel)
             stack.push_async_callback(leave, client, agent, "node agent stopped")
             stack.callback(announcer.cancel)
             # Runs after the worker stops (callbacks unwind in reverse): nothing left running.

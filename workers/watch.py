@@ -35,6 +35,8 @@ class WorkflowBridge:
                 source=source,
                 idle_seconds=self._settings.idle_seconds,
                 load_timeout_seconds=self._settings.runtimes.embedded.load_timeout_seconds,
+                max_restarts=self._settings.orchestration.policies.max_restarts,
+                restart_backoff_seconds=self._settings.orchestration.policies.restart_backoff_seconds,
             ),
             id=workflow_id(source.name),
             task_queue=self._task_queue,

@@ -62,6 +62,8 @@ class LifecycleInput:
     source: ModelSource
     idle_seconds: float = 300.0
     load_timeout_seconds: float = 600.0
+    max_restarts: int = 3
+    restart_backoff_seconds: float = 2.0
     # Set when the workflow continues as new: everything it knew, so nothing restarts.
     state: ModelState | None = None
 

@@ -62,6 +62,8 @@ _NODE_STEP = RetryPolicy(
     maximum_attempts=3,
     non_retryable_error_types=[ErrorType.INSUFFICIENT_CAPACITY],
 )
+# Crashes counted against `max_restarts` within this window.
+_CRASH_WINDOW_SECONDS = 600
 # A node agent that is down leaves node activities unstarted; past this they fail visibly.
 _NODE_SCHEDULE_TO_CLOSE = timedelta(minutes=10)
 
@@ -497,6 +499,44 @@ class ModelLifecycleWorkflow:
             await self._take_down(Phase.DISCOVERED, reason, UnloadKind.UNHEALTHY)
             self._state.last_error = reason
             self._want_loaded = True
+            if workflow.patched("restart-backoff"):
+                await self._restart_after_crash(reason)
+
+    async def _restart_after_crash(self, reason: str) -> None:
+        """Start a crashed runtime again after a backoff (doubling), at most `max_restarts` times
+        in 10 minutes; past that the model is `failed` until someone asks to load it."""
+        st, inp = self._state, self._input
+        now = workflow.now().timestamp()
+        if st.crashed_at is None or now - st.crashed_at > _CRASH_WINDOW_SECONDS:
+            st.crash_count = 0
+        st.crash_count += 1
+        st.crashed_at = now
+        if st.crash_count > inp.max_restarts:
+            st.last_error = (
+                f"the runtime failed {st.crash_count} times within {_CRASH_WINDOW_SECONDS // 60} minutes; "
+                f"not restarted again (last: {reason}). Load it again (POST /models/{st.name}/load) to retry"
+            )
+            workflow.logger.warning("model %s: %s", st.name, st.last_error)
+            self._bringups += 1
+            self._set_phase(Phase.FAILED)
+            return
+        delay = inp.restart_backoff_seconds * 2 ** (st.crash_count - 1)
+        st.last_error = f"{reason}; restart {st.crash_count} of {inp.max_restarts} in {delay:g}s"
+        st.restart_at = now + delay
+        self._set_phase(Phase.RESTARTING)
+        try:
+            await workflow.wait_condition(
+                lambda: self._remove_reason is not None or self._new_source is not None or not self._want_loaded,
+                timeout=timedelta(seconds=delay),
+            )
+        except TimeoutError:
+            pass
+        st.restart_at = None
+        if not self._want_loaded:
+            self._unload_reason = None
+            self._set_phase(Phase.UNLOADED)
+            return
+        self._set_phase(Phase.DISCOVERED)
 
     async def _apply_new_source(self) -> None:
         source, self._new_source = self._new_source, None

@@ -50,6 +50,10 @@ class RuntimeAdapter(Protocol):
         """Models this adapter is serving now."""
         ...
 
+    def dead(self) -> dict[str, int | None]:
+        """Models whose process exited without being stopped (crashed, killed), with its pid."""
+        ...
+
     async def adopt(self) -> list[str]:
         """Take over the healthy runtime processes an earlier node agent of this node left
         running (it was killed). Returns the models adopted."""

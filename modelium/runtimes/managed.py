@@ -181,9 +181,9 @@ class ProcessRuntime(ABC):
             raise RuntimeUnhealthy(f"{model}'s process {proc.pid} exited" + (f" with code {code}" if code else ""))
         await self.probe(endpoint, model)
 
-    def dead(self) -> list[str]:
-        """Models whose process has exited without being stopped (crashed or killed)."""
-        return [m for m, (proc, _) in self._procs.items() if not proc.alive()]
+    def dead(self) -> dict[str, int | None]:
+        """Models whose process exited without being stopped (crashed, killed), with its pid."""
+        return {m: proc.pid for m, (proc, _) in self._procs.items() if not proc.alive()}
 
     async def stop(self, model: str) -> bool:
         async with self._lock(model):
