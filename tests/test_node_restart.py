@@ -18,13 +18,37 @@ import pytest
 import yaml
 from temporalio.testing import WorkflowEnvironment
 
+from modelium.config import Settings
 from modelium.names import node_workflow_id, workflow_id
-from modelium.runtimes.process import pid_alive
+from modelium.runtimes.process import pid_alive, process_argv
 from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_for, wait_phase
 from workflows.lifecycle import ModelLifecycleWorkflow
 from workflows.nodes import NodeRegistryWorkflow
 
 pytestmark = pytest.mark.slow
+
+
+def _node_config(path: Path, settings: Settings, client_target: str) -> Path:
+    path.write_text(yaml.safe_dump({
+        "state_dir": str(settings.state_dir),
+        "node": {"id": settings.node.id, "cpu_memory_budget_bytes": 4 * 2**30, "announce_seconds": 0.5,
+                 "process_check_seconds": 0.5},
+        "temporal": {"address": client_target, "control_task_queue": settings.temporal.control_task_queue},
+        "metrics": {"enabled": False},
+        "runtimes": {"embedded": {"cpu_threads": 1}},
+    }))  # fmt: skip
+    return path
+
+
+def _serving(model: str) -> list[int]:
+    """Pids of every live runtime process serving `model` on this machine (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and pid_alive(int(entry.name)):
+            argv = process_argv(int(entry.name)) or []
+            if "modelium.runtimes.embedded_server" in argv and argv[argv.index("--name") + 1] == model:
+                found.append(int(entry.name))
+    return found
 
 
 def _node_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -43,15 +67,7 @@ async def test_node_agent_sigkill_and_restart_keeps_bookings_and_models(
     settings = make_settings(tmp_path, node={"id": unique("killed"), "cpu_memory_budget_bytes": 4 * 2**30,
                                              "announce_seconds": 0.5})  # fmt: skip
     node = settings.node.id
-    config = tmp_path / "node.yaml"
-    config.write_text(yaml.safe_dump({
-        "state_dir": str(settings.state_dir),
-        "node": {"id": node, "cpu_memory_budget_bytes": 4 * 2**30, "announce_seconds": 0.5},
-        "temporal": {"address": client.service_client.config.target_host,
-                     "control_task_queue": settings.temporal.control_task_queue},
-        "metrics": {"enabled": False},
-        "runtimes": {"embedded": {"cpu_threads": 1}},
-    }))  # fmt: skip
+    config = _node_config(tmp_path / "node.yaml", settings, client.service_client.config.target_host)
     log = tmp_path / "node-agent.log"
     ledger_file = settings.state_dir / "nodes" / node / "bookings.json"
     name = unique("survivor")
@@ -114,3 +130,44 @@ async def test_node_agent_sigkill_and_restart_keeps_bookings_and_models(
                 agent.kill()
         await asyncio.sleep(0)
     assert agent.returncode in (0, -signal.SIGTERM), log.read_text()[-3000:]
+
+
+async def test_node_agent_sigkill_while_loading_leaves_no_orphan(
+    temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    client = temporal_env.client
+    settings = make_settings(tmp_path, node={"id": unique("midload"), "announce_seconds": 0.5})
+    config = _node_config(tmp_path / "node.yaml", settings, client.service_client.config.target_host)
+    log = tmp_path / "node-agent.log"
+    records = settings.state_dir / "nodes" / settings.node.id / "runtimes" / "embedded"
+    name = unique("midload")
+    agent = _node_agent(config, log)
+    try:
+        async with running_modelium(settings, client, node=False) as running:
+            base = f"http://127.0.0.1:{running.gateway_port}"
+            async with httpx.AsyncClient(base_url=base, timeout=120) as http:
+                copy_model(demo_models["text-generation"], settings.watch_directories[0] / name)
+                # The runtime process is started (and recorded) but not yet healthy.
+                await wait_for(lambda: (records / f"{name}.json").is_file(), timeout=120, what="the runtime spawned")
+                assert (await http.get(f"/models/{name}")).json()["phase"] == "loading"
+                agent.send_signal(signal.SIGKILL)
+                agent.wait(timeout=30)
+                [orphan_to_be] = _serving(name)
+
+                agent = _node_agent(config, log)
+                info = await wait_phase(http, name, "loaded", timeout=120)
+                # Exactly one process serves the model: the one adopted or a fresh one, never both.
+                assert _serving(name) == [info["endpoint"]["pid"]], (_serving(name), info)
+                if info["endpoint"]["pid"] != orphan_to_be:
+                    assert not pid_alive(orphan_to_be)
+                body = {"model": name, "prompt": "Hi", "max_tokens": 2}
+                assert (await http.post("/v1/completions", json=body)).status_code == 200
+    finally:
+        if agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+    # The agent's clean stop takes its runtimes with it.
+    assert _serving(name) == [], log.read_text()[-3000:]
