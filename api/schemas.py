@@ -10,12 +10,14 @@ from modelium.types import ModelState
 
 
 class PredictRequest(BaseModel):
-    """`prompt` for text generation, `inputs` for every task (a string or a list of strings)."""
+    """`prompt` for text generation, `inputs` for every task: a string or a list of strings; for a
+    Triton (KServe v2) model also named tensors as nested lists (`{"INPUT0": [[1, 2]]}`) or KServe
+    v2 tensors as they are (`[{"name": ..., "shape": ..., "datatype": ..., "data": ...}]`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = Field(default=None, min_length=1, max_length=200_000)
-    inputs: str | list[str] | None = None
+    inputs: str | list[str] | dict[str, Any] | list[dict[str, Any]] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)

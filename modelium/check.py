@@ -81,6 +81,37 @@ def check_vllm(settings: Settings, run: Callable[..., subprocess.CompletedProces
                           f"extra args: {' '.join(settings.vllm.extra_args) or 'none'}"])  # fmt: skip
 
 
+def check_triton(settings: Settings) -> Check:
+    from modelium.runtimes.triton import BACKEND_PACKAGES, bundled_server, find_binary
+
+    config = settings.triton
+    if not config.enabled:
+        return Check("triton", True, "not enabled (triton.enabled: false)", skipped=True)
+    if config.url:
+        try:
+            import httpx
+
+            meta = httpx.get(f"{config.url.rstrip('/')}/v2", timeout=5).json()
+        except Exception as exc:
+            return Check("triton", False, f"the server at triton.url {config.url} does not answer: {exc}",
+                         fix="start tritonserver with --model-control-mode=explicit, or unset triton.url")  # fmt: skip
+        return Check("triton", True, f"Triton {meta.get('version', '?')} at {config.url}",
+                     details=[f"extensions: {', '.join(meta.get('extensions', []))}"])  # fmt: skip
+    binary = find_binary(config.binary)
+    if binary is None:
+        return Check("triton", False, f"no tritonserver found (triton.binary: {config.binary})",
+                     fix="pip install --no-deps nvidia-pytriton (a CPU-capable server with the python backend), "
+                         "or run NVIDIA's Triton container and set triton.url")  # fmt: skip
+    details = [f"binary: {binary}"]
+    if bundled_server() is not None:
+        details.append(f"from nvidia-pytriton {_version('nvidia-pytriton')}")
+        if not (BACKEND_PACKAGES / "numpy").is_dir():
+            return Check("triton", False, "the python backend's numpy 1.x is missing",
+                         fix=f"pip install --target {BACKEND_PACKAGES} 'numpy<2' (scripts/setup.sh does)",
+                         details=details)  # fmt: skip
+    return Check("triton", True, f"tritonserver at {binary} (started by the node agent)", details=details)
+
+
 def check_unsupported(settings: Settings, key: str, title: str) -> Check:
     if not getattr(settings, key).enabled:
         return Check(title, True, f"not enabled ({key}.enabled: false)", skipped=True)
@@ -128,7 +159,7 @@ def run_checks(settings: Settings, reader: GpuReader | None = None) -> list[Chec
         check_gpus(reader if reader is not None else NvmlReader()),
         check_embedded(settings),
         check_vllm(settings),
-        check_unsupported(settings, "triton", "Triton"),
+        check_triton(settings),
         check_unsupported(settings, "ray_serve", "Ray Serve"),
     ]
 

@@ -38,6 +38,20 @@ class RuntimeToggle(_Section):
     enabled: bool = False
 
 
+class Triton(_Section):
+    """NVIDIA Triton in explicit model-control mode: the server at `url`, or one the node agent
+    starts from `binary` ("auto": the one in the nvidia-pytriton wheel, else `tritonserver` on PATH)."""
+
+    enabled: bool = False
+    url: str | None = None
+    binary: str = "auto"
+    # Where Modelium writes model entries; None: under the node's state directory.
+    model_repository: Path | None = None
+    # The started server's HTTP port; None: a free one.
+    http_port: int | None = Field(default=None, ge=1, le=65535)
+    start_timeout_seconds: float = Field(default=120.0, gt=0.0)
+
+
 class Vllm(_Section):
     """vLLM's OpenAI-compatible server, one process per model on the booked GPUs."""
 
@@ -235,7 +249,7 @@ class Settings(_Section):
     state_dir: Path = Path("./.modelium")
     log_level: str = "INFO"
     vllm: Vllm = Field(default_factory=Vllm)
-    triton: RuntimeToggle = Field(default_factory=RuntimeToggle)
+    triton: Triton = Field(default_factory=Triton)
     ray_serve: RuntimeToggle = Field(default_factory=RuntimeToggle)
     orchestration: Orchestration = Field(default_factory=Orchestration)
     metrics: Metrics = Field(default_factory=Metrics)

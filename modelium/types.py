@@ -69,6 +69,8 @@ class Protocol:
     OPENAI = "openai"
     # Modelium's own JSON: POST /predict {"inputs": ...} -> {"output": ...}.
     MODELIUM_JSON = "modelium-json"
+    # KServe v2 (Triton): POST /v2/models/<name>/infer with named tensors.
+    KSERVE_V2 = "kserve-v2"
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from modelium.check import check_embedded, check_unsupported, check_vllm, report
+from modelium.check import check_embedded, check_triton, check_unsupported, check_vllm, report
 from modelium.cli import main
 from modelium.config import load_settings
 
@@ -43,11 +43,11 @@ def test_vllm_found_missing_or_broken(tmp_path: Path) -> None:
 
 
 def test_report_and_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    settings = load_settings(environ={}, overrides={"triton": {"enabled": True}})
-    triton = check_unsupported(settings, "triton", "Triton")
-    text = report([check_embedded(settings), triton], verbose=True)
+    settings = load_settings(environ={}, overrides={"ray_serve": {"enabled": True}})
+    ray = check_unsupported(settings, "ray_serve", "Ray Serve")
+    text = report([check_embedded(settings), ray], verbose=True)
     assert "  ok  embedded runtime  torch " in text
-    assert "FAIL  Triton" in text and "fix: set triton.enabled: false" in text
+    assert "FAIL  Ray Serve" in text and "fix: set ray_serve.enabled: false" in text
     config = tmp_path / "modelium.yaml"
     config.write_text(f"state_dir: {tmp_path / 'state'}\n")
     assert main(["--config", str(config), "check"]) == 0
@@ -55,3 +55,16 @@ def test_report_and_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     config.write_text(f"state_dir: {tmp_path / 'state'}\nray_serve: {{enabled: true}}\n")
     assert main(["--config", str(config), "check", "--verbose"]) == 1
     assert "1 problem(s): Ray Serve" in capsys.readouterr().out
+
+
+def test_triton_found_or_missing(tmp_path: Path) -> None:
+    found = check_triton(load_settings(environ={}, overrides={"triton": {"enabled": True}}))
+    assert found.ok and "tritonserver at" in found.summary, found
+    missing = check_triton(
+        load_settings(environ={}, overrides={"triton": {"enabled": True, "binary": "no-such-triton"}})
+    )
+    assert not missing.ok and missing.fix is not None and "nvidia-pytriton" in missing.fix
+    unreachable = check_triton(
+        load_settings(environ={}, overrides={"triton": {"enabled": True, "url": "http://127.0.0.1:9"}})
+    )
+    assert not unreachable.ok and "does not answer" in unreachable.summary

@@ -11,6 +11,7 @@ from activities.control import ControlActivities, RegistryNodes, RegistryResiden
 from modelium.config import Settings
 from modelium.metrics import Metrics
 from modelium.runtimes.embedded import NAME as EMBEDDED
+from modelium.runtimes.triton import NAME as TRITON
 from modelium.runtimes.vllm import NAME as VLLM
 from workflows.lifecycle import ModelLifecycleWorkflow
 from workflows.nodes import NodeRegistryWorkflow
@@ -24,7 +25,9 @@ def available_runtimes(settings: Settings) -> list[str]:
     runtimes = [EMBEDDED]
     if settings.vllm.enabled:
         runtimes.append(VLLM)
-    missing = [key for key in ("triton", "ray_serve") if getattr(settings, key).enabled]
+    if settings.triton.enabled:
+        runtimes.append(TRITON)
+    missing = [key for key in ("ray_serve",) if getattr(settings, key).enabled]
     if missing:
         log.warning(
             "%s set in the configuration, but this version has no adapter for %s yet",

