@@ -112,11 +112,26 @@ def check_triton(settings: Settings) -> Check:
     return Check("triton", True, f"tritonserver at {binary} (started by the node agent)", details=details)
 
 
-def check_unsupported(settings: Settings, key: str, title: str) -> Check:
-    if not getattr(settings, key).enabled:
-        return Check(title, True, f"not enabled ({key}.enabled: false)", skipped=True)
-    return Check(title, False, f"{key}.enabled is set, but this version of Modelium has no {title} adapter",
-                 fix=f"set {key}.enabled: false; models go to the other runtimes")  # fmt: skip
+def check_ray_serve(settings: Settings) -> Check:
+    config = settings.ray_serve
+    if not config.enabled:
+        return Check("ray serve", True, "not enabled (ray_serve.enabled: false)", skipped=True)
+    if config.address:
+        try:
+            import httpx
+
+            response = httpx.get(f"{config.address.rstrip('/')}/api/version", timeout=5)
+            version = response.json().get("ray_version", "?")
+        except Exception as exc:
+            return Check("ray serve", False, f"the Ray dashboard at ray_serve.address {config.address} does not "
+                         f"answer: {exc}", fix="start the cluster (ray start --head), or unset ray_serve.address "
+                         "to let the node agent start a local one")  # fmt: skip
+        return Check("ray serve", True, f"Ray {version} at {config.address}")
+    version = _version("ray")
+    if version is None or _version("fastapi") is None:
+        return Check("ray serve", False, "Ray is not installed", fix="pip install 'modelium[ray]' (ray[serve])")
+    return Check("ray serve", True, f"Ray {version}: the node agent starts a local cluster",
+                 details=[f"Serve HTTP port {config.http_port}"])  # fmt: skip
 
 
 def check_gpus(reader: GpuReader) -> Check:
@@ -160,7 +175,7 @@ def run_checks(settings: Settings, reader: GpuReader | None = None) -> list[Chec
         check_embedded(settings),
         check_vllm(settings),
         check_triton(settings),
-        check_unsupported(settings, "ray_serve", "Ray Serve"),
+        check_ray_serve(settings),
     ]
 
 

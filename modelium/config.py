@@ -34,10 +34,6 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class RuntimeToggle(_Section):
-    enabled: bool = False
-
-
 class Triton(_Section):
     """NVIDIA Triton in explicit model-control mode: the server at `url`, or one the node agent
     starts from `binary` ("auto": the one in the nvidia-pytriton wheel, else `tritonserver` on PATH)."""
@@ -50,6 +46,20 @@ class Triton(_Section):
     # The started server's HTTP port; None: a free one.
     http_port: int | None = Field(default=None, ge=1, le=65535)
     start_timeout_seconds: float = Field(default=120.0, gt=0.0)
+
+
+class RayServe(_Section):
+    """Ray Serve: the cluster whose dashboard is at `address` (e.g. http://head:8265), or a local
+    one the node agent starts. One application per model, route prefix /<model>."""
+
+    enabled: bool = False
+    address: str | None = None
+    # Port of Serve's HTTP proxy (the gateway sends requests there).
+    http_port: int = Field(default=8500, ge=1, le=65535)
+    # CPUs the local cluster offers; None: all of this machine's.
+    num_cpus: int | None = Field(default=None, ge=1)
+    start_timeout_seconds: float = Field(default=180.0, gt=0.0)
+    load_timeout_seconds: float = Field(default=600.0, gt=0.0)
 
 
 class Vllm(_Section):
@@ -250,7 +260,7 @@ class Settings(_Section):
     log_level: str = "INFO"
     vllm: Vllm = Field(default_factory=Vllm)
     triton: Triton = Field(default_factory=Triton)
-    ray_serve: RuntimeToggle = Field(default_factory=RuntimeToggle)
+    ray_serve: RayServe = Field(default_factory=RayServe)
     orchestration: Orchestration = Field(default_factory=Orchestration)
     metrics: Metrics = Field(default_factory=Metrics)
     temporal: Temporal = Field(default_factory=Temporal)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from modelium.check import check_embedded, check_triton, check_unsupported, check_vllm, report
+from modelium.check import check_embedded, check_ray_serve, check_triton, check_vllm, report
 from modelium.cli import main
 from modelium.config import load_settings
 
@@ -43,18 +43,20 @@ def test_vllm_found_missing_or_broken(tmp_path: Path) -> None:
 
 
 def test_report_and_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    settings = load_settings(environ={}, overrides={"ray_serve": {"enabled": True}})
-    ray = check_unsupported(settings, "ray_serve", "Ray Serve")
+    settings = load_settings(environ={}, overrides={"ray_serve": {"enabled": True, "address": "http://127.0.0.1:9"}})
+    ray = check_ray_serve(settings)
     text = report([check_embedded(settings), ray], verbose=True)
     assert "  ok  embedded runtime  torch " in text
-    assert "FAIL  Ray Serve" in text and "fix: set ray_serve.enabled: false" in text
+    assert "FAIL  ray serve" in text and "fix: start the cluster (ray start --head)" in text
+    local = check_ray_serve(load_settings(environ={}, overrides={"ray_serve": {"enabled": True}}))
+    assert local.ok and "the node agent starts a local cluster" in local.summary
     config = tmp_path / "modelium.yaml"
     config.write_text(f"state_dir: {tmp_path / 'state'}\n")
     assert main(["--config", str(config), "check"]) == 0
     assert "all enabled parts are ready" in capsys.readouterr().out
-    config.write_text(f"state_dir: {tmp_path / 'state'}\nray_serve: {{enabled: true}}\n")
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nvllm: {{enabled: true, command: [no-such-vllm]}}\n")
     assert main(["--config", str(config), "check", "--verbose"]) == 1
-    assert "1 problem(s): Ray Serve" in capsys.readouterr().out
+    assert "1 problem(s): vllm" in capsys.readouterr().out
 
 
 def test_triton_found_or_missing(tmp_path: Path) -> None:

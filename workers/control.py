@@ -11,6 +11,7 @@ from activities.control import ControlActivities, RegistryNodes, RegistryResiden
 from modelium.config import Settings
 from modelium.metrics import Metrics
 from modelium.runtimes.embedded import NAME as EMBEDDED
+from modelium.runtimes.ray_serve import NAME as RAY_SERVE
 from modelium.runtimes.triton import NAME as TRITON
 from modelium.runtimes.vllm import NAME as VLLM
 from workflows.lifecycle import ModelLifecycleWorkflow
@@ -27,13 +28,8 @@ def available_runtimes(settings: Settings) -> list[str]:
         runtimes.append(VLLM)
     if settings.triton.enabled:
         runtimes.append(TRITON)
-    missing = [key for key in ("ray_serve",) if getattr(settings, key).enabled]
-    if missing:
-        log.warning(
-            "%s set in the configuration, but this version has no adapter for %s yet",
-            ", ".join(f"{k}.enabled=true" for k in missing),
-            "it" if len(missing) == 1 else "them",
-        )
+    if settings.ray_serve.enabled:
+        runtimes.append(RAY_SERVE)
     return runtimes
 
 

@@ -20,6 +20,8 @@ from modelium.names import node_task_queue, node_workflow_id, workflow_id
 from modelium.runtimes.base import RuntimeAdapter
 from modelium.runtimes.embedded import NAME as EMBEDDED
 from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
+from modelium.runtimes.ray_serve import NAME as RAY_SERVE
+from modelium.runtimes.ray_serve import RayServeRuntimeAdapter
 from modelium.runtimes.triton import NAME as TRITON
 from modelium.runtimes.triton import TritonRuntimeAdapter
 from modelium.runtimes.vllm import NAME as VLLM
@@ -137,6 +139,8 @@ def node_agent(client: Client, settings: Settings, metrics: Metrics, gpu: GpuRea
     }
     if settings.triton.enabled:
         adapters[TRITON] = TritonRuntimeAdapter(node_id, node_dir / "triton", node_dir / "logs", settings.triton)
+    if settings.ray_serve.enabled:
+        adapters[RAY_SERVE] = RayServeRuntimeAdapter(node_id, node_dir / "ray", node_dir / "logs", settings.ray_serve)
     if settings.vllm.enabled:
         adapters[VLLM] = VllmRuntimeAdapter(node_id, node_dir / "logs", settings.vllm, capacities, reader,
                                             state_dir=node_dir / "runtimes" / VLLM)  # fmt: skip

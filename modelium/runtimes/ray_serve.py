@@ -1,0 +1,247 @@
+"""Ray Serve: one application per model on a Ray cluster, deployed and deleted through Serve's
+REST API (the dashboard's `PUT /api/serve/applications/`, which declares every application).
+
+The cluster is the one whose dashboard is at `ray_serve.address`, or a local one this node agent
+starts (`ray start --head --block`, in its own process group). Each model is an application named
+after it with route prefix `/<model>`, running `modelium.runtimes.ray_app:build` with GPUs from its
+booking; it speaks Modelium's JSON (`/predict`, `/health`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from modelium.config import RayServe as RayServeConfig
+from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
+from modelium.runtimes.process import ManagedProcess, free_port, process_argv, process_start_ticks
+from modelium.runtimes.records import RuntimeRecords
+from modelium.types import Endpoint, LoadRequest, Protocol
+
+log = logging.getLogger(__name__)
+
+NAME = "ray_serve"
+_HEAD = "_ray_head"
+IMPORT_PATH = "modelium.runtimes.ray_app:build"
+
+
+class RayServeRuntimeAdapter:
+    name = NAME
+
+    def __init__(
+        self, node: str, state_dir: Path, log_dir: Path, config: RayServeConfig, host: str = "127.0.0.1"
+    ) -> None:
+        self._node = node
+        self._config = config
+        self._log_dir = log_dir
+        self._host = host
+        self._records = RuntimeRecords(state_dir / "records")
+        self._head: ManagedProcess | None = None
+        self._dashboard: str | None = config.address.rstrip("/") if config.address else None
+        self._apps: dict[str, dict[str, Any]] = {}
+        self._endpoints: dict[str, Endpoint] = {}
+        self._lock = asyncio.Lock()
+
+    # -- the cluster ---------------------------------------------------------------------------
+    async def _get(self, path: str) -> httpx.Response:
+        assert self._dashboard is not None
+        async with httpx.AsyncClient(timeout=30.0) as http:
+            return await http.get(f"{self._dashboard}{path}")
+
+    async def _dashboard_up(self) -> bool:
+        if self._dashboard is None:
+            return False
+        try:
+            return (await self._get("/api/serve/applications/")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def _ensure_cluster(self, progress: Progress) -> None:
+        if (self._head is None or self._head.alive()) and await self._dashboard_up():
+            return
+        if self._config.address:
+            raise RuntimeStartError(f"the Ray dashboard at ray_serve.address {self._config.address} does not answer")
+        ray = Path(sys.executable).parent / "ray"
+        if not ray.is_file():
+            raise RuntimeStartError("Ray is not installed here: pip install 'ray[serve]', or set ray_serve.address",
+                                    retryable=False)  # fmt: skip
+        gcs, dashboard = free_port(self._host), free_port(self._host)
+        argv = [
+            str(ray), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+            f"--dashboard-host={self._host}", f"--node-ip-address={self._host}", "--disable-usage-stats",
+        ]  # fmt: skip
+        if self._config.num_cpus is not None:
+            argv.append(f"--num-cpus={self._config.num_cpus}")
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self._head = ManagedProcess(argv, self._log_dir / "ray-head.log", env=env)
+        self._head.start()
+        self._dashboard = f"http://{self._host}:{dashboard}"
+        self._records.save(_HEAD, self._head, Endpoint(self._dashboard, Protocol.MODELIUM_JSON, NAME, self._node,
+                                                      self._head.pid))  # fmt: skip
+        try:
+            await self._head.wait_healthy(f"{self._dashboard}/api/serve/applications/",
+                                          self._config.start_timeout_seconds,
+                                          tick=lambda: progress("waiting for the local Ray cluster"))  # fmt: skip
+        except BaseException:
+            await asyncio.to_thread(self._head.stop)
+            self._records.remove(_HEAD)
+            self._head = None
+            raise
+        log.info("local Ray cluster runs (dashboard %s, pid %s)", self._dashboard, self._head.pid)
+
+    async def _declare(self) -> None:
+        """PUT every application this node wants; Serve deletes the ones not listed."""
+        assert self._dashboard is not None
+        body = {
+            "http_options": {"host": self._host, "port": self._config.http_port},
+            "applications": list(self._apps.values()),
+        }
+        async with httpx.AsyncClient(timeout=60.0) as http:
+            response = await http.put(f"{self._dashboard}/api/serve/applications/", json=body)
+        if response.status_code != 200:
+            raise RuntimeStartError(
+                f"Ray Serve refused the applications ({response.status_code}): {response.text[:500]}"
+            )
+
+    async def _status(self) -> dict[str, Any]:
+        data = (await self._get("/api/serve/applications/")).json()
+        return dict(data.get("applications") or {})
+
+    # -- the adapter interface -----------------------------------------------------------------
+    def running(self) -> list[str]:
+        return list(self._endpoints) if self._head is None or self._head.alive() else []
+
+    def dead(self) -> dict[str, int | None]:
+        if self._head is not None and not self._head.alive():
+            return dict.fromkeys(self._endpoints, self._head.pid)
+        return {}
+
+    async def start(self, request: LoadRequest, progress: Progress) -> Endpoint:
+        async with self._lock:
+            await self._ensure_cluster(progress)
+            if request.model in self._endpoints:
+                try:
+                    await self.check_health(request.model)
+                    return self._endpoints[request.model]
+                except RuntimeUnhealthy:
+                    pass
+            gpus = len(request.booking.all_devices) if request.booking.device.startswith("cuda") else 0
+            self._apps[request.model] = {
+                "name": request.model,
+                "route_prefix": f"/{request.model}",
+                "import_path": IMPORT_PATH,
+                "args": {"model_dir": str(Path(request.path).resolve()), "task": request.task, "name": request.model},
+                "deployments": [{"name": "ModeliumModel", "num_replicas": 1,
+                                 "ray_actor_options": {"num_cpus": 1, "num_gpus": gpus}}],
+            }  # fmt: skip
+            try:
+                await self._declare()
+                await self._wait_status(request.model, progress)
+            except BaseException:
+                self._apps.pop(request.model, None)
+                await self._declare_quietly()
+                raise
+            endpoint = Endpoint(f"http://{self._host}:{self._config.http_port}/{request.model}", Protocol.MODELIUM_JSON,
+                                NAME, self._node, self._head.pid if self._head else None)  # fmt: skip
+            self._endpoints[request.model] = endpoint
+            return endpoint
+
+    async def _wait_status(self, model: str, progress: Progress) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.load_timeout_seconds
+        while True:
+            app = (await self._status()).get(model) or {}
+            status = app.get("status")
+            if status == "RUNNING":
+                return
+            if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise RuntimeStartError(f"Ray Serve could not deploy {model}: {app.get('message', status)}",
+                                        retryable=False)  # fmt: skip
+            if loop.time() > deadline:
+                limit = self._config.load_timeout_seconds
+                raise RuntimeStartError(f"{model} not running on Ray Serve after {limit:g}s (status {status})")
+            progress(f"Ray Serve deploys {model} ({status or 'pending'})")
+            await asyncio.sleep(0.5)
+
+    async def _declare_quietly(self) -> None:
+        try:
+            await self._declare()
+        except (RuntimeStartError, httpx.HTTPError) as exc:
+            log.warning("could not update Ray Serve's applications: %s", exc)
+
+    async def check_health(self, model: str) -> None:
+        endpoint = self._endpoints.get(model)
+        if endpoint is None:
+            raise RuntimeUnhealthy(f"{model} is not deployed on this node's Ray Serve")
+        if self._head is not None and not self._head.alive():
+            raise RuntimeUnhealthy(f"the local Ray cluster (pid {self._head.pid}) exited")
+        try:
+            async with httpx.AsyncClient(timeout=10.0) as http:
+                response = await http.get(f"{endpoint.url}/health")
+        except httpx.TransportError as exc:
+            raise RuntimeUnhealthy(f"{endpoint.url} does not answer: {exc}") from exc
+        if response.status_code != 200:
+            raise RuntimeUnhealthy(f"{endpoint.url}/health answered {response.status_code}")
+
+    async def stop(self, model: str) -> bool:
+        async with self._lock:
+            if self._endpoints.pop(model, None) is None:
+                return False
+            self._apps.pop(model, None)
+            if await self._dashboard_up():
+                await self._declare_quietly()
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 60
+                while model in await self._status() and loop.time() < deadline:
+                    await asyncio.sleep(0.3)
+            return True
+
+    async def stop_all(self) -> None:
+        for model in list(self._endpoints):
+            await self.stop(model)
+        if self._head is not None:
+            # Serve shut down first: the head then has nothing to drain and stops at once.
+            if await self._dashboard_up():
+                try:
+                    async with httpx.AsyncClient(timeout=60.0) as http:
+                        await http.delete(f"{self._dashboard}/api/serve/applications/")
+                except httpx.HTTPError as exc:
+                    log.warning("could not shut Ray Serve down: %s", exc)
+            # Ray's head drains for 30 s on SIGTERM; with Serve gone there is nothing left to
+            # drain, so the whole process group gets SIGKILL after a short grace.
+            await asyncio.to_thread(self._head.stop, 3.0)
+            self._records.remove(_HEAD)
+            self._head = None
+
+    async def adopt(self) -> list[str]:
+        """Take over a local Ray cluster an earlier node agent left running, and the applications
+        of this node on it."""
+        record = self._records.load().get(_HEAD)
+        if record is None:
+            return []
+        proc = ManagedProcess.adopt(record.pid, record.argv, self._log_dir / "ray-head.log", record.started_at)
+        same = process_start_ticks(record.pid) == record.start_ticks and process_argv(record.pid) == record.argv
+        self._dashboard = record.endpoint.url
+        if not same or not await self._dashboard_up():
+            if same:
+                await asyncio.to_thread(proc.stop, 30.0)
+            self._records.remove(_HEAD)
+            self._dashboard = self._config.address.rstrip("/") if self._config.address else None
+            return []
+        self._head = proc
+        data = (await self._get("/api/serve/applications/")).json()
+        adopted = []
+        for name, app in (data.get("applications") or {}).items():
+            config = app.get("deployed_app_config") or {}
+            if app.get("status") == "RUNNING" and config.get("import_path") == IMPORT_PATH:
+                self._apps[name] = config
+                self._endpoints[name] = Endpoint(f"http://{self._host}:{self._config.http_port}/{name}",
+                                                 Protocol.MODELIUM_JSON, NAME, self._node, proc.pid)  # fmt: skip
+                adopted.append(name)
+        return adopted
