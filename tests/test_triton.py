@@ -109,3 +109,8 @@ async def test_triton_through_modelium(
             for name in (classifier, adder):
                 response = await http.post(f"/models/{name}/unload", json={"wait": True})
                 assert response.status_code == 200 and response.json()["phase"] == "unloaded"
+            assert running.node is not None
+            server = running.node.adapters["triton"]._server  # type: ignore[attr-defined]
+            assert server is not None and server.alive()
+    # `serve` stopping stops the tritonserver it started (and the python backend's stubs with it).
+    assert not pid_alive(server.pid)
