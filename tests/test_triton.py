@@ -110,7 +110,27 @@ async def test_triton_through_modelium(
                 response = await http.post(f"/models/{name}/unload", json={"wait": True})
                 assert response.status_code == 200 and response.json()["phase"] == "unloaded"
             assert running.node is not None
-            server = running.node.adapters["triton"]._server  # type: ignore[attr-defined]
-            assert server is not None and server.alive()
+            server_pid = running.node.adapters["triton"]._server.pid  # type: ignore[attr-defined]
+            assert server_pid is not None and pid_alive(server_pid)
     # `serve` stopping stops the tritonserver it started (and the python backend's stubs with it).
-    assert not pid_alive(server.pid)
+    assert not pid_alive(server_pid)
+
+
+async def test_a_restarted_node_agent_adopts_the_triton_server(tmp_path: Path) -> None:
+    config = Triton(enabled=True)
+    first = TritonRuntimeAdapter("n", tmp_path / "state", tmp_path / "logs", config)
+    entry = triton_entry(tmp_path / "dropped" / "add-one")
+    request = LoadRequest("adder", str(entry), "triton", Task.CUSTOM, Booking("adder", "n", "cpu", 2**30))
+    endpoint = await first.start(request, progress=lambda _m: None)
+    # The node agent is killed: `first` is dropped without stopping anything. The next one adopts.
+    second = TritonRuntimeAdapter("n", tmp_path / "state", tmp_path / "logs", config)
+    try:
+        assert await second.adopt() == ["adder"]
+        await second.check_health("adder")
+        again = await second.start(request, progress=lambda _m: None)
+        assert again.url == endpoint.url and again.pid == endpoint.pid, "not started a second time"
+    finally:
+        await second.stop_all()
+    assert endpoint.pid is not None and not pid_alive(endpoint.pid)
+    # Nothing recorded is left for a third agent to adopt.
+    assert await TritonRuntimeAdapter("n", tmp_path / "state", tmp_path / "logs", config).adopt() == []

@@ -20,8 +20,9 @@ import httpx
 
 from modelium.config import RayServe as RayServeConfig
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
-from modelium.runtimes.process import ManagedProcess, free_port, process_argv, process_start_ticks
+from modelium.runtimes.process import free_port
 from modelium.runtimes.records import RuntimeRecords
+from modelium.runtimes.shared_server import SharedServer
 from modelium.types import Endpoint, LoadRequest, Protocol
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,8 @@ class RayServeRuntimeAdapter:
         self._config = config
         self._log_dir = log_dir
         self._host = host
-        self._records = RuntimeRecords(state_dir / "records")
-        self._head: ManagedProcess | None = None
+        self._head = SharedServer(_HEAD, RuntimeRecords(state_dir / "records"), log_dir / "ray-head.log", NAME, node,
+                                  Protocol.MODELIUM_JSON)  # fmt: skip
         self._dashboard: str | None = config.address.rstrip("/") if config.address else None
         self._apps: dict[str, dict[str, Any]] = {}
         self._endpoints: dict[str, Endpoint] = {}
@@ -54,16 +55,18 @@ class RayServeRuntimeAdapter:
         async with httpx.AsyncClient(timeout=30.0) as http:
             return await http.get(f"{self._dashboard}{path}")
 
-    async def _dashboard_up(self) -> bool:
-        if self._dashboard is None:
+    async def _dashboard_up(self, url: str | None = None) -> bool:
+        url = url or self._dashboard
+        if url is None:
             return False
         try:
-            return (await self._get("/api/serve/applications/")).status_code == 200
+            async with httpx.AsyncClient(timeout=30.0) as http:
+                return (await http.get(f"{url}/api/serve/applications/")).status_code == 200
         except httpx.TransportError:
             return False
 
     async def _ensure_cluster(self, progress: Progress) -> None:
-        if (self._head is None or self._head.alive()) and await self._dashboard_up():
+        if not self._head.exited() and await self._dashboard_up():
             return
         if self._config.address:
             raise RuntimeStartError(f"the Ray dashboard at ray_serve.address {self._config.address} does not answer")
@@ -79,21 +82,10 @@ class RayServeRuntimeAdapter:
         if self._config.num_cpus is not None:
             argv.append(f"--num-cpus={self._config.num_cpus}")
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self._head = ManagedProcess(argv, self._log_dir / "ray-head.log", env=env)
-        self._head.start()
-        self._dashboard = f"http://{self._host}:{dashboard}"
-        self._records.save(_HEAD, self._head, Endpoint(self._dashboard, Protocol.MODELIUM_JSON, NAME, self._node,
-                                                      self._head.pid))  # fmt: skip
-        try:
-            await self._head.wait_healthy(f"{self._dashboard}/api/serve/applications/",
-                                          self._config.start_timeout_seconds,
-                                          tick=lambda: progress("waiting for the local Ray cluster"))  # fmt: skip
-        except BaseException:
-            await asyncio.to_thread(self._head.stop)
-            self._records.remove(_HEAD)
-            self._head = None
-            raise
-        log.info("local Ray cluster runs (dashboard %s, pid %s)", self._dashboard, self._head.pid)
+        url = f"http://{self._host}:{dashboard}"
+        await self._head.start(argv, url, f"{url}/api/serve/applications/", self._config.start_timeout_seconds,
+                               progress, env=env)  # fmt: skip
+        self._dashboard = url
 
     async def _declare(self) -> None:
         """PUT every application this node wants; Serve deletes the ones not listed."""
@@ -115,12 +107,10 @@ class RayServeRuntimeAdapter:
 
     # -- the adapter interface -----------------------------------------------------------------
     def running(self) -> list[str]:
-        return list(self._endpoints) if self._head is None or self._head.alive() else []
+        return [] if self._head.exited() else list(self._endpoints)
 
     def dead(self) -> dict[str, int | None]:
-        if self._head is not None and not self._head.alive():
-            return dict.fromkeys(self._endpoints, self._head.pid)
-        return {}
+        return dict.fromkeys(self._endpoints, self._head.pid) if self._head.exited() else {}
 
     async def start(self, request: LoadRequest, progress: Progress) -> Endpoint:
         async with self._lock:
@@ -148,7 +138,7 @@ class RayServeRuntimeAdapter:
                 await self._declare_quietly()
                 raise
             endpoint = Endpoint(f"http://{self._host}:{self._config.http_port}/{request.model}", Protocol.MODELIUM_JSON,
-                                NAME, self._node, self._head.pid if self._head else None)  # fmt: skip
+                                NAME, self._node, self._head.pid)  # fmt: skip
             self._endpoints[request.model] = endpoint
             return endpoint
 
@@ -179,7 +169,7 @@ class RayServeRuntimeAdapter:
         endpoint = self._endpoints.get(model)
         if endpoint is None:
             raise RuntimeUnhealthy(f"{model} is not deployed on this node's Ray Serve")
-        if self._head is not None and not self._head.alive():
+        if self._head.exited():
             raise RuntimeUnhealthy(f"the local Ray cluster (pid {self._head.pid}) exited")
         try:
             async with httpx.AsyncClient(timeout=10.0) as http:
@@ -205,7 +195,7 @@ class RayServeRuntimeAdapter:
     async def stop_all(self) -> None:
         for model in list(self._endpoints):
             await self.stop(model)
-        if self._head is not None:
+        if self._head.proc is not None:
             # Serve shut down first: the head then has nothing to drain and stops at once.
             if await self._dashboard_up():
                 try:
@@ -215,26 +205,14 @@ class RayServeRuntimeAdapter:
                     log.warning("could not shut Ray Serve down: %s", exc)
             # Ray's head drains for 30 s on SIGTERM; with Serve gone there is nothing left to
             # drain, so the whole process group gets SIGKILL after a short grace.
-            await asyncio.to_thread(self._head.stop, 3.0)
-            self._records.remove(_HEAD)
-            self._head = None
+            await self._head.stop(3.0)
 
     async def adopt(self) -> list[str]:
         """Take over a local Ray cluster an earlier node agent left running, and the applications
         of this node on it."""
-        record = self._records.load().get(_HEAD)
-        if record is None:
+        if not await self._head.adopt(self._dashboard_up):
             return []
-        proc = ManagedProcess.adopt(record.pid, record.argv, self._log_dir / "ray-head.log", record.started_at)
-        same = process_start_ticks(record.pid) == record.start_ticks and process_argv(record.pid) == record.argv
-        self._dashboard = record.endpoint.url
-        if not same or not await self._dashboard_up():
-            if same:
-                await asyncio.to_thread(proc.stop, 30.0)
-            self._records.remove(_HEAD)
-            self._dashboard = self._config.address.rstrip("/") if self._config.address else None
-            return []
-        self._head = proc
+        self._dashboard = self._head.url
         data = (await self._get("/api/serve/applications/")).json()
         adopted = []
         for name, app in (data.get("applications") or {}).items():
@@ -242,6 +220,6 @@ class RayServeRuntimeAdapter:
             if app.get("status") == "RUNNING" and config.get("import_path") == IMPORT_PATH:
                 self._apps[name] = config
                 self._endpoints[name] = Endpoint(f"http://{self._host}:{self._config.http_port}/{name}",
-                                                 Protocol.MODELIUM_JSON, NAME, self._node, proc.pid)  # fmt: skip
+                                                 Protocol.MODELIUM_JSON, NAME, self._node, self._head.pid)  # fmt: skip
                 adopted.append(name)
         return adopted

@@ -30,8 +30,9 @@ import httpx
 
 from modelium.config import Triton as TritonConfig
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
-from modelium.runtimes.process import ManagedProcess, free_port, process_argv, process_start_ticks
+from modelium.runtimes.process import free_port
 from modelium.runtimes.records import RuntimeRecords
+from modelium.runtimes.shared_server import SharedServer
 from modelium.types import Endpoint, LoadRequest, ModelFormat, Protocol
 
 log = logging.getLogger(__name__)
@@ -192,8 +193,8 @@ class TritonRuntimeAdapter:
         self._repository = config.model_repository or state_dir / "repository"
         self._log_dir = log_dir
         self._host = host
-        self._records = RuntimeRecords(state_dir / "records")
-        self._server: ManagedProcess | None = None
+        self._server = SharedServer(_SERVER, RuntimeRecords(state_dir / "records"), log_dir / "tritonserver.log",
+                                    NAME, node, Protocol.KSERVE_V2)  # fmt: skip
         self._url: str | None = config.url.rstrip("/") if config.url else None
         self._models: dict[str, Endpoint] = {}
         self._formats: dict[str, str] = {}
@@ -206,17 +207,18 @@ class TritonRuntimeAdapter:
         assert self._url is not None
         return triton_http.InferenceServerClient(self._url.split("://", 1)[-1], conn_timeout=30.0)
 
-    async def _live(self) -> bool:
-        if self._url is None:
+    async def _live(self, url: str | None = None) -> bool:
+        url = url or self._url
+        if url is None:
             return False
         try:
             async with httpx.AsyncClient(timeout=3.0) as http:
-                return (await http.get(f"{self._url}/v2/health/live")).status_code == 200
+                return (await http.get(f"{url}/v2/health/live")).status_code == 200
         except httpx.TransportError:
             return False
 
     async def _ensure_server(self, progress: Progress) -> None:
-        if self._url is not None and (self._server is None or self._server.alive()) and await self._live():
+        if self._url is not None and not self._server.exited() and await self._live():
             return
         if self._config.url:
             raise TritonUnavailable(f"the Triton server at triton.url {self._config.url} does not answer")
@@ -237,29 +239,16 @@ class TritonRuntimeAdapter:
         backends = prepare_backends(binary)
         if backends is not None:
             argv.append(f"--backend-directory={backends}")
-        self._server = ManagedProcess(argv, self._log_dir / "tritonserver.log")
-        self._server.start()
-        self._url = f"http://{self._host}:{http_port}"
-        endpoint = Endpoint(self._url, Protocol.KSERVE_V2, NAME, self._node, self._server.pid)
-        self._records.save(_SERVER, self._server, endpoint)
-        try:
-            await self._server.wait_healthy(f"{self._url}/v2/health/live", self._config.start_timeout_seconds,
-                                            tick=lambda: progress("waiting for tritonserver"))  # fmt: skip
-        except BaseException:
-            await asyncio.to_thread(self._server.stop)
-            self._records.remove(_SERVER)
-            self._server = None
-            raise
-        log.info("tritonserver runs at %s (pid %s)", self._url, self._server.pid)
+        url = f"http://{self._host}:{http_port}"
+        await self._server.start(argv, url, f"{url}/v2/health/live", self._config.start_timeout_seconds, progress)
+        self._url = url
 
     # -- the adapter interface -----------------------------------------------------------------
     def running(self) -> list[str]:
-        return list(self._models) if self._server is None or self._server.alive() else []
+        return [] if self._server.exited() else list(self._models)
 
     def dead(self) -> dict[str, int | None]:
-        if self._server is not None and not self._server.alive():
-            return dict.fromkeys(self._models, self._server.pid)
-        return {}
+        return dict.fromkeys(self._models, self._server.pid) if self._server.exited() else {}
 
     def format_of(self, request: LoadRequest) -> str:
         path = Path(request.path)
@@ -293,9 +282,8 @@ class TritonRuntimeAdapter:
                                         retryable=False) from None  # fmt: skip
             finally:
                 await client.close()
-            assert self._url is not None and self._server is not None or self._config.url
-            endpoint = Endpoint(self._url or "", Protocol.KSERVE_V2, NAME, self._node,
-                                self._server.pid if self._server else None)  # fmt: skip
+            assert self._url is not None
+            endpoint = Endpoint(self._url, Protocol.KSERVE_V2, NAME, self._node, self._server.pid)
             self._models[request.model] = endpoint
             self._formats[request.model] = fmt
             return endpoint
@@ -303,7 +291,7 @@ class TritonRuntimeAdapter:
     async def check_health(self, model: str) -> None:
         if model not in self._models:
             raise RuntimeUnhealthy(f"{model} is not loaded in this node's Triton server")
-        if self._server is not None and not self._server.alive():
+        if self._server.exited():
             raise RuntimeUnhealthy(f"tritonserver (pid {self._server.pid}) exited")
         client = self._client()
         try:
@@ -333,34 +321,21 @@ class TritonRuntimeAdapter:
     async def stop_all(self) -> None:
         for model in list(self._models):
             await self.stop(model)
-        if self._server is not None:
-            await asyncio.to_thread(self._server.stop)
-            self._records.remove(_SERVER)
-            self._server = None
+        await self._server.stop()
 
     async def adopt(self) -> list[str]:
         """Take over a tritonserver an earlier node agent left running, and the models it serves
         from this node's repository."""
-        record = self._records.load().get(_SERVER)
-        if record is None:
+        if not await self._server.adopt(self._live):
             return []
-        proc = ManagedProcess.adopt(record.pid, record.argv, self._log_dir / "tritonserver.log", record.started_at)
-        same = process_start_ticks(record.pid) == record.start_ticks and process_argv(record.pid) == record.argv
-        self._url = record.endpoint.url
-        if not same or not await self._live():
-            if same:
-                await asyncio.to_thread(proc.stop)
-            self._records.remove(_SERVER)
-            self._url = self._config.url.rstrip("/") if self._config.url else None
-            return []
-        self._server = proc
+        self._url = self._server.url
         adopted = []
         async with httpx.AsyncClient(timeout=10.0) as http:
             index = (await http.post(f"{self._url}/v2/repository/index", json={"ready": True})).json()
         for item in index:
             name = item.get("name")
             if name and (self._repository / name).is_dir():
-                self._models[name] = record.endpoint
+                self._models[name] = Endpoint(self._url or "", Protocol.KSERVE_V2, NAME, self._node, self._server.pid)
                 adopted.append(name)
         return adopted
 

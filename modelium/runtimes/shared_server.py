@@ -1,0 +1,86 @@
+"""One server process that holds many models of a node (a tritonserver, a local Ray head): started
+once in its own process group, recorded so that a node agent started after this one was killed
+adopts it, and stopped with the node agent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+
+from modelium.runtimes.base import Progress
+from modelium.runtimes.process import ManagedProcess, process_argv, process_start_ticks
+from modelium.runtimes.records import RuntimeRecords
+from modelium.types import Endpoint
+
+log = logging.getLogger(__name__)
+
+
+class SharedServer:
+    def __init__(
+        self, key: str, records: RuntimeRecords, log_path: Path, runtime: str, node: str, protocol: str
+    ) -> None:
+        self._key = key
+        self._records = records
+        self._log_path = log_path
+        self._runtime = runtime
+        self._node = node
+        self._protocol = protocol
+        self.proc: ManagedProcess | None = None
+        # Where the server answers (its base URL); set once started or adopted.
+        self.url: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def exited(self) -> bool:
+        """True when this node agent's server process ran and is gone."""
+        return self.proc is not None and not self.proc.alive()
+
+    async def start(
+        self,
+        argv: list[str],
+        url: str,
+        health_url: str,
+        timeout: float,
+        progress: Progress,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """Start it, record it, and wait until `health_url` answers; on failure nothing is left."""
+        self.proc = ManagedProcess(argv, self._log_path, env=env)
+        self.proc.start()
+        self.url = url
+        self._records.save(
+            self._key, self.proc, Endpoint(url, self._protocol, self._runtime, self._node, self.proc.pid)
+        )
+        try:
+            await self.proc.wait_healthy(health_url, timeout, tick=lambda: progress(f"waiting for {argv[0]}"))
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("%s runs at %s (pid %s)", Path(argv[0]).name, url, self.proc.pid)
+
+    async def adopt(self, answers: Callable[[str], Awaitable[bool]]) -> bool:
+        """Take over the server an earlier node agent started, if it is the same process (pid, start
+        time, command line) and `answers(url)`; otherwise stop it and forget it."""
+        record = self._records.load().get(self._key)
+        if record is None:
+            return False
+        proc = ManagedProcess.adopt(record.pid, record.argv, self._log_path, record.started_at)
+        same = process_start_ticks(record.pid) == record.start_ticks and process_argv(record.pid) == record.argv
+        if same and await answers(record.endpoint.url):
+            self.proc, self.url = proc, record.endpoint.url
+            log.info("adopted %s at %s (pid %s)", self._key, self.url, record.pid)
+            return True
+        if same:
+            await asyncio.to_thread(proc.stop)
+        self._records.remove(self._key)
+        return False
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self.proc is not None:
+            await asyncio.to_thread(self.proc.stop, grace)
+        self._records.remove(self._key)
+        self.proc = None
