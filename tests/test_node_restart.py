@@ -5,7 +5,6 @@ control worker, gateway and watcher run in this test against the same Temporal d
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -49,6 +48,16 @@ def _serving(model: str) -> list[int]:
             if "modelium.runtimes.embedded_server" in argv and argv[argv.index("--name") + 1] == model:
                 found.append(int(entry.name))
     return found
+
+
+def _stop(agent: subprocess.Popen[bytes]) -> None:
+    """Stop a node agent the way its service manager would (SIGTERM); SIGKILL if it hangs."""
+    if agent.poll() is None:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            agent.kill()
 
 
 def _node_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -122,13 +131,7 @@ async def test_node_agent_sigkill_and_restart_keeps_bookings_and_models(
                 assert (await http.post("/v1/completions", json=body)).status_code == 200
                 assert (await handle.query(ModelLifecycleWorkflow.state)).load_count == before.load_count + 1
     finally:
-        if agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-        await asyncio.sleep(0)
+        _stop(agent)
     assert agent.returncode in (0, -signal.SIGTERM), log.read_text()[-3000:]
 
 
@@ -163,11 +166,6 @@ async def test_node_agent_sigkill_while_loading_leaves_no_orphan(
                 body = {"model": name, "prompt": "Hi", "max_tokens": 2}
                 assert (await http.post("/v1/completions", json=body)).status_code == 200
     finally:
-        if agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+        _stop(agent)
     # The agent's clean stop takes its runtimes with it.
     assert _serving(name) == [], log.read_text()[-3000:]
