@@ -22,7 +22,7 @@ from modelium.config import RayServe as RayServeConfig
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.process import free_port
 from modelium.runtimes.records import RuntimeRecords
-from modelium.runtimes.shared_server import SharedServer
+from modelium.runtimes.shared_server import SharedServer, answers
 from modelium.types import Endpoint, LoadRequest, Protocol
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,7 @@ class RayServeRuntimeAdapter:
 
     async def _dashboard_up(self, url: str | None = None) -> bool:
         url = url or self._dashboard
-        if url is None:
-            return False
-        try:
-            async with httpx.AsyncClient(timeout=30.0) as http:
-                return (await http.get(f"{url}/api/serve/applications/")).status_code == 200
-        except httpx.TransportError:
-            return False
+        return url is not None and await answers(f"{url}/api/serve/applications/", timeout=30.0)
 
     async def _ensure_cluster(self, progress: Progress) -> None:
         if not self._head.exited() and await self._dashboard_up():

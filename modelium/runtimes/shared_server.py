@@ -9,12 +9,23 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
+import httpx
+
 from modelium.runtimes.base import Progress
 from modelium.runtimes.process import ManagedProcess, process_argv, process_start_ticks
 from modelium.runtimes.records import RuntimeRecords
 from modelium.types import Endpoint
 
 log = logging.getLogger(__name__)
+
+
+async def answers(url: str, timeout: float = 10.0) -> bool:
+    """True when a GET of `url` answers 200."""
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as http:
+            return (await http.get(url)).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 class SharedServer:

@@ -32,7 +32,7 @@ from modelium.config import Triton as TritonConfig
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.process import free_port
 from modelium.runtimes.records import RuntimeRecords
-from modelium.runtimes.shared_server import SharedServer
+from modelium.runtimes.shared_server import SharedServer, answers
 from modelium.types import Endpoint, LoadRequest, ModelFormat, Protocol
 
 log = logging.getLogger(__name__)
@@ -209,13 +209,7 @@ class TritonRuntimeAdapter:
 
     async def _live(self, url: str | None = None) -> bool:
         url = url or self._url
-        if url is None:
-            return False
-        try:
-            async with httpx.AsyncClient(timeout=3.0) as http:
-                return (await http.get(f"{url}/v2/health/live")).status_code == 200
-        except httpx.TransportError:
-            return False
+        return url is not None and await answers(f"{url}/v2/health/live", timeout=3.0)
 
     async def _ensure_server(self, progress: Progress) -> None:
         if self._url is not None and not self._server.exited() and await self._live():
