@@ -100,11 +100,11 @@ def check_triton(settings: Settings) -> Check:
     binary = find_binary(config.binary)
     if binary is None:
         return Check("triton", False, f"no tritonserver found (triton.binary: {config.binary})",
-                     fix="pip install --no-deps nvidia-pytriton (a CPU-capable server with the python backend), "
-                         "or run NVIDIA's Triton container and set triton.url")  # fmt: skip
+                     fix="bash scripts/setup.sh (it takes a CPU-capable tritonserver out of the nvidia-pytriton "
+                         "wheel), or run NVIDIA's Triton container and set triton.url")  # fmt: skip
     details = [f"binary: {binary}"]
     if bundled_server() is not None:
-        details.append(f"from nvidia-pytriton {_version('nvidia-pytriton')}")
+        details.append("from the nvidia-pytriton wheel (scripts/setup.sh takes it out into .venv/triton)")
         if not (BACKEND_PACKAGES / "numpy").is_dir():
             return Check("triton", False, "the python backend's numpy 1.x is missing",
                          fix=f"pip install --target {BACKEND_PACKAGES} 'numpy<2' (scripts/setup.sh does)",

@@ -1,5 +1,5 @@
 """The Triton adapter against a real `tritonserver` (the one shipped in the nvidia-pytriton wheel,
-which scripts/setup.sh installs; CPU only, python backend): a dropped Triton entry and a
+which scripts/setup.sh takes out into .venv/triton; CPU only, python backend): a dropped Triton entry and a
 transformers model through the python backend, loaded and unloaded in explicit model-control
 mode through tritonclient, and served through the gateway's `/predict` (KServe v2)."""
 
@@ -20,7 +20,7 @@ from tests.conftest import copy_model, make_settings, running_modelium, unique, 
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(find_binary("auto") is None, reason="no tritonserver: pip install --no-deps nvidia-pytriton"),
+    pytest.mark.skipif(find_binary("auto") is None, reason="no tritonserver: scripts/setup.sh extracts one"),
 ]
 
 ADD_ONE_CONFIG = """name: "add_one"

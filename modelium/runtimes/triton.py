@@ -2,7 +2,8 @@
 repository entry and loads and unloads it through `tritonclient`. Inference speaks KServe v2.
 
 The server is the one at `triton.url`, or one this node agent starts from `triton.binary` ("auto":
-the `tritonserver` shipped in the nvidia-pytriton wheel, else one on PATH). Entries:
+the `tritonserver` of the nvidia-pytriton wheel, as scripts/setup.sh extracts it or as the installed
+package holds it, else one on PATH). Entries:
 - a dropped Triton entry (config.pbtxt + version folders): copied as it is, its name set to the
   model's name;
 - an ONNX model: `1/model.onnx` for the onnxruntime backend, which completes the config itself;
@@ -46,13 +47,18 @@ class TritonUnavailable(RuntimeStartError):
     """No Triton server can be reached or started."""
 
 
+# Where scripts/setup.sh puts the server taken out of the nvidia-pytriton wheel.
+EXTRACTED_SERVER = Path(sys.prefix) / "triton" / "pytriton" / "tritonserver"
+
+
 def bundled_server() -> Path | None:
-    """The tritonserver directory shipped in the nvidia-pytriton wheel, if it is installed."""
+    """The tritonserver directory of the nvidia-pytriton wheel: as scripts/setup.sh extracts it,
+    or as the installed package holds it."""
+    roots = [EXTRACTED_SERVER]
     spec = importlib.util.find_spec("pytriton")
-    if spec is None or spec.origin is None:
-        return None
-    root = Path(spec.origin).parent / "tritonserver"
-    return root if (root / "bin" / "tritonserver").is_file() else None
+    if spec is not None and spec.origin is not None:
+        roots.append(Path(spec.origin).parent / "tritonserver")
+    return next((root for root in roots if (root / "bin" / "tritonserver").is_file()), None)
 
 
 def find_binary(configured: str) -> Path | None:
@@ -220,7 +226,8 @@ class TritonRuntimeAdapter:
         if binary is None:
             raise TritonUnavailable(
                 "no tritonserver found (triton.binary: auto looks in the nvidia-pytriton wheel and on PATH); "
-                "pip install --no-deps nvidia-pytriton, or set triton.url to a running server",
+                "run scripts/setup.sh (it takes one out of the nvidia-pytriton wheel), or set triton.url to a "
+                "running server",
                 retryable=False,
             )
         self._repository.mkdir(parents=True, exist_ok=True)
