@@ -167,5 +167,8 @@ async def test_node_agent_sigkill_while_loading_leaves_no_orphan(
                 assert (await http.post("/v1/completions", json=body)).status_code == 200
     finally:
         _stop(agent)
+        left = _serving(name)
+        for pid in left:  # a failure above must not leave the runtime behind for later tests
+            os.killpg(pid, signal.SIGKILL)
     # The agent's clean stop takes its runtimes with it.
-    assert _serving(name) == [], log.read_text()[-3000:]
+    assert left == [], log.read_text()[-3000:]
