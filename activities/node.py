@@ -10,7 +10,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
-from modelium.gpu import GpuReader, MemoryProfile, MemoryProfiles, process_tree, resident_bytes
+from modelium.gpu import GpuReader, MemoryProfile, MemoryProfiles, gpu_memory_held, process_tree, resident_bytes
 from modelium.ledger import InsufficientCapacity, Ledger
 from modelium.metrics import Metrics
 from modelium.runtimes.base import RuntimeAdapter, RuntimeStartError, RuntimeUnhealthy
@@ -126,7 +126,7 @@ class NodeActivities:
             alive = [pid for pid in request.pids if pid_alive(pid)]
             holding: dict[int, int] = {}
             if request.device.startswith("cuda") and self._gpu is not None:
-                holding = {p: b for p, b in self._gpu.process_memory(set(request.pids)).items() if b > 0}
+                holding = gpu_memory_held(self._gpu, set(request.pids))
             if not alive and not holding:
                 self.refresh_device_gauges()
                 return

@@ -105,6 +105,11 @@ def process_tree(pid: int) -> set[int]:
     return pids
 
 
+def gpu_memory_held(reader: GpuReader, pids: set[int]) -> dict[int, int]:
+    """GPU index -> bytes these processes still hold, leaving out GPUs where they hold none."""
+    return {gpu: n for gpu, n in reader.process_memory(pids).items() if n > 0}
+
+
 def resident_bytes(pids: set[int]) -> int:
     """Resident memory (RSS) of these processes, from /proc."""
     page = os.sysconf("SC_PAGE_SIZE")

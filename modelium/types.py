@@ -271,6 +271,9 @@ class LoadRequest:
     runtime: str
     task: str
     booking: Booking
+    # What the analyzer found the model to be (`ModelFormat`): a runtime that writes the model in
+    # its own form (Triton's repository) goes by it rather than reading the folder again.
+    format: str = ModelFormat.HUGGINGFACE
 
 
 @dataclass

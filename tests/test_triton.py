@@ -15,7 +15,7 @@ from temporalio.testing import WorkflowEnvironment
 from modelium.config import Triton
 from modelium.runtimes.process import pid_alive
 from modelium.runtimes.triton import TritonRuntimeAdapter, find_binary
-from modelium.types import Booking, LoadRequest, Task
+from modelium.types import Booking, LoadRequest, ModelFormat, Task
 from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_phase
 
 pytestmark = [
@@ -56,7 +56,9 @@ async def test_triton_adapter_loads_serves_and_unloads(tmp_path: Path) -> None:
     adapter = TritonRuntimeAdapter("n", tmp_path / "state", tmp_path / "logs", Triton(enabled=True))
     entry = triton_entry(tmp_path / "dropped" / "add-one")
     original = (entry / "1" / "model.py").read_text()
-    request = LoadRequest("adder", str(entry), "triton", Task.CUSTOM, Booking("adder", "n", "cpu", 2**30))
+    request = LoadRequest(
+        "adder", str(entry), "triton", Task.CUSTOM, Booking("adder", "n", "cpu", 2**30), ModelFormat.TRITON
+    )
     started = time.monotonic()
     endpoint = await adapter.start(request, progress=lambda _m: None)
     loaded_in = time.monotonic() - started
@@ -120,7 +122,9 @@ async def test_a_restarted_node_agent_adopts_the_triton_server(tmp_path: Path) -
     config = Triton(enabled=True)
     first = TritonRuntimeAdapter("n", tmp_path / "state", tmp_path / "logs", config)
     entry = triton_entry(tmp_path / "dropped" / "add-one")
-    request = LoadRequest("adder", str(entry), "triton", Task.CUSTOM, Booking("adder", "n", "cpu", 2**30))
+    request = LoadRequest(
+        "adder", str(entry), "triton", Task.CUSTOM, Booking("adder", "n", "cpu", 2**30), ModelFormat.TRITON
+    )
     endpoint = await first.start(request, progress=lambda _m: None)
     # The node agent is killed: `first` is dropped without stopping anything. The next one adopts.
     second = TritonRuntimeAdapter("n", tmp_path / "state", tmp_path / "logs", config)

@@ -351,6 +351,7 @@ class ModelLifecycleWorkflow:
                     decision.runtime,
                     self._analysis.task,
                     self._state.booking,
+                    self._analysis.format,
                 ),  # fmt: skip
                 result_type=LoadResult,
                 task_queue=queue,

@@ -40,7 +40,6 @@ class RayServeRuntimeAdapter:
     ) -> None:
         self._node = node
         self._config = config
-        self._log_dir = log_dir
         self._host = host
         self._head = SharedServer(_HEAD, RuntimeRecords(state_dir / "records"), log_dir / "ray-head.log", NAME, node,
                                   Protocol.MODELIUM_JSON)  # fmt: skip

@@ -197,13 +197,11 @@ class TritonRuntimeAdapter:
         self._node = node
         self._config = config
         self._repository = config.model_repository or state_dir / "repository"
-        self._log_dir = log_dir
         self._host = host
         self._server = SharedServer(_SERVER, RuntimeRecords(state_dir / "records"), log_dir / "tritonserver.log",
                                     NAME, node, Protocol.KSERVE_V2)  # fmt: skip
         self._url: str | None = config.url.rstrip("/") if config.url else None
         self._models: dict[str, Endpoint] = {}
-        self._formats: dict[str, str] = {}
         self._lock = asyncio.Lock()
 
     # -- the server ----------------------------------------------------------------------------
@@ -251,25 +249,16 @@ class TritonRuntimeAdapter:
     def dead(self) -> dict[str, int | None]:
         return dict.fromkeys(self._models, self._server.pid) if self._server.exited() else {}
 
-    def format_of(self, request: LoadRequest) -> str:
-        path = Path(request.path)
-        if (path / "config.pbtxt").is_file():
-            return ModelFormat.TRITON
-        if path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
-            return ModelFormat.ONNX
-        return ModelFormat.HUGGINGFACE
-
     async def start(self, request: LoadRequest, progress: Progress) -> Endpoint:
         async with self._lock:
             await self._ensure_server(progress)
-            fmt = self.format_of(request)
             if request.model in self._models:
                 try:
                     await self.check_health(request.model)
                     return self._models[request.model]
                 except RuntimeUnhealthy:
                     self._models.pop(request.model, None)
-            write_entry(self._repository, request, fmt)
+            write_entry(self._repository, request, request.format)
             client = self._client()
             try:
                 progress(f"triton loads {request.model}")
@@ -286,7 +275,6 @@ class TritonRuntimeAdapter:
             assert self._url is not None
             endpoint = Endpoint(self._url, Protocol.KSERVE_V2, NAME, self._node, self._server.pid)
             self._models[request.model] = endpoint
-            self._formats[request.model] = fmt
             return endpoint
 
     async def check_health(self, model: str) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from modelium.config import Vllm as VllmConfig
-from modelium.gpu import GpuReader
+from modelium.gpu import GpuReader, gpu_memory_held
 from modelium.runtimes.base import RuntimeStartError
 from modelium.runtimes.managed import ProcessRuntime, probe_openai
 from modelium.types import Endpoint, LoadRequest, Protocol
@@ -110,7 +110,7 @@ class VllmRuntimeAdapter(ProcessRuntime):
         if self._gpu is None or not pids:
             return
         deadline = time.monotonic() + self._freed_timeout
-        while held := {gpu: n for gpu, n in self._gpu.process_memory(pids).items() if n > 0}:
+        while held := gpu_memory_held(self._gpu, pids):
             if time.monotonic() > deadline:
                 log.error("vLLM's %s stopped (pids %s) but NVML still counts %s", model, sorted(pids), held)
                 return
