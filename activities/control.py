@@ -15,7 +15,7 @@ from temporalio.service import RPCError
 
 from modelium import llm_brain
 from modelium.analyzer import ModelDirectoryError, analyze_directory, warm_up
-from modelium.brain import EvictionPolicy, NoCapacity, NoRuntimeAvailable, place
+from modelium.brain import EvictionPolicy, ModelTooLarge, NoCapacity, NoRuntimeAvailable, place
 from modelium.config import Eviction as EvictionConfig
 from modelium.config import LlmBrain, ModelSettings
 from modelium.metrics import Metrics
@@ -177,6 +177,8 @@ class ControlActivities:
         try:
             try:
                 decision = place(analysis, self._runtimes, nodes, override, overrides=request.overrides)
+            except ModelTooLarge:
+                raise
             except NoCapacity:
                 if not policy.enabled:
                     raise
@@ -185,6 +187,9 @@ class ControlActivities:
                                  residents=await self._residents(), policy=policy)  # fmt: skip
         except NoRuntimeAvailable as exc:
             raise ApplicationError(str(exc), type=ErrorType.NO_RUNTIME, non_retryable=True) from None
+        except ModelTooLarge as exc:
+            # Not a wait for room: no node could ever hold it. The model fails, saying why.
+            raise ApplicationError(str(exc), type=ErrorType.MODEL_TOO_LARGE, non_retryable=True) from None
         except NoCapacity as exc:
             raise ApplicationError(
                 str(exc), type=ErrorType.NO_CAPACITY, non_retryable=True, category=ApplicationErrorCategory.BENIGN

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from modelium.types import ModelState
+from modelium.types import MAX_DURATION_SECONDS, ModelState
+
+# OpenAI's seed is a 64-bit integer; larger ones are refused here, not by a runtime's 5xx.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 class PredictRequest(BaseModel):
@@ -14,15 +17,15 @@ class PredictRequest(BaseModel):
     Triton (KServe v2) model also named tensors as nested lists (`{"INPUT0": [[1, 2]]}`) or KServe
     v2 tensors as they are (`[{"name": ..., "shape": ..., "datatype": ..., "data": ...}]`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str | None = Field(default=None, min_length=1, max_length=200_000)
     inputs: str | list[str] | dict[str, Any] | list[dict[str, Any]] | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
 
 
 class Usage(BaseModel):
@@ -118,29 +121,43 @@ class Health(BaseModel):
 class LoadModelRequest(BaseModel):
     """`POST /models/{name}/load`. Omitted settings stay as they are."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    pin: bool | None = Field(default=None, description="true: never unload for being idle")
-    idle_timeout_seconds: float | None = Field(default=None, gt=0, description="this model's idle timeout")
-    wait: bool = Field(default=True, description="answer once the model serves (bounded by timeout_seconds)")
-    timeout_seconds: float | None = Field(default=None, gt=0, description="default: gateway.cold_start_timeout_seconds")
+    pin: StrictBool | None = Field(default=None, description="true: never unload for being idle")
+    idle_timeout_seconds: float | None = Field(
+        default=None, gt=0, le=MAX_DURATION_SECONDS, description="this model's idle timeout (at most a year)"
+    )
+    wait: StrictBool = Field(default=True, description="answer once the model serves (bounded by timeout_seconds)")
+    timeout_seconds: float | None = Field(
+        default=None, gt=0, le=MAX_DURATION_SECONDS, description="default: gateway.cold_start_timeout_seconds"
+    )
 
 
 class UnloadModelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str = Field(default="unload requested through the API", max_length=500)
-    wait: bool = True
+    wait: StrictBool = True
 
 
 # -- OpenAI-compatible bodies: the fields the gateway checks; the rest pass to the runtime ------
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _OpenAIRequest(BaseModel):
+    """What every OpenAI-compatible body shares; unknown fields pass to the runtime."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=200)
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
     stream: StrictBool | None = False
+    seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    # One choice per request: the runtimes return one, and a silently ignored `n` misleads.
+    n: StrictInt | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
 
 
 class ChatMessage(BaseModel):
@@ -150,14 +167,9 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str = Field(min_length=1, max_length=200)
+class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    stream: StrictBool | None = False
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
 
 
 class OpenAIModel(BaseModel):

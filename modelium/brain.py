@@ -36,6 +36,11 @@ class NoCapacity(RuntimeError):
     """Runtimes could serve the model, but no node has room for it now."""
 
 
+class ModelTooLarge(NoCapacity):
+    """No device of any live node could hold the model even if it were empty: waiting for room
+    would wait forever."""
+
+
 def choose_runtime(
     analysis: ModelAnalysis, available: Collection[str], on_gpu: bool, override: str | None = None
 ) -> tuple[str, str]:
@@ -146,8 +151,8 @@ def place(
     runtime needs there, a GPU before the CPU, then the one left with the least free memory
     (large holes stay open for large models). A model larger than any one GPU of a node spans
     several where its runtime is tensor parallel. When nothing has room, the idle models whose
-    unloading costs least (retention score) are named for eviction. Raises NoRuntimeAvailable
-    or NoCapacity."""
+    unloading costs least (retention score) are named for eviction. Raises NoRuntimeAvailable,
+    NoCapacity, or ModelTooLarge when no device could ever hold it."""
     overrides = overrides or ModelOverrides()
     runtime_override = runtime_override or overrides.runtime
     options, shortfalls, no_runtime = _options(analysis, enabled_runtimes, nodes, runtime_override, overrides)
@@ -167,6 +172,12 @@ def place(
                                          f"(least worth keeping)")  # fmt: skip
             decision.evict = victims
             return decision
+    if shortfalls and not options:
+        need = analysis.memory_estimate_bytes
+        raise ModelTooLarge(
+            f"{analysis.name} needs about {_gib(need)}, more than any device of a live node holds even "
+            "when empty: " + "; ".join(shortfalls)
+        )
     if shortfalls:
         evictable = " and nothing there may be evicted now" if policy is not None and policy.enabled else ""
         need = analysis.memory_estimate_bytes

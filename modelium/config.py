@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelium.names import CONTROL_TASK_QUEUE, sanitize_node_id, validate_model_name
+from modelium.types import MAX_DURATION_SECONDS
 
 ENV_PREFIX = "MODELIUM_"
 # Environment variables with the prefix that are not configuration keys.
@@ -30,8 +31,13 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and the source."""
 
 
+# Byte counts beyond this are no machine's (and would not fit Temporal's 64-bit integers).
+MAX_BYTES = 2**62
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinities are refused everywhere: a timer or a budget built from one breaks.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Triton(_Section):
@@ -45,7 +51,7 @@ class Triton(_Section):
     model_repository: Path | None = None
     # The started server's HTTP port; None: a free one.
     http_port: int | None = Field(default=None, ge=1, le=65535)
-    start_timeout_seconds: float = Field(default=120.0, gt=0.0)
+    start_timeout_seconds: float = Field(default=120.0, gt=0.0, le=MAX_DURATION_SECONDS)
 
 
 class RayServe(_Section):
@@ -58,8 +64,8 @@ class RayServe(_Section):
     http_port: int = Field(default=8500, ge=1, le=65535)
     # CPUs the local cluster offers; None: all of this machine's.
     num_cpus: int | None = Field(default=None, ge=1)
-    start_timeout_seconds: float = Field(default=180.0, gt=0.0)
-    load_timeout_seconds: float = Field(default=600.0, gt=0.0)
+    start_timeout_seconds: float = Field(default=180.0, gt=0.0, le=MAX_DURATION_SECONDS)
+    load_timeout_seconds: float = Field(default=600.0, gt=0.0, le=MAX_DURATION_SECONDS)
 
 
 class Vllm(_Section):
@@ -74,7 +80,7 @@ class Vllm(_Section):
     host: str = "127.0.0.1"
     # Ports the servers listen on: [first, last].
     port_range: tuple[int, int] = (8300, 8399)
-    load_timeout_seconds: float = Field(default=900.0, gt=0.0)
+    load_timeout_seconds: float = Field(default=900.0, gt=0.0, le=MAX_DURATION_SECONDS)
 
     @field_validator("port_range")
     @classmethod
@@ -104,7 +110,7 @@ class ModelDiscovery(_Section):
 
 
 class Policies(_Section):
-    evict_after_idle_seconds: float = Field(default=300.0, gt=0.0)
+    evict_after_idle_seconds: float = Field(default=300.0, gt=0.0, le=MAX_DURATION_SECONDS)
     # A runtime that crashes is restarted after restart_backoff_seconds, doubling each time, at
     # most max_restarts times in 10 minutes; then the model is `failed` until asked to load.
     max_restarts: int = Field(default=3, ge=0, le=100)
@@ -116,9 +122,9 @@ class Eviction(_Section):
 
     enabled: bool = True
     # Only models loaded at least this long (no thrashing of fresh loads) ...
-    min_resident_seconds: float = Field(default=120.0, ge=0.0)
+    min_resident_seconds: float = Field(default=120.0, ge=0.0, le=MAX_DURATION_SECONDS)
     # ... and unused at least this long may be evicted.
-    min_idle_seconds: float = Field(default=30.0, ge=0.0)
+    min_idle_seconds: float = Field(default=30.0, ge=0.0, le=MAX_DURATION_SECONDS)
 
 
 class Orchestration(_Section):
@@ -135,7 +141,7 @@ class ModelSettings(_Section):
 
     runtime: RuntimeName | None = None
     pin: bool | None = None
-    idle_timeout_seconds: float | None = Field(default=None, gt=0.0)
+    idle_timeout_seconds: float | None = Field(default=None, gt=0.0, le=MAX_DURATION_SECONDS)
     # Place the model only on this node, and only on these of its devices ("cpu", "cuda:0").
     node: str | None = None
     devices: list[str] = Field(default_factory=list)
@@ -181,7 +187,7 @@ class Temporal(_Section):
     port: int = Field(default=7233, ge=1, le=65535)
     ui_port: int = Field(default=8233, ge=1, le=65535)
     ui: bool = True
-    startup_timeout_seconds: float = Field(default=60.0, gt=0.0)
+    startup_timeout_seconds: float = Field(default=60.0, gt=0.0, le=MAX_DURATION_SECONDS)
 
 
 class ApiKey(_Section):
@@ -201,14 +207,14 @@ class Gateway(_Section):
     usage_flush_seconds: float = Field(default=1.0, ge=0.0, le=60.0)
     # How long a model's endpoint, read from its workflow, is reused before it is read again.
     endpoint_cache_seconds: float = Field(default=2.0, ge=0.0, le=300.0)
-    request_timeout_seconds: float = Field(default=300.0, gt=0.0)
-    max_tokens_limit: int = Field(default=4096, ge=1)
+    request_timeout_seconds: float = Field(default=300.0, gt=0.0, le=MAX_DURATION_SECONDS)
+    max_tokens_limit: int = Field(default=4096, ge=1, le=10**7)
     # A request for a model that is not loaded waits this long for its load, then gets a 503.
-    cold_start_timeout_seconds: float = Field(default=300.0, gt=0.0)
+    cold_start_timeout_seconds: float = Field(default=300.0, gt=0.0, le=MAX_DURATION_SECONDS)
     # Requests that may wait on one cold model; past this they get a 429 with Retry-After.
-    max_waiting_requests: int = Field(default=256, ge=0)
+    max_waiting_requests: int = Field(default=256, ge=0, le=10**6)
     # Larger request bodies are refused with a 413.
-    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=2**31)
     # Empty: no authentication (keep the gateway on loopback then).
     api_keys: list[ApiKey] = Field(default_factory=list)
 
@@ -226,7 +232,7 @@ class Gateway(_Section):
 class Node(_Section):
     id: str = Field(default_factory=lambda: sanitize_node_id(socket.gethostname()))
     # Memory that models may book on a node without a GPU. None: half of this machine's RAM.
-    cpu_memory_budget_bytes: int | None = Field(default=None, gt=0)
+    cpu_memory_budget_bytes: int | None = Field(default=None, gt=0, le=MAX_BYTES)
     # How often the node agent announces its inventory; three missed announcements mean gone.
     announce_seconds: float = Field(default=5.0, gt=0.0, le=300.0)
     # How often the node agent looks for runtime processes that exited on their own.
@@ -246,7 +252,7 @@ class Node(_Section):
 class EmbeddedRuntime(_Section):
     # "auto" takes the booked GPU when there is one, else the CPU.
     device: str = "auto"
-    load_timeout_seconds: float = Field(default=600.0, gt=0.0)
+    load_timeout_seconds: float = Field(default=600.0, gt=0.0, le=MAX_DURATION_SECONDS)
     # Threads each CPU model may use; None lets PyTorch decide.
     cpu_threads: int | None = Field(default=None, ge=1)
 

@@ -6,7 +6,23 @@ seconds (floats) so they serialize the same through every converter.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Bounds on numbers that come from outside (API, configuration, a model's own settings file, a
+# signal sent from the Temporal UI). Every duration is finite and at most a year, so that timers
+# built from it never overflow; request counts per usage report are bounded likewise.
+MAX_DURATION_SECONDS = 365 * 24 * 3600.0
+MAX_USAGE_PER_REPORT = 10**9
+
+
+def valid_seconds(value: object) -> float | None:
+    """`value` as a duration when it is a finite number in (0, MAX_DURATION_SECONDS], else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or not 0 < value <= MAX_DURATION_SECONDS:
+        return None
+    return float(value)
 
 
 class Phase:

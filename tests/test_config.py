@@ -54,6 +54,14 @@ def test_seed_keys_from_file_and_env_override(tmp_path: Path) -> None:
         ("gateway: {api_keys: [{name: k, organization: o, sha256: " + "a" * 64 + ", scopes: [root]}]}", {},
          "gateway.api_keys.0.scopes.0"),
         ("gateway: {max_waiting_requests: -1}", {}, "gateway.max_waiting_requests"),
+        # Numbers that would overflow a timer or poison a budget are refused, the key named.
+        ("orchestration: {policies: {evict_after_idle_seconds: .inf}}", {},
+         "orchestration.policies.evict_after_idle_seconds: Input should be a finite number"),
+        ("orchestration: {policies: {evict_after_idle_seconds: 1e308}}", {},
+         "orchestration.policies.evict_after_idle_seconds: Input should be less than or equal to 31536000"),
+        ("", {"MODELIUM_GATEWAY__COLD_START_TIMEOUT_SECONDS": ".nan"}, "gateway.cold_start_timeout_seconds"),
+        ("models: {m: {idle_timeout_seconds: .inf}}", {}, "models.m.idle_timeout_seconds"),
+        ("node: {cpu_memory_budget_bytes: 1e30}", {}, "node.cpu_memory_budget_bytes"),
     ],
 )  # fmt: skip
 def test_bad_values_name_the_key(tmp_path: Path, yaml_text: str, env: dict[str, str],

@@ -36,6 +36,7 @@ class ErrorType:
     MODEL_REMOVED = "ModelRemoved"
     LOAD_FAILED = "LoadFailed"
     NO_CAPACITY = "NoCapacity"
+    MODEL_TOO_LARGE = "ModelTooLarge"
     MEMORY_NOT_FREED = "MemoryNotFreed"
 
 

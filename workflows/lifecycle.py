@@ -17,6 +17,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 with workflow.unsafe.imports_passed_through():
     from modelium.names import node_task_queue
     from modelium.types import (
+        MAX_USAGE_PER_REPORT,
         Booking,
         ConfirmFreedRequest,
         DecideRequest,
@@ -31,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
         ReserveRequest,
         UnloadKind,
         UnloadRequest,
+        valid_seconds,
     )
     from workflows.contracts import (
         NODE_KEY,
@@ -103,29 +105,41 @@ class ModelLifecycleWorkflow:
     def state(self) -> ModelState:
         return self._state
 
+    # Every handler takes its payload as optional: the Temporal UI and CLI send a signal with no
+    # input at all, and a handler that raised on one would fail every workflow task from then on.
+    # Values are checked here too (not only at the gateway): anyone who reaches Temporal can send.
     @workflow.signal
-    def record_usage(self, report: UsageReport) -> None:
-        if report.count <= 0:
+    def record_usage(self, report: UsageReport | None = None) -> None:
+        if report is None or not _valid_count(report.count):
             return
         self._state.request_count += report.count
+        counts = self._state.requests_by_organization
         for org, n in report.by_organization.items():
-            counts = self._state.requests_by_organization
-            counts[org] = counts.get(org, 0) + n
+            if isinstance(org, str) and _valid_count(n):
+                counts[org] = counts.get(org, 0) + n
         self._state.last_used_at = workflow.now().timestamp()
         self._usage_seq += 1
 
     @workflow.signal
-    def files_changed(self, source: ModelSource) -> None:
+    def files_changed(self, source: ModelSource | None = None) -> None:
+        if source is None or not source.path:
+            return
         if source.fingerprint != self._state.fingerprint or self._state.phase == Phase.FAILED:
             self._new_source = source
 
     @workflow.signal
-    def retry(self, request: RetryRequest) -> None:
-        workflow.logger.info("retry of %s: %s", self._state.name, request.reason)
+    def retry(self, request: RetryRequest | None = None) -> None:
+        reason = request.reason if request is not None else "retry signal without input"
+        if self._state.phase != Phase.FAILED:
+            # Remembered, it would bring the model back up after a later unload.
+            workflow.logger.info("retry of %s ignored: it is %s, not failed", self._state.name, self._state.phase)
+            return
+        workflow.logger.info("retry of %s: %s", self._state.name, reason)
         self._retry = True
 
     @workflow.signal
-    def load(self, command: LoadCommand) -> None:
+    def load(self, command: LoadCommand | None = None) -> None:
+        command = command or LoadCommand()
         self._configure(command.pin, command.idle_seconds)
         self._want_loaded = True
         self._unload_reason = None  # the newer wish wins
@@ -133,7 +147,8 @@ class ModelLifecycleWorkflow:
             self._retry = True
 
     @workflow.signal
-    def unload(self, command: UnloadCommand) -> None:
+    def unload(self, command: UnloadCommand | None = None) -> None:
+        command = command or UnloadCommand()
         self._want_loaded = False
         if self._state.pinned:
             self._state.pinned = False
@@ -145,21 +160,30 @@ class ModelLifecycleWorkflow:
             self._unload_kind = UnloadKind.REQUESTED
 
     def _configure(self, pin: bool | None, idle_seconds: float | None) -> None:
-        if pin is not None and pin != self._state.pinned:
+        """Apply settings; a value out of bounds (NaN, infinite, not positive, over a year) is
+        ignored with a warning: the gateway and the config refuse them, a raw signal may not."""
+        if isinstance(pin, bool) and pin != self._state.pinned:
             self._state.pinned = pin
             self._settings_seq += 1
-        if idle_seconds is not None and idle_seconds > 0 and idle_seconds != self._state.idle_seconds:
-            self._state.idle_seconds = idle_seconds
+        if idle_seconds is None:
+            return
+        seconds = valid_seconds(idle_seconds)
+        if seconds is None:
+            workflow.logger.warning("model %s: idle timeout %r ignored: not a number of seconds in "
+                                    "(0, 1 year]", self._state.name, idle_seconds)  # fmt: skip
+        elif seconds != self._state.idle_seconds:
+            self._state.idle_seconds = seconds
             self._settings_seq += 1
 
     @workflow.signal
-    def capacity_freed(self, notice: CapacityFreed) -> None:
+    def capacity_freed(self, notice: CapacityFreed | None = None) -> None:
         self._capacity_freed = True
 
     @workflow.update
-    async def evict(self, command: EvictCommand) -> ModelState:
+    async def evict(self, command: EvictCommand | None = None) -> ModelState:
         """Unload this idle model to make room for another; returns once nothing of it runs.
         A request that arrives before the unload starts keeps the model (the update fails)."""
+        assert command is not None  # the validator refuses an evict without input
         self._want_loaded = False
         self._unload_reason = f"evicted to make room for {command.for_model}: {command.reason}"
         self._unload_kind = UnloadKind.EVICTED
@@ -171,8 +195,10 @@ class ModelLifecycleWorkflow:
         return self._state
 
     @evict.validator
-    def _validate_evict(self, command: EvictCommand) -> None:
+    def _validate_evict(self, command: EvictCommand | None = None) -> None:
         state = self._state
+        if command is None or not command.for_model:
+            raise ApplicationError('evict needs {"reason", "for_model"}')
         if state.phase != Phase.LOADED:
             raise ApplicationError(f"model {state.name} is {state.phase}, not loaded")
         if state.pinned:
@@ -180,21 +206,25 @@ class ModelLifecycleWorkflow:
         if self._unload_reason is not None or self._remove_reason is not None or self._new_source is not None:
             raise ApplicationError(f"model {state.name} is already on its way down")
         idle = workflow.now().timestamp() - (state.last_used_at or state.loaded_at or 0.0)
-        if idle < command.min_idle_seconds:
+        min_idle = command.min_idle_seconds
+        if isinstance(min_idle, bool) or not isinstance(min_idle, int | float) or not min_idle >= 0:
+            raise ApplicationError(f"min_idle_seconds must be a number >= 0, got {min_idle!r}")
+        if idle < min_idle:
             raise ApplicationError(f"model {state.name} was used {idle:.0f}s ago")
 
     @workflow.signal
-    def remove(self, command: RemoveCommand) -> None:
-        self._remove_reason = command.reason
+    def remove(self, command: RemoveCommand | None = None) -> None:
+        self._remove_reason = (command or RemoveCommand()).reason or RemoveCommand().reason
 
     @workflow.signal
-    def report_unhealthy(self, report: HealthReport) -> None:
+    def report_unhealthy(self, report: HealthReport | None = None) -> None:
         if self._state.phase == Phase.LOADED:
-            self._health_report = report.reason
+            self._health_report = report.reason if report is not None else "reported unhealthy"
 
     @workflow.update
-    async def ensure_loaded(self, request: EnsureLoadedRequest) -> ModelState:
+    async def ensure_loaded(self, request: EnsureLoadedRequest | None = None) -> ModelState:
         """Ask for the model to be loaded and return its state once it is serving."""
+        request = request or EnsureLoadedRequest()
         if self._state.phase == Phase.LOADED:
             self._configure(request.pin, request.idle_seconds)
             self._unload_reason = None
@@ -221,16 +251,22 @@ class ModelLifecycleWorkflow:
         return self._state
 
     @ensure_loaded.validator
-    def _validate_ensure_loaded(self, request: EnsureLoadedRequest) -> None:
+    def _validate_ensure_loaded(self, request: EnsureLoadedRequest | None = None) -> None:
         if self._state.phase == Phase.REMOVED or self._remove_reason:
             raise ApplicationError(f"model {self._state.name} was removed")
-        if request.idle_seconds is not None and request.idle_seconds <= 0:
-            raise ApplicationError(f"idle_seconds must be positive, got {request.idle_seconds}")
+        if request is None:
+            return
+        if request.idle_seconds is not None and valid_seconds(request.idle_seconds) is None:
+            raise ApplicationError(
+                f"idle_seconds must be a number of seconds in (0, 31536000], got {request.idle_seconds!r}"
+            )
+        if request.pin is not None and not isinstance(request.pin, bool):
+            raise ApplicationError(f"pin must be true or false, got {request.pin!r}")
 
     @workflow.update
-    async def ensure_unloaded(self, request: EnsureUnloadedRequest) -> ModelState:
+    async def ensure_unloaded(self, request: EnsureUnloadedRequest | None = None) -> ModelState:
         """Unload the model (and unpin it); return its state once nothing of it is running."""
-        self.unload(UnloadCommand(request.reason))
+        self.unload(UnloadCommand((request or EnsureUnloadedRequest()).reason))
         await workflow.wait_condition(self._nothing_running)
         return self._state
 
@@ -633,6 +669,10 @@ class ModelLifecycleWorkflow:
         if st.last_error:
             lines.append(f"- last error: {st.last_error}")
         return "\n".join(lines)
+
+
+def _valid_count(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_USAGE_PER_REPORT
 
 
 def _error_type(err: BaseException) -> str | None:

@@ -26,12 +26,14 @@ class NodeRegistryWorkflow:
         return self._inventory
 
     @workflow.signal
-    def announce(self, inventory: NodeInventory) -> None:
-        self._inventory = inventory
+    def announce(self, inventory: NodeInventory | None = None) -> None:
+        # Optional payloads: a signal sent with no input (the Temporal UI) must not fail a task.
+        if inventory is not None and inventory.node == self._inventory.node:
+            self._inventory = inventory
 
     @workflow.signal
-    def leave(self, request: LeaveRequest) -> None:
-        self._left = request.reason
+    def leave(self, request: LeaveRequest | None = None) -> None:
+        self._left = (request or LeaveRequest()).reason or LeaveRequest().reason
 
     @workflow.run
     async def run(self, inp: NodeRegistryInput) -> None:
