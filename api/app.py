@@ -14,6 +14,7 @@ from temporalio.client import Client
 from api import errors
 from api.auth import KeyRing
 from api.coldstart import ColdStarts
+from api.control_plane import ControlPlane
 from api.deps import Gateway
 from api.limits import BodyLimit
 from api.registry import ModelRegistry
@@ -47,14 +48,16 @@ def create_app(
         gw_settings = settings.gateway
         temporal = client or await Client.connect(temporal_address(settings), namespace=settings.temporal.namespace)
         own_metrics = metrics or Metrics()
-        registry = ModelRegistry(temporal, gw_settings.endpoint_cache_seconds)
+        control = ControlPlane(temporal)
+        control.start()
+        registry = ModelRegistry(temporal, gw_settings.endpoint_cache_seconds, control)
         own_metrics.track_idle(registry.last_use)
-        usage = UsageBatcher(temporal, gw_settings.usage_flush_seconds)
+        usage = UsageBatcher(temporal, gw_settings.usage_flush_seconds, settings.state_dir / "gateway" / "usage")
         usage.start()
         refresher = asyncio.create_task(registry.refresh_forever(STATE_REFRESH_SECONDS), name="state-refresh")
         upstream = UpstreamPool(timeout=gw_settings.request_timeout_seconds)
         cold = ColdStarts(
-            temporal, registry, own_metrics,
+            temporal, registry, own_metrics, control,
             timeout=gw_settings.cold_start_timeout_seconds, max_waiting=gw_settings.max_waiting_requests,
         )  # fmt: skip
         app.state.gateway = Gateway(
@@ -66,6 +69,7 @@ def create_app(
             metrics=own_metrics,
             cold=cold,
             keys=keys,
+            control=control,
         )
         try:
             yield
@@ -75,6 +79,7 @@ def create_app(
                 await refresher
             await usage.stop()
             await upstream.aclose()
+            await control.stop()
 
     keys = KeyRing(settings.gateway.api_keys)
     if not keys.enabled and not _is_loopback(settings.gateway.host):

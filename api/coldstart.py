@@ -15,6 +15,7 @@ from collections import Counter
 from temporalio.client import Client, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.control_plane import ControlPlane, is_unreachable
 from api.errors import ControlPlaneUnavailable, GatewayError, ModelNotFound, ModelNotReady, TooManyWaiting
 from api.registry import ModelRegistry
 from modelium.metrics import Metrics
@@ -31,9 +32,17 @@ DEFAULT_LOAD_ESTIMATE = 10.0
 
 class ColdStarts:
     def __init__(
-        self, client: Client, registry: ModelRegistry, metrics: Metrics, *, timeout: float, max_waiting: int
+        self,
+        client: Client,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        control: ControlPlane,
+        *,
+        timeout: float,
+        max_waiting: int,
     ) -> None:
         self._client = client
+        self._control = control
         self._registry = registry
         self._metrics = metrics
         self._timeout = timeout
@@ -93,8 +102,11 @@ class ColdStarts:
         handle = self._client.get_workflow_handle(workflow_id(name))
         log.info("model %s is not serving; loading it for waiting requests", name)
         try:
-            state = await handle.execute_update(
-                ModelLifecycleWorkflow.ensure_loaded, EnsureLoadedRequest("a request is waiting")
+            state = await self._control.guard(
+                handle.execute_update(
+                    ModelLifecycleWorkflow.ensure_loaded, EnsureLoadedRequest("a request is waiting")
+                ),
+                f"load {name}",
             )
         except WorkflowUpdateFailedError as exc:
             cause = exc.cause
@@ -106,6 +118,8 @@ class ColdStarts:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 self._registry.invalidate(name)
                 raise ModelNotFound(f"model {name!r} was removed", param="model") from None
+            if is_unreachable(exc):
+                self._control.mark_down(exc.message)
             raise ControlPlaneUnavailable(f"cannot ask Temporal to load {name}: {exc.message}", retry_after=5) from None
         self._registry.store(state)
         return state

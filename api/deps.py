@@ -10,6 +10,7 @@ from temporalio.client import Client
 
 from api.auth import KeyRing, Principal
 from api.coldstart import ColdStarts
+from api.control_plane import ControlPlane
 from api.registry import ModelRegistry
 from api.upstream import UpstreamPool
 from api.usage import UsageBatcher
@@ -30,6 +31,7 @@ class Gateway:
     metrics: Metrics
     cold: ColdStarts
     keys: KeyRing
+    control: ControlPlane
 
 
 # Dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread

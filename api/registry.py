@@ -2,6 +2,8 @@
 
 Routing reads a model's endpoint from its workflow's `state` query; to keep that off the hot
 path the answer is reused for `ttl` seconds, and dropped at once when the endpoint fails.
+While Temporal is unreachable, a model last seen loaded is routed to its last known endpoint
+(until that endpoint fails), and every other model is refused at once with a 503.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from datetime import timedelta
 from temporalio.client import Client, WorkflowQueryFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.control_plane import ControlPlane, is_unreachable
 from api.errors import ControlPlaneUnavailable
 from modelium.names import model_from_workflow_id, workflow_id
 from modelium.types import ModelState, Phase
@@ -29,10 +32,13 @@ LIST_QUERY_TIMEOUT = timedelta(seconds=2)
 
 
 class ModelRegistry:
-    def __init__(self, client: Client, ttl: float) -> None:
+    def __init__(self, client: Client, ttl: float, control: ControlPlane | None = None) -> None:
         self._client = client
         self._ttl = ttl
+        self._control = control or ControlPlane(client)
         self._cache: dict[str, tuple[float, ModelState]] = {}
+        # The last state of each model seen serving: what routes it while Temporal is down.
+        self._last_loaded: dict[str, ModelState] = {}
         self._inflight: dict[str, asyncio.Future[ModelState | None]] = {}
         # Last request this gateway served per model (epoch seconds).
         self._last_request: dict[str, float] = {}
@@ -42,6 +48,8 @@ class ModelRegistry:
         cached = self._cache.get(model)
         if cached is not None and not fresh and time.monotonic() - cached[0] < self._ttl_for(cached[1]):
             return cached[1]
+        if not self._control.available:
+            return self._last_known(model)
         # Concurrent requests for the same model share one query.
         pending = self._inflight.get(model)
         if pending is not None:
@@ -49,11 +57,15 @@ class ModelRegistry:
         future: asyncio.Future[ModelState | None] = asyncio.get_running_loop().create_future()
         self._inflight[model] = future
         try:
-            state = await self._query(model, timeout)
-            if state is None:
-                self._cache.pop(model, None)
+            try:
+                state = await self._query(model, timeout)
+            except ControlPlaneUnavailable:
+                if not self._control.available and model in self._last_loaded:
+                    state = self._last_known(model)
+                else:
+                    raise
             else:
-                self._cache[model] = (time.monotonic(), state)
+                self._remember(model, state)
             future.set_result(state)
             return state
         except BaseException as exc:
@@ -63,6 +75,27 @@ class ModelRegistry:
         finally:
             self._inflight.pop(model, None)
 
+    def _remember(self, model: str, state: ModelState | None) -> None:
+        if state is None:
+            self._cache.pop(model, None)
+        else:
+            self._cache[model] = (time.monotonic(), state)
+        if state is not None and state.phase == Phase.LOADED and state.endpoint is not None:
+            self._last_loaded[model] = state
+        else:
+            self._last_loaded.pop(model, None)
+
+    def _last_known(self, model: str) -> ModelState:
+        """Temporal is down: the model's last serving state, or a 503 at once."""
+        state = self._last_loaded.get(model)
+        if state is None:
+            raise ControlPlaneUnavailable(
+                f"cannot read the state of {model}: Temporal is unreachable ({self._control.last_error}); "
+                "only models last seen loaded are served meanwhile",
+                retry_after=self._control.retry_after,
+            )
+        return state
+
     def _ttl_for(self, state: ModelState) -> float:
         # A serving endpoint is stable; a model on its way up changes any moment, and a stale
         # "not loaded" would turn clients away after the load finished.
@@ -71,10 +104,14 @@ class ModelRegistry:
     async def _query(self, model: str, timeout: timedelta) -> ModelState | None:
         handle = self._client.get_workflow_handle(workflow_id(model))
         try:
-            state: ModelState = await handle.query(ModelLifecycleWorkflow.state, rpc_timeout=timeout)
+            state: ModelState = await self._control.guard(
+                handle.query(ModelLifecycleWorkflow.state, rpc_timeout=timeout), f"read the state of {model}"
+            )
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 return None
+            if is_unreachable(exc):
+                self._control.mark_down(exc.message)
             raise ControlPlaneUnavailable(
                 f"cannot read the state of {model} from Temporal: {exc.message}", retry_after=5
             ) from exc
@@ -86,10 +123,12 @@ class ModelRegistry:
 
     def store(self, state: ModelState) -> None:
         """Take a state learned elsewhere (an update's answer) as the freshest one."""
-        self._cache[state.name] = (time.monotonic(), state)
+        self._remember(state.name, state)
 
     def invalidate(self, model: str) -> None:
+        """Forget the model's state, its last serving endpoint too (it failed, or is changing)."""
         self._cache.pop(model, None)
+        self._last_loaded.pop(model, None)
 
     def mark_used(self, model: str) -> None:
         self._last_request[model] = time.time()
@@ -100,6 +139,7 @@ class ModelRegistry:
 
     async def _visible(self) -> dict[str, ModelState]:
         """Running models as the visibility store sees them: name, phase, runtime, node."""
+        self._control.require("list models")
         found = {}
         try:
             async for execution in self._client.list_workflows(running_models_query()):
@@ -114,6 +154,8 @@ class ModelRegistry:
                         node=attrs.get(NODE_KEY),
                     )
         except RPCError as exc:
+            if is_unreachable(exc):
+                self._control.mark_down(exc.message)
             raise ControlPlaneUnavailable(f"cannot list models: {exc.message}", retry_after=5) from exc
         return found
 
@@ -121,8 +163,8 @@ class ModelRegistry:
         """Every model's state. A workflow that cannot answer its query right now (its worker is
         down) is listed from the visibility store, with the reason, rather than failing the list."""
         visible = await self._visible()
-        for gone in set(self._cache) - set(visible):
-            self._cache.pop(gone, None)
+        for gone in (set(self._cache) | set(self._last_loaded)) - set(visible):
+            self.invalidate(gone)
         names = sorted(visible)
         states = await asyncio.gather(
             *(self.get(n, fresh=True, timeout=LIST_QUERY_TIMEOUT) for n in names), return_exceptions=True

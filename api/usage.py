@@ -2,14 +2,20 @@
 
 One `record_usage` signal per model per flush interval keeps workflow histories bounded at any
 request rate; with an interval of 0 every request is sent as its own signal, as it happens.
-Counts that could not be sent are kept and sent with the next flush: nothing is lost.
+Counts that could not be sent are kept and sent with the next flush: nothing is lost. Counts still
+unsent when the gateway stops (Temporal was down) are written to the spool directory and sent by
+the next gateway that starts on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import uuid
 from collections import Counter
+from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
@@ -22,9 +28,10 @@ log = logging.getLogger(__name__)
 
 
 class UsageBatcher:
-    def __init__(self, client: Client, flush_seconds: float) -> None:
+    def __init__(self, client: Client, flush_seconds: float, spool: Path | None = None) -> None:
         self._client = client
         self._flush_seconds = flush_seconds
+        self._spool = spool
         self._counts: Counter[tuple[str, str]] = Counter()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -41,6 +48,7 @@ class UsageBatcher:
         return dict(self._counts)
 
     def start(self) -> None:
+        self._take_spooled()
         self._task = asyncio.create_task(self._run(), name="usage-flush")
 
     async def stop(self) -> None:
@@ -49,6 +57,42 @@ class UsageBatcher:
         if self._task is not None:
             await self._task
         await self.flush()
+        self._spool_unsent()
+
+    def _spool_unsent(self) -> None:
+        if not self._counts or self._spool is None:
+            return
+        self._spool.mkdir(parents=True, exist_ok=True)
+        path = self._spool / f"usage-{uuid.uuid4().hex}.json"
+        rows = [[model, org, n] for (model, org), n in sorted(self._counts.items())]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows), encoding="utf-8")
+        os.replace(tmp, path)
+        log.warning("usage of %d requests could not be sent to Temporal; kept in %s for the next start",
+                    sum(self._counts.values()), path)  # fmt: skip
+        self._counts.clear()
+
+    def _take_spooled(self) -> None:
+        """Counts an earlier gateway could not send: claimed (renamed, so that two gateways on one
+        state directory never both send a file), then sent with the first flush."""
+        if self._spool is None or not self._spool.is_dir():
+            return
+        for path in sorted(self._spool.glob("usage-*.json")):
+            claimed = path.with_name(f"{path.stem}.claimed-{os.getpid()}")
+            taken = 0
+            try:
+                os.rename(path, claimed)
+                for model, org, n in json.loads(claimed.read_text(encoding="utf-8")):
+                    if isinstance(model, str) and isinstance(org, str) and isinstance(n, int) and n > 0:
+                        self._counts[(model, org)] += n
+                        taken += n
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("unreadable spooled usage %s left aside: %s", path, exc)
+                continue
+            claimed.unlink(missing_ok=True)
+            log.info("usage of %d requests spooled by an earlier gateway will be sent", taken)
+        if self._counts:
+            self._wake.set()
 
     async def _run(self) -> None:
         while not self._stopping:

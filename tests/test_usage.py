@@ -3,6 +3,9 @@ or one per request with an interval of 0. Checked in the real history of a real 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
@@ -69,3 +72,29 @@ async def test_unsent_counts_are_kept() -> None:
     await batcher.flush()
     assert batcher.signals_sent == 0
     assert batcher.pending() == {("kept-model", "acme"): 3}
+
+
+async def test_counts_unsent_at_shutdown_reach_the_workflow_after_the_next_start(
+    temporal_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    # `serve` stops while Temporal is down: 37 requests were served and not yet counted.
+    name, handle = await _workflow(temporal_env.client)
+    spool = tmp_path / "state" / "gateway" / "usage"
+    dead = await Client.connect("127.0.0.1:9", lazy=True)
+    down = UsageBatcher(dead, flush_seconds=60, spool=spool)
+    down.start()
+    for i in range(37):
+        down.record(name, "acme" if i % 2 else "beta")
+    await down.stop()
+    assert down.pending() == {} and len(list(spool.glob("usage-*.json"))) == 1
+    # The next gateway on the same state directory sends them with its first flush.
+    up = UsageBatcher(temporal_env.client, flush_seconds=60, spool=spool)
+    up.start()
+    await up.stop()
+    assert list(spool.iterdir()) == []
+    signals = []
+    async for event in handle.fetch_history_events():
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            signals.append(json.loads(event.workflow_execution_signaled_event_attributes.input.payloads[0].data))
+    assert signals == [{"count": 37, "by_organization": {"acme": 18, "beta": 19}}]
+    await handle.terminate("test over")

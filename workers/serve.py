@@ -128,6 +128,11 @@ async def serve(
         # Long-lived parts: if one ends on its own, everything stops. One-shot jobs may finish.
         tasks: list[asyncio.Task[Any]] = []
         one_shot: list[asyncio.Task[Any]] = []
+        if embedded is not None:
+            # Unwinds before the server is stopped: nothing starts it again during shutdown.
+            supervisor = asyncio.create_task(embedded.supervise(), name="temporal-supervisor")
+            tasks.append(supervisor)
+            stack.callback(supervisor.cancel)
         if control:
             worker = control_worker(client, settings, metrics)
             tasks.append(asyncio.create_task(worker.run(), name="control-worker"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from api.deps import TemporalDep
+from api.deps import GatewayDep
 from api.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -16,11 +16,9 @@ async def health() -> Health:
 
 
 @router.get("/ready", response_model=Health, responses={503: {"model": Health}})
-async def ready(temporal: TemporalDep) -> Health | JSONResponse:
-    """Temporal is reachable, so models can be routed and managed."""
-    try:
-        await temporal.service_client.check_health()
-    except Exception as exc:  # any failure to reach Temporal means not ready
-        body = Health(status="unavailable", detail=f"Temporal not reachable: {exc}")
+async def ready(gw: GatewayDep) -> Health | JSONResponse:
+    """Temporal is reachable, so models can be routed and managed (asked now, within a second)."""
+    if not await gw.control.check():
+        body = Health(status="unavailable", detail=f"Temporal not reachable: {gw.control.last_error}")
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
     return Health(status="ok")

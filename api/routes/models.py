@@ -52,6 +52,7 @@ async def load_model(
     """Load the model (a failed one is retried). With `wait` (default) the answer comes once it
     serves; otherwise at once with 202."""
     require_admin(principal, "load models")
+    gw.control.require(f"load {name}")
     body = body or LoadModelRequest()
     state = await known_model(gw.registry, name)
     handle = gw.temporal.get_workflow_handle(workflow_id(name))
@@ -73,6 +74,7 @@ async def unload_model(
 ) -> ModelInfo | JSONResponse:
     """Unload the model and unpin it; it stays known, and the next request loads it again."""
     require_admin(principal, "unload models")
+    gw.control.require(f"unload {name}")
     body = body or UnloadModelRequest()
     state = await known_model(gw.registry, name)
     handle = gw.temporal.get_workflow_handle(workflow_id(name))

@@ -1,0 +1,114 @@
+"""Whether the gateway can reach Temporal right now, known without waiting on a request.
+
+While Temporal is down every call to it would wait out the client's retries (seconds) before it
+fails. A probe checks Temporal's health every `interval`; a failed call marks it down at once.
+While it is down, requests that need it fail at once with 503 and Retry-After, and loaded models
+keep being served from their last known endpoints (`api.registry`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from datetime import timedelta
+from typing import TypeVar
+
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+# Statuses that say Temporal itself cannot be reached (not that a call was wrong).
+UNREACHABLE = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED})
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, RPCError) and exc.status in UNREACHABLE
+
+
+class ControlPlane:
+    def __init__(self, client: Client, interval: float = 1.0) -> None:
+        self._client = client
+        self._interval = interval
+        self._down_since: float | None = None
+        self.last_error = ""
+        self._task: asyncio.Task[None] | None = None
+        self._went_down = asyncio.Event()
+
+    @property
+    def available(self) -> bool:
+        return self._down_since is None
+
+    @property
+    def retry_after(self) -> float:
+        return max(1.0, self._interval * 2)
+
+    def require(self, what: str) -> None:
+        """Fail at once, rather than after the client's retries, while Temporal is unreachable."""
+        if self._down_since is not None:
+            from api.errors import ControlPlaneUnavailable
+
+            raise ControlPlaneUnavailable(
+                f"cannot {what}: Temporal is unreachable ({self.last_error}); retry shortly",
+                retry_after=self.retry_after,
+            )
+
+    async def guard(self, call: Awaitable[_T], what: str) -> _T:
+        """Await `call`, but give up at once if Temporal is found down meanwhile: the client would
+        otherwise retry until its timeout, and the request wait that long for a 503."""
+        if not self.available and asyncio.iscoroutine(call):
+            call.close()  # never started: nothing to wait for
+        self.require(what)
+        task = asyncio.ensure_future(call)
+        down = asyncio.create_task(self._went_down.wait())
+        try:
+            await asyncio.wait([task, down], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            down.cancel()
+        if not task.done():
+            task.cancel()
+            self.require(what)
+        return task.result()
+
+    def mark_down(self, error: str) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self._went_down.set()
+            log.warning("Temporal is unreachable (%s); loaded models are served from their last known endpoints",
+                        error)  # fmt: skip
+        self.last_error = error
+
+    def mark_up(self) -> None:
+        if self._down_since is not None:
+            log.warning("Temporal is reachable again after %.1fs", time.monotonic() - self._down_since)
+            self._down_since = None
+            self._went_down.clear()
+            self.last_error = ""
+
+    async def check(self) -> bool:
+        """Ask Temporal now; the answer also updates `available`."""
+        try:
+            await self._client.service_client.check_health(timeout=timedelta(seconds=max(1.0, self._interval)))
+        except Exception as exc:  # any failure to reach it means down
+            self.mark_down(str(exc) or type(exc).__name__)
+            return False
+        self.mark_up()
+        return True
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._probe_forever(), name="control-plane-probe")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await self.check()
+            await asyncio.sleep(self._interval)

@@ -1,0 +1,160 @@
+"""Temporal dies while models serve.
+
+In process: the gateway keeps routing a loaded model to its last known endpoint, refuses at once
+(503 + Retry-After, not after the client's retries) what needs Temporal, and `/ready` recovers by
+itself once Temporal is back. As a user runs it: `modelium serve` starts its embedded Temporal
+again on the same database when it is killed, and a `serve` killed outright (SIGKILL) can be
+started again in the same folder: it adopts the Temporal and the runtimes the first one left, and
+Ctrl-C then leaves nothing running."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from modelium.runtimes.process import free_port, pid_alive, process_argv
+from tests.conftest import copy_model, make_settings, serving_model, unique, wait_for, wait_phase
+from tests.test_cli_serve import _children_of_state, _start, _stop, _wait
+from workers.temporal_server import EmbeddedTemporal
+
+pytestmark = pytest.mark.slow
+
+
+async def test_gateway_serves_loaded_models_and_fails_fast_while_temporal_is_down(
+    demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    temporal = EmbeddedTemporal(tmp_path / "temporal", free_port(), free_port(), ui=False)
+    client = await temporal.start()
+    settings = make_settings(tmp_path)
+    loaded, resting = unique("up"), unique("resting")
+    try:
+        async with serving_model(settings, client, demo_models["text-generation"], loaded) as (running, http):
+            copy_model(demo_models["text-generation"], settings.watch_directories[0] / resting)
+            await wait_phase(http, resting, "loaded")
+            assert (await http.post(f"/models/{resting}/unload", json={})).status_code == 200
+            body = {"prompt": "Hi", "max_tokens": 2}
+            assert (await http.post(f"/predict/{loaded}", json=body)).status_code == 200
+
+            assert temporal.pid is not None
+            os.killpg(temporal.pid, signal.SIGKILL)
+            ready = await wait_for(
+                lambda: _status(http.get("/ready"), 503), timeout=10, what="/ready to say Temporal is down"
+            )
+            assert "Temporal not reachable" in ready.json()["detail"]
+            # The loaded model answers from its last known endpoint, every time.
+            for _ in range(10):
+                answer = await http.post(f"/predict/{loaded}", json=body)
+                assert answer.status_code == 200, answer.text
+            # A model that must be loaded needs Temporal: refused at once, with Retry-After.
+            started = time.monotonic()
+            refused = await http.post(f"/predict/{resting}", json=body)
+            elapsed = time.monotonic() - started
+            assert refused.status_code == 503 and "Retry-After" in refused.headers, refused.text
+            assert refused.json()["error"]["type"] == "control_plane_unavailable"
+            assert elapsed < 1.0, f"a request that needs Temporal waited {elapsed:.1f}s for its 503"
+            started = time.monotonic()
+            assert (await http.get("/models")).status_code == 503
+            assert time.monotonic() - started < 1.0
+
+            # Temporal back on the same database: ready again without any restart of the gateway.
+            await temporal.start()
+            await wait_for(lambda: _status(http.get("/ready"), 200), timeout=30, what="/ready again")
+            answer = await wait_for(
+                lambda: _status(http.post(f"/predict/{resting}", json=body), 200), timeout=120,
+                what=f"{resting} loaded again once Temporal is back",
+            )  # fmt: skip
+            assert answer.json()["model"] == resting
+    finally:
+        temporal.stop()
+
+
+async def _status(request: object, status: int) -> httpx.Response | None:
+    response: httpx.Response = await request  # type: ignore[misc]
+    return response if response.status_code == status else None
+
+
+def _config(tmp_path: Path) -> tuple[Path, str, Path]:
+    gw, tp, mp = free_port(), free_port(), free_port()
+    state = tmp_path / "state"
+    config = tmp_path / "modelium.yaml"
+    config.write_text(yaml.safe_dump({
+        "state_dir": str(state),
+        "temporal": {"port": tp, "ui": False},
+        "gateway": {"port": gw},
+        "metrics": {"port": mp},
+        "orchestration": {"model_discovery": {"watch_directories": [str(tmp_path / "incoming")],
+                                              "settle_seconds": 0.5}},
+    }))  # fmt: skip
+    return config, f"http://127.0.0.1:{gw}", state
+
+
+def _temporal_pid(state: Path) -> int:
+    return int(json.loads((state / "temporal" / "records" / "temporal-server.json").read_text())["pid"])
+
+
+def _runtimes_of(model: str) -> list[int]:
+    """Live runtime processes serving `model` (the embedded server names it on its command line)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            argv = process_argv(int(entry.name)) or []
+            if any("embedded_server" in a for a in argv) and model in argv and pid_alive(int(entry.name)):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_serve_restarts_its_temporal_and_survives_its_own_sigkill(tmp_path: Path, demo_models: dict[str, Path]) -> None:
+    config, base, state = _config(tmp_path)
+    log = tmp_path / "serve.log"
+    body = {"prompt": "Hello", "max_tokens": 4}
+    proc = _start(tmp_path, config, log)
+    try:
+        _wait(lambda: httpx.get(f"{base}/ready").status_code == 200, 90, "ready", proc, log)
+        copy_model(demo_models["text-generation"], tmp_path / "incoming" / "tiny")
+        _wait(lambda: httpx.post(f"{base}/predict/tiny", json=body, timeout=30).status_code == 200,
+              120, "first answer", proc, log)  # fmt: skip
+        runtime = httpx.get(f"{base}/models/tiny").json()["endpoint"]["pid"]
+
+        # Temporal killed: serving goes on, and `serve` starts it again on the same database.
+        first = _temporal_pid(state)
+        os.kill(first, signal.SIGKILL)
+        for _ in range(5):
+            assert httpx.post(f"{base}/predict/tiny", json=body, timeout=30).status_code == 200
+        _wait(lambda: _temporal_pid(state) != first and httpx.get(f"{base}/ready").status_code == 200,
+              30, "Temporal restarted and ready", proc, log)  # fmt: skip
+        assert not pid_alive(first), "the killed Temporal must be reaped, not left a zombie"
+        assert "starting it again" in log.read_text()
+        _wait(lambda: httpx.get(f"{base}/models/tiny").json()["request_count"] >= 6, 30,
+              "the requests served during the outage counted", proc, log)  # fmt: skip
+
+        # `serve` itself killed outright: Temporal and the runtime live on ...
+        second = _temporal_pid(state)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert pid_alive(second) and pid_alive(runtime)
+    except BaseException:
+        _stop(proc)
+        raise
+
+    # ... and `serve` started again in the same folder adopts them instead of refusing to start.
+    proc = _start(tmp_path, config, log)
+    try:
+        _wait(lambda: httpx.get(f"{base}/ready").status_code == 200, 90, "ready after SIGKILL", proc, log)
+        _wait(lambda: httpx.post(f"{base}/predict/tiny", json=body, timeout=30).status_code == 200,
+              120, "answer after SIGKILL", proc, log)  # fmt: skip
+        assert _temporal_pid(state) == second, "the running Temporal is adopted, not replaced"
+        info = httpx.get(f"{base}/models/tiny").json()
+        assert info["endpoint"]["pid"] == runtime and info["load_count"] == 1
+        assert _runtimes_of("tiny") == [runtime], "exactly one runtime serves the model"
+    finally:
+        code = _stop(proc)
+    assert code == 0, log.read_text()[-3000:]
+    assert not pid_alive(second) and not pid_alive(runtime)
+    assert _children_of_state(tmp_path) == []
