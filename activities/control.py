@@ -32,6 +32,7 @@ from modelium.types import (
     Resident,
 )
 from workflows.contracts import (
+    NODE_KEY,
     PHASE_KEY,
     ActivityName,
     CapacityFreed,
@@ -39,6 +40,7 @@ from workflows.contracts import (
     EvictCommand,
     EvictRequest,
     EvictResult,
+    NodeLost,
     running_models_query,
     running_nodes_query,
 )
@@ -262,10 +264,27 @@ class ControlActivities:
                 continue  # it ended meanwhile
         return told
 
+    @activity.defn(name=ActivityName.NOTIFY_NODE_LOST)
+    async def notify_node_lost(self, notice: NodeLost) -> int:
+        """Tell every model placed on a lost node: each stops waiting on the node's task queue,
+        writes off its booking there, and is placed again."""
+        from workflows.lifecycle import ModelLifecycleWorkflow
+
+        client = self._require_client()
+        told = 0
+        async for execution in client.list_workflows(running_models_query(**{NODE_KEY.name: notice.node})):
+            try:
+                await client.get_workflow_handle(execution.id).signal(ModelLifecycleWorkflow.node_lost, notice)
+                told += 1
+            except RPCError:
+                continue  # it ended meanwhile
+        activity.logger.warning("%s; told %d model(s) to be placed again", notice.reason, told)
+        return told
+
     def _require_client(self) -> Client:
         if self._client is None:
             raise ApplicationError("this control worker has no Temporal client", non_retryable=True)
         return self._client
 
     def all(self) -> list[Callable[..., Any]]:
-        return [self.analyze_model, self.decide_runtime, self.evict_models, self.notify_waiting]
+        return [self.analyze_model, self.decide_runtime, self.evict_models, self.notify_waiting, self.notify_node_lost]

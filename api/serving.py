@@ -3,6 +3,7 @@ if need be), send its runtime the request, and account for it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -129,17 +130,59 @@ def upstream_failure(state: ModelState, status: int, content: bytes) -> GatewayE
     return UpstreamError(f"{state.name}'s runtime failed ({status}): {message}")
 
 
-async def post(gw: Gateway, state: ModelState, path: str, content: bytes) -> bytes:
-    """POST `content` to the runtime and return its successful answer, unparsed."""
-    stream = await open_stream(gw, state, path, content)
+async def post(gw: Gateway, state: ModelState, path: str, content: bytes) -> tuple[ModelState, bytes]:
+    """POST `content` to the runtime; return the state that answered and its answer, unparsed. A
+    runtime that cannot be reached (its process or its whole node gone) is reported, and the
+    request is held until the model serves again, as for a cold model, then sent once more."""
     try:
+        return state, await _post_once(gw, state, path, content)
+    except _Unreachable as exc:
+        if isinstance(exc.failure, GatewayTimeout):
+            raise exc.failure from None
+        state = await _serving_again(gw, state, exc.failure)
+    try:
+        return state, await _post_once(gw, state, path, content)
+    except _Unreachable as exc:
+        raise exc.failure from None
+
+
+class _Unreachable(Exception):
+    def __init__(self, failure: GatewayError) -> None:
+        self.failure = failure
+
+
+async def _post_once(gw: Gateway, state: ModelState, path: str, content: bytes) -> bytes:
+    assert state.endpoint is not None
+    try:
+        stream = await gw.upstream.open(state.endpoint.url + path, content)
+        if stream.status >= 400:
+            raise upstream_failure(state, stream.status, await stream.read())
         return await stream.read()
     except UpstreamFailure as exc:
-        raise await _unreachable(gw, state, exc) from exc
+        raise _Unreachable(await _unreachable(gw, state, exc)) from exc
 
 
-async def post_json(gw: Gateway, state: ModelState, path: str, payload: dict[str, Any]) -> Any:
-    return json.loads(await post(gw, state, path, json.dumps(payload).encode()))
+async def _serving_again(gw: Gateway, failed: ModelState, failure: GatewayError) -> ModelState:
+    """Wait (bounded by the cold-start timeout) until the model serves from another endpoint: its
+    runtime restarted, or the model placed on another node. A model that is restarting after a
+    crash, or failed, is answered as it is (503 with Retry-After)."""
+    assert failed.endpoint is not None
+    deadline = time.monotonic() + gw.settings.gateway.cold_start_timeout_seconds
+    while time.monotonic() < deadline:
+        state = await gw.registry.get(failed.name, fresh=True)
+        if state is None:
+            raise failure
+        if state.phase != Phase.LOADED:
+            return await serving_model(gw, failed.name)
+        if state.endpoint is not None and state.endpoint.url != failed.endpoint.url:
+            return state
+        await asyncio.sleep(0.25)
+    raise failure
+
+
+async def post_json(gw: Gateway, state: ModelState, path: str, payload: dict[str, Any]) -> tuple[ModelState, Any]:
+    served_by, content = await post(gw, state, path, json.dumps(payload).encode())
+    return served_by, json.loads(content)
 
 
 async def open_stream(gw: Gateway, state: ModelState, path: str, content: bytes) -> Stream:

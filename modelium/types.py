@@ -193,6 +193,8 @@ class NodeInventory:
     devices: list[DeviceInventory]
     runtimes: list[str]
     announced_at: float
+    # Set by the control plane once the node missed its announcements (its bookings written off).
+    lost: str | None = None
 
 
 @dataclass

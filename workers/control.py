@@ -14,6 +14,7 @@ from modelium.runtimes.embedded import NAME as EMBEDDED
 from modelium.runtimes.ray_serve import NAME as RAY_SERVE
 from modelium.runtimes.triton import NAME as TRITON
 from modelium.runtimes.vllm import NAME as VLLM
+from workers.node import LOST_AFTER_ANNOUNCEMENTS
 from workflows.lifecycle import ModelLifecycleWorkflow
 from workflows.nodes import NodeRegistryWorkflow
 
@@ -36,7 +37,7 @@ def available_runtimes(settings: Settings) -> list[str]:
 def control_worker(client: Client, settings: Settings, metrics: Metrics | None = None) -> Worker:
     acts = ControlActivities(
         available_runtimes(settings),
-        RegistryNodes(client, alive_seconds=3 * settings.node.announce_seconds),
+        RegistryNodes(client, alive_seconds=LOST_AFTER_ANNOUNCEMENTS * settings.node.announce_seconds),
         residents=RegistryResidents(client),
         eviction=settings.orchestration.eviction,
         llm=settings.brain.llm,

@@ -40,6 +40,10 @@ from workflows.nodes import NodeRegistryWorkflow
 
 log = logging.getLogger(__name__)
 
+# A node silent for this many announcement intervals is lost (placement stops using it after the
+# same time: activities.control.RegistryNodes).
+LOST_AFTER_ANNOUNCEMENTS = 3
+
 
 @dataclass
 class NodeAgent:
@@ -85,7 +89,8 @@ async def announce_forever(client: Client, agent: NodeAgent, control_queue: str,
         inventory = agent.inventory()
         try:
             await client.start_workflow(
-                NodeRegistryWorkflow.run, NodeRegistryInput(inventory), id=wf_id, task_queue=control_queue,
+                NodeRegistryWorkflow.run, NodeRegistryInput(inventory, LOST_AFTER_ANNOUNCEMENTS * interval),
+                id=wf_id, task_queue=control_queue,
                 start_signal="announce", start_signal_args=[inventory],
             )  # fmt: skip
         except RPCError as exc:
@@ -176,16 +181,23 @@ async def reconcile_node(client: Client, agent: NodeAgent) -> int:
         told += 1
     if told:
         log.info("asked %d workflow(s) to reload models this node no longer runs", told)
-    for model in agent.adopted:
+    # Adopted runtimes, and bookings whose runtime did not survive (the machine was lost, its models
+    # were placed elsewhere meanwhile): what no workflow wants here any more is stopped and released.
+    for model in sorted(set(agent.adopted) | {b.model for b in agent.ledger.bookings()}):
         known: ModelState | None
         try:
             known = await client.get_workflow_handle(workflow_id(model)).query(ModelLifecycleWorkflow.state)
         except (RPCError, WorkflowQueryFailedError):
             known = None
-        wanted = known is not None and known.node == agent.node_id and known.phase not in (
-            Phase.UNLOADED, Phase.FAILED, Phase.REMOVED)  # fmt: skip
+        # Wanted: its workflow holds a booking here (or is taking one now). A model written off
+        # when this node was lost holds none, even while it waits to be placed again.
+        wanted = (
+            known is not None
+            and known.node == agent.node_id
+            and ((known.booking is not None and known.booking.node == agent.node_id) or known.phase == Phase.RESERVING)
+        )
         if not wanted:
-            log.info("stopping adopted %s: no workflow wants it on node %s", model, agent.node_id)
+            log.info("stopping %s and dropping its booking: no workflow wants it on node %s", model, agent.node_id)
             for adapter in agent.adapters.values():
                 await adapter.stop(model)
             agent.ledger.release(model)

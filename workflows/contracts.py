@@ -23,6 +23,7 @@ class ActivityName:
     EVICT_MODELS = "evict_models"
     CONFIRM_FREED = "confirm_memory_freed"
     NOTIFY_WAITING = "notify_waiting_models"
+    NOTIFY_NODE_LOST = "notify_node_lost"
 
 
 class ErrorType:
@@ -162,6 +163,17 @@ def running_nodes_query() -> str:
 @dataclass
 class NodeRegistryInput:
     inventory: NodeInventory
+    # Declared lost after this long without an announcement (3 x node.announce_seconds); None
+    # (workflows started before this existed) never declares it.
+    lost_after_seconds: float | None = None
+
+
+@dataclass
+class NodeLost:
+    """The node missed its announcements: what runs there is written off and placed again."""
+
+    node: str
+    reason: str = "node lost"
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from dataclasses import replace
 from datetime import timedelta
+from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -50,12 +51,14 @@ with workflow.unsafe.imports_passed_through():
         HealthReport,
         LifecycleInput,
         LoadCommand,
+        NodeLost,
         RemoveCommand,
         RetryRequest,
         UnloadCommand,
         UsageReport,
     )
 
+_T = TypeVar("_T")
 _QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=3)
 _NODE_STEP = RetryPolicy(
     initial_interval=timedelta(seconds=2),
@@ -72,6 +75,10 @@ _NODE_SCHEDULE_TO_CLOSE = timedelta(minutes=10)
 
 class _Interrupted(Exception):
     """A bring-up step noticed that the model was removed or its files changed."""
+
+
+class _NodeLost(_Interrupted):
+    """The node an activity was waiting on was declared lost; the activity was cancelled."""
 
 
 @workflow.defn(name=WORKFLOW_TYPE)
@@ -99,6 +106,9 @@ class ModelLifecycleWorkflow:
         self._capacity_freed = False
         self._bringups = 0
         self._upserted: tuple[str | None, str | None, str | None] | None = None
+        # A node declared lost that this model was placed on (`node_lost`), until handled.
+        self._lost_node: str | None = None
+        self._lost_reason = ""
 
     # -- messages ------------------------------------------------------------------------------
     @workflow.query
@@ -213,6 +223,16 @@ class ModelLifecycleWorkflow:
             raise ApplicationError(f"model {state.name} was used {idle:.0f}s ago")
 
     @workflow.signal
+    def node_lost(self, notice: NodeLost | None = None) -> None:
+        """The node this model is placed on missed its announcements: stop waiting on it."""
+        if notice is None or not notice.node:
+            return
+        st = self._state
+        on_it = notice.node in (st.node, st.booking.node if st.booking else None)
+        if on_it and st.phase not in (Phase.UNLOADED, Phase.FAILED, Phase.REMOVED):
+            self._lost_node, self._lost_reason = notice.node, notice.reason or f"node {notice.node} lost"
+
+    @workflow.signal
     def remove(self, command: RemoveCommand | None = None) -> None:
         self._remove_reason = (command or RemoveCommand()).reason or RemoveCommand().reason
 
@@ -282,6 +302,8 @@ class ModelLifecycleWorkflow:
     async def run(self, inp: LifecycleInput) -> ModelState:
         self._set_phase(self._state.phase)
         while True:
+            if self._lost_node is not None:
+                self._abandon_lost_node()
             if self._remove_reason is not None:
                 await self._take_down(Phase.REMOVED, self._remove_reason, UnloadKind.REMOVED)
                 self._state.unload_reason = self._remove_reason
@@ -307,6 +329,33 @@ class ModelLifecycleWorkflow:
                 await workflow.wait_condition(self._woken_from_rest)
                 continue
             await self._bring_up()
+
+    def _abandon_lost_node(self) -> None:
+        """Write off what the model had on the lost node, and place it again if it was wanted."""
+        node, reason, st = self._lost_node, self._lost_reason, self._state
+        self._lost_node = None
+        if st.booking is not None and st.booking.node == node:
+            workflow.logger.warning("model %s: booking on lost node %s written off", st.name, node)
+            st.booking = None
+        if st.node != node or st.phase in (Phase.UNLOADED, Phase.FAILED, Phase.REMOVED):
+            return
+        if st.endpoint is not None:
+            st.unload_reason = reason
+        st.endpoint = None
+        st.last_error = f"{reason}; placing it again"
+        workflow.logger.warning("model %s: %s; placing it again", st.name, reason)
+        if st.phase == Phase.LOADED:
+            self._want_loaded = True
+        self._set_phase(Phase.DISCOVERED if self._want_loaded else Phase.UNLOADED)
+
+    async def _on_node(self, node: str, handle: workflow.ActivityHandle[_T]) -> _T:
+        """Await an activity on `node`'s task queue. If the node is declared lost meanwhile, the
+        activity is cancelled (it would wait for a worker that is gone) and _NodeLost raised."""
+        await workflow.wait_condition(lambda: handle.done() or self._lost_node == node)
+        if not handle.done():
+            handle.cancel()
+            raise _NodeLost(node)
+        return await handle
 
     def _woken_from_rest(self) -> bool:
         failed = self._state.phase == Phase.FAILED
@@ -361,40 +410,47 @@ class ModelLifecycleWorkflow:
                 self._check_interrupt()
             step = "reserve"
             self._set_phase(Phase.RESERVING)
-            self._state.booking = await workflow.execute_activity(
-                ActivityName.RESERVE_GPU,
-                ReserveRequest(
-                    self._state.name,
-                    decision.device,
-                    decision.memory_bytes or self._analysis.memory_estimate_bytes,
-                    decision.runtime,
-                    decision.devices,
+            booking: Booking = await self._on_node(
+                decision.node,
+                workflow.start_activity(
+                    ActivityName.RESERVE_GPU,
+                    ReserveRequest(
+                        self._state.name,
+                        decision.device,
+                        decision.memory_bytes or self._analysis.memory_estimate_bytes,
+                        decision.runtime,
+                        decision.devices,
+                    ),
+                    result_type=Booking,
+                    task_queue=queue,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
+                    retry_policy=_NODE_STEP,
                 ),
-                result_type=Booking,
-                task_queue=queue,
-                start_to_close_timeout=timedelta(seconds=30),
-                schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
-                retry_policy=_NODE_STEP,
             )
+            self._state.booking = booking
             self._check_interrupt()
             step = "load"
             self._set_phase(Phase.LOADING)
-            result = await workflow.execute_activity(
-                ActivityName.LOAD_MODEL,
-                LoadRequest(
-                    self._state.name,
-                    self._state.path,
-                    decision.runtime,
-                    self._analysis.task,
-                    self._state.booking,
-                    self._analysis.format,
-                ),  # fmt: skip
-                result_type=LoadResult,
-                task_queue=queue,
-                start_to_close_timeout=timedelta(seconds=self._input.load_timeout_seconds + 60),
-                # Loads heartbeat every 0.25 s; a node agent that died mid-load is noticed in 10 s.
-                heartbeat_timeout=timedelta(seconds=10),
-                retry_policy=_NODE_STEP,
+            result = await self._on_node(
+                decision.node,
+                workflow.start_activity(
+                    ActivityName.LOAD_MODEL,
+                    LoadRequest(
+                        self._state.name,
+                        self._state.path,
+                        decision.runtime,
+                        self._analysis.task,
+                        booking,
+                        self._analysis.format,
+                    ),  # fmt: skip
+                    result_type=LoadResult,
+                    task_queue=queue,
+                    start_to_close_timeout=timedelta(seconds=self._input.load_timeout_seconds + 60),
+                    # Loads heartbeat every 0.25 s; a node agent that died mid-load is noticed in 10 s.
+                    heartbeat_timeout=timedelta(seconds=10),
+                    retry_policy=_NODE_STEP,
+                ),
             )
         except _Interrupted:
             await self._release_booking()
@@ -436,14 +492,17 @@ class ModelLifecycleWorkflow:
             retry_policy=_QUICK,
         )
         if result.pids:
-            await workflow.execute_activity(
-                ActivityName.CONFIRM_FREED,
-                ConfirmFreedRequest(decision.device, result.pids),
-                task_queue=queue,
-                start_to_close_timeout=timedelta(seconds=90),
-                schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
-                heartbeat_timeout=timedelta(seconds=20),
-                retry_policy=_NODE_STEP,
+            await self._on_node(
+                decision.node,
+                workflow.start_activity(
+                    ActivityName.CONFIRM_FREED,
+                    ConfirmFreedRequest(decision.device, result.pids),
+                    task_queue=queue,
+                    start_to_close_timeout=timedelta(seconds=90),
+                    schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
+                    heartbeat_timeout=timedelta(seconds=20),
+                    retry_policy=_NODE_STEP,
+                ),
             )
         if not result.evicted:
             refused = "; ".join(f"{m}: {why}" for m, why in result.refused.items())
@@ -497,7 +556,7 @@ class ModelLifecycleWorkflow:
                 )
             except TimeoutError:
                 continue
-            if self._remove_reason is not None or self._new_source is not None:
+            if self._remove_reason is not None or self._new_source is not None or self._lost_node is not None:
                 return
             if self._unload_reason is not None:
                 reason, self._unload_reason = self._unload_reason, None
@@ -517,20 +576,26 @@ class ModelLifecycleWorkflow:
             or self._remove_reason is not None
             or self._new_source is not None
             or self._health_report is not None
+            or self._lost_node is not None
             or workflow.info().is_continue_as_new_suggested()
         )
 
     async def _check_health(self) -> None:
         report, self._health_report = self._health_report, None
         try:
-            await workflow.execute_activity(
-                ActivityName.CHECK_HEALTH,
-                HealthRequest(self._state.name, self._state.runtime or ""),
-                task_queue=node_task_queue(self._state.node or ""),
-                start_to_close_timeout=timedelta(seconds=30),
-                schedule_to_close_timeout=timedelta(minutes=2),
-                retry_policy=RetryPolicy(maximum_attempts=1),
+            await self._on_node(
+                self._state.node or "",
+                workflow.start_activity(
+                    ActivityName.CHECK_HEALTH,
+                    HealthRequest(self._state.name, self._state.runtime or ""),
+                    task_queue=node_task_queue(self._state.node or ""),
+                    start_to_close_timeout=timedelta(seconds=30),
+                    schedule_to_close_timeout=timedelta(minutes=2),
+                    retry_policy=RetryPolicy(maximum_attempts=1),
+                ),
             )
+        except _NodeLost:
+            return  # the main loop places the model again
         except ActivityError as err:
             reason = f"runtime unhealthy ({report}): {_describe(err)}"
             workflow.logger.warning("model %s: %s; reloading", self._state.name, reason)
@@ -593,13 +658,18 @@ class ModelLifecycleWorkflow:
         if self._state.phase == Phase.LOADED:
             self._set_phase(Phase.UNLOADING)
             try:
-                await workflow.execute_activity(
-                    ActivityName.UNLOAD_MODEL,
-                    UnloadRequest(self._state.name, self._state.runtime or "", reason, kind),
-                    task_queue=node_task_queue(self._state.node or ""),
-                    start_to_close_timeout=timedelta(minutes=1),
-                    schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
+                await self._on_node(
+                    self._state.node or "",
+                    workflow.start_activity(
+                        ActivityName.UNLOAD_MODEL,
+                        UnloadRequest(self._state.name, self._state.runtime or "", reason, kind),
+                        task_queue=node_task_queue(self._state.node or ""),
+                        start_to_close_timeout=timedelta(minutes=1),
+                        schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
+                    ),
                 )
+            except _NodeLost:
+                pass  # nothing runs on a lost node any more
             except ActivityError as err:
                 self._state.last_error = f"unload failed: {_describe(err)}"
         await self._release_booking()
@@ -611,15 +681,24 @@ class ModelLifecycleWorkflow:
     async def _release_booking(self) -> None:
         if self._state.booking is None:
             return
+        node = self._state.booking.node
         try:
-            await workflow.execute_activity(
-                ActivityName.RELEASE_GPU,
-                self._state.name,
-                task_queue=node_task_queue(self._state.booking.node),
-                start_to_close_timeout=timedelta(seconds=30),
-                schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
+            await self._on_node(
+                node,
+                workflow.start_activity(
+                    ActivityName.RELEASE_GPU,
+                    self._state.name,
+                    task_queue=node_task_queue(node),
+                    start_to_close_timeout=timedelta(seconds=30),
+                    schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
+                ),
             )
             freed, self._state.booking = self._state.booking, None
+        except _NodeLost:
+            # Its ledger drops the booking when it comes back (the node agent's reconcile).
+            workflow.logger.warning("model %s: booking on lost node %s written off", self._state.name, node)
+            self._state.booking = None
+            return
         except ActivityError as err:
             self._state.last_error = f"release failed: {_describe(err)}"
             return

@@ -121,7 +121,8 @@ async def predict(model: str, body: PredictRequest, gw: GatewayDep, principal: P
         state = await serving_model(gw, model)
         tally.routed(state)
         path, payload = _upstream_request(state, body)
-        result = _shape(state, await post_json(gw, state, path, payload))
+        state, answer = await post_json(gw, state, path, payload)
+        result = _shape(state, answer)
         status = 200
         return result
     except GatewayError as exc:

@@ -62,7 +62,7 @@ async def _proxy(
             return StreamingResponse(
                 relay(gw, state, upstream, tally), media_type="text/event-stream", headers=_SSE_HEADERS
             )
-        content = await post(gw, state, path, raw)
+        _, content = await post(gw, state, path, raw)
         status = 200
         return Response(content=content, media_type="application/json")
     except GatewayError as exc:
