@@ -51,6 +51,8 @@ class NodeActivities:
         self._gpu = gpu
         self._profiles = profiles
         self._estimates: dict[str, int] = {}
+        # Runtime processes of the models loaded on the CPU: their resident memory is "used".
+        self._cpu_pids: dict[str, int] = {}
 
     def _adapter(self, runtime: str) -> RuntimeAdapter:
         adapter = self._adapters.get(runtime)
@@ -97,6 +99,11 @@ class NodeActivities:
             gauge.labels(node=self._node, gpu=device, kind="booked").set(self._ledger.booked(device))
         for gpu in self._gpu.gpus() if self._gpu else []:
             gauge.labels(node=self._node, gpu=gpu.device, kind="used").set(gpu.used_bytes)
+        if "cpu" in self._ledger.capacities:
+            # On the CPU, "used" is what the models' runtime processes hold resident now.
+            self._cpu_pids = {m: pid for m, pid in self._cpu_pids.items() if pid_alive(pid)}
+            used = sum(resident_bytes(process_tree(pid)) for pid in self._cpu_pids.values())
+            gauge.labels(node=self._node, gpu="cpu", kind="used").set(used)
 
     def measure(self, request: LoadRequest, pid: int | None) -> int | None:
         """What the loaded model really takes: its processes' GPU memory (NVML) on a GPU, their
@@ -160,6 +167,8 @@ class NodeActivities:
             self._refresh_loaded_gauge()
         seconds = time.monotonic() - started
         self._metrics.load_duration.labels(model=request.model, runtime=request.runtime).observe(seconds)
+        if request.booking.device == "cpu" and endpoint.pid is not None:
+            self._cpu_pids[request.model] = endpoint.pid
         measured = self.measure(request, endpoint.pid)
         activity.logger.info(
             "loaded %s in %.2fs at %s; it takes %s (booked %s)", request.model, seconds, endpoint.url,
@@ -173,6 +182,7 @@ class NodeActivities:
         try:
             await adapter.stop(request.model)
         finally:
+            self._cpu_pids.pop(request.model, None)
             self._refresh_loaded_gauge()
         self._metrics.unloads.labels(reason=request.kind).inc()
         activity.logger.info("unloaded %s: %s", request.model, request.reason)

@@ -16,7 +16,7 @@ from api.auth import KeyRing
 from api.coldstart import ColdStarts
 from api.control_plane import ControlPlane
 from api.deps import Gateway
-from api.limits import BodyLimit
+from api.limits import BodyLimit, HeadAsGet
 from api.registry import ModelRegistry
 from api.routes import health, inference, models, openai
 from api.upstream import UpstreamPool
@@ -96,6 +96,7 @@ def create_app(
     )
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.gateway.max_body_bytes)
+    app.add_middleware(HeadAsGet)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(inference.router)

@@ -7,6 +7,7 @@ entry; see `modelium.keys`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from fastapi import Request
 
@@ -22,6 +23,11 @@ class Principal:
     name: str
     organization: str
     admin: bool
+    # Names or globs of the models this key may see; empty: all.
+    models: tuple[str, ...] = ()
+
+    def may_use(self, model: str) -> bool:
+        return not self.models or any(fnmatchcase(model, pattern) for pattern in self.models)
 
 
 # Without configured keys everyone is this principal: the gateway is then meant for loopback.
@@ -30,7 +36,9 @@ OPEN_ACCESS = Principal(ANONYMOUS, ANONYMOUS, admin=True)
 
 class KeyRing:
     def __init__(self, keys: list[ApiKey]) -> None:
-        self._by_digest = {k.sha256: Principal(k.name, k.organization, "admin" in k.scopes) for k in keys}
+        self._by_digest = {
+            k.sha256: Principal(k.name, k.organization, "admin" in k.scopes, tuple(k.models)) for k in keys
+        }
 
     @property
     def enabled(self) -> bool:

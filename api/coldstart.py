@@ -16,7 +16,14 @@ from temporalio.client import Client, WorkflowUpdateFailedError, WorkflowUpdateR
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.control_plane import ControlPlane, is_unreachable
-from api.errors import ControlPlaneUnavailable, GatewayError, ModelNotFound, ModelNotReady, TooManyWaiting
+from api.errors import (
+    ControlPlaneUnavailable,
+    GatewayError,
+    ModelNotFound,
+    ModelNotReady,
+    TooManyWaiting,
+    public_detail,
+)
 from api.registry import ModelRegistry
 from modelium.metrics import Metrics
 from modelium.names import workflow_id
@@ -81,6 +88,8 @@ class ColdStarts:
                 extra={"phase": state.phase},
             ) from None
         finally:
+            # Every wait is measured, also those that ended in an error or a timeout.
+            self._metrics.cold_start_wait.labels(model=name).observe(time.perf_counter() - started)
             self._waiting[name] -= 1
             self._metrics.requests_waiting.labels(model=name).set(self._waiting[name])
             if self._waiting[name] <= 0:
@@ -89,7 +98,6 @@ class ColdStarts:
                     # Nobody waits any more; the workflow goes on loading regardless.
                     self._loads.pop(name, None)
                     task.cancel()
-        self._metrics.cold_start_wait.labels(model=name).observe(time.perf_counter() - started)
         return loaded
 
     def _forget(self, name: str, task: asyncio.Task[ModelState]) -> None:
@@ -111,7 +119,7 @@ class ColdStarts:
         except WorkflowUpdateFailedError as exc:
             cause = exc.cause
             message = getattr(cause, "message", None) or str(cause)
-            raise ModelNotReady(f"model {name} could not be loaded: {message}", retry_after=30) from None
+            raise ModelNotReady(f"model {name} could not be loaded: {public_detail(message)}", retry_after=30) from None
         except WorkflowUpdateRPCTimeoutOrCancelledError:
             raise ModelNotReady(f"model {name} is still loading; retry shortly", retry_after=5) from None
         except RPCError as exc:
@@ -127,8 +135,8 @@ class ColdStarts:
 
 def failed_model(state: ModelState) -> GatewayError:
     return ModelNotReady(
-        f"model {state.name} failed: {state.last_error}; fix the model directory, or load it again "
-        f"(POST /models/{state.name}/load) to retry",
+        f"model {state.name} failed: {public_detail(state.last_error or 'unknown error')}; fix the model "
+        f"directory, or load it again (POST /models/{state.name}/load) to retry",
         retry_after=30,
         extra={"phase": state.phase},
     )

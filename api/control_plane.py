@@ -22,12 +22,15 @@ from temporalio.service import RPCError, RPCStatusCode
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-# Statuses that say Temporal itself cannot be reached (not that a call was wrong).
-UNREACHABLE = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED})
+# A probe that is only slow (a busy machine) is not proof that Temporal is gone: this many in a row
+# are. A refused connection (UNAVAILABLE) is proof at once.
+SLOW_PROBES_TO_DOWN = 3
+PROBE_TIMEOUT = timedelta(seconds=5)
 
 
 def is_unreachable(exc: BaseException) -> bool:
-    return isinstance(exc, RPCError) and exc.status in UNREACHABLE
+    """Temporal itself cannot be reached (not: a call was slow, or wrong)."""
+    return isinstance(exc, RPCError) and exc.status == RPCStatusCode.UNAVAILABLE
 
 
 class ControlPlane:
@@ -38,6 +41,7 @@ class ControlPlane:
         self.last_error = ""
         self._task: asyncio.Task[None] | None = None
         self._went_down = asyncio.Event()
+        self._slow_probes = 0
 
     @property
     def available(self) -> bool:
@@ -90,12 +94,18 @@ class ControlPlane:
             self.last_error = ""
 
     async def check(self) -> bool:
-        """Ask Temporal now; the answer also updates `available`."""
+        """Ask Temporal now; the answer also updates `available`. Returns whether it answered."""
         try:
-            await self._client.service_client.check_health(timeout=timedelta(seconds=max(1.0, self._interval)))
-        except Exception as exc:  # any failure to reach it means down
-            self.mark_down(str(exc) or type(exc).__name__)
+            await self._client.service_client.check_health(timeout=PROBE_TIMEOUT)
+        except Exception as exc:
+            if is_unreachable(exc):
+                self.mark_down(str(exc) or type(exc).__name__)
+            else:
+                self._slow_probes += 1
+                if self._slow_probes >= SLOW_PROBES_TO_DOWN:
+                    self.mark_down(f"{self._slow_probes} health checks in a row failed: {exc}")
             return False
+        self._slow_probes = 0
         self.mark_up()
         return True
 

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
+from pathlib import PurePosixPath
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,6 +30,7 @@ class GatewayError(Exception):
         retry_after: float | None = None,
         extra: dict[str, Any] | None = None,
         status: int | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -35,6 +39,8 @@ class GatewayError(Exception):
         self.extra = extra or {}
         if status is not None:
             self.status = status
+        if code is not None:
+            self.code = code
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
@@ -111,6 +117,32 @@ class ControlPlaneUnavailable(GatewayError):
     type = "control_plane_unavailable"
 
 
+# Absolute paths (the state directory, site-packages, the model's folder) are not the client's
+# business: shown by their last part only.
+_PATH = re.compile(r"(?<![\w.])(?:/[\w.@+-]+){2,}/?")
+_logged_ids: dict[str, None] = {}
+
+
+def public_detail(detail: str) -> str:
+    """What a client may read of an internal error: its first line, paths cut to their file name,
+    and an error id. The whole text is logged once under that id (and stays in the model's
+    workflow history and `GET /models` for admin keys)."""
+    error_id = "err_" + hashlib.sha256(detail.encode("utf-8", "replace")).hexdigest()[:12]
+    if error_id not in _logged_ids:
+        _logged_ids[error_id] = None
+        if len(_logged_ids) > 4096:
+            _logged_ids.pop(next(iter(_logged_ids)))
+        log.warning("error %s in full: %s", error_id, detail)
+    return f"{one_line(detail)} (error id {error_id})"
+
+
+def one_line(detail: str) -> str:
+    """The first line of `detail`, absolute paths cut to their last part, at most 300 characters."""
+    first = next((line.strip() for line in detail.splitlines() if line.strip()), "no detail")
+    first = _PATH.sub(lambda m: PurePosixPath(m.group(0)).name or "/", first).rstrip(":")
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
 def error_body(
     message: str, kind: str, param: str | None = None, code: str | None = None, **extra: Any
 ) -> dict[str, Any]:
@@ -129,6 +161,19 @@ def describe_validation(errors: list[Any]) -> tuple[str, str]:
     return "; ".join(problems), first_field or "body"
 
 
+def _json_error(body: bytes, err: Any) -> str:
+    """Where a body stops being JSON, as a person counts: line and column, from 1."""
+    loc = err.get("loc", ())
+    offset = loc[-1] if loc and isinstance(loc[-1], int) else None
+    reason = (err.get("ctx") or {}).get("error") or err.get("msg") or "not valid JSON"
+    if offset is None:
+        return f"the body is not valid JSON: {reason}"
+    before = body[:offset].decode("utf-8", "replace")
+    line = before.count("\n") + 1
+    column = offset - (before.rfind("\n") + 1) + 1
+    return f"invalid JSON at line {line}, column {column}: {reason}"
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
@@ -136,7 +181,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, field = describe_validation(list(exc.errors()))
+        errors = list(exc.errors())
+        broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+        if broken is not None:
+            return InvalidRequest(_json_error(await request.body(), broken), param="body", status=400).response()
+        message, field = describe_validation(errors)
         return InvalidRequest(message, param=field).response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -47,3 +47,23 @@ class BodyLimit:
             f"the request body ({size} bytes) is larger than the limit of {self.limit} bytes (gateway.max_body_bytes)",
             param="body",
         )
+
+
+class HeadAsGet:
+    """HEAD is answered for every GET route, as HTTP requires: the GET runs and its body is
+    dropped (headers, Content-Length included, are kept). FastAPI routes answer GET only."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)

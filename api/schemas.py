@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
+from api.errors import one_line, public_detail
 from modelium.types import MAX_DURATION_SECONDS, ModelState
 
 # OpenAI's seed is a 64-bit integer; larger ones are refused here, not by a runtime's 5xx.
@@ -42,6 +43,9 @@ class PredictResponse(BaseModel):
     output: Any
     finish_reason: str | None = None
     usage: Usage
+    # Set when an input was longer than the model takes and was cut to its limit.
+    truncated: bool | None = None
+    warning: str | None = None
 
 
 class EndpointInfo(BaseModel):
@@ -76,6 +80,19 @@ class ModelInfo(BaseModel):
     pinned: bool
     requests_by_organization: dict[str, int]
     waiting_requests: int = 0
+
+    def for_non_admin(self, organization: str) -> ModelInfo:
+        """What a key without the admin scope may read: no paths, endpoints or error details
+        (one line and an error id instead), and its own organization's counts only."""
+        own = self.requests_by_organization.get(organization, 0)
+        return self.model_copy(update={
+            "path": "",
+            "endpoint": None,
+            "last_error": public_detail(self.last_error) if self.last_error else None,
+            "unload_reason": one_line(self.unload_reason) if self.unload_reason else None,
+            "request_count": own,
+            "requests_by_organization": {organization: own} if own else {},
+        })  # fmt: skip
 
     @classmethod
     def from_state(cls, s: ModelState) -> ModelInfo:

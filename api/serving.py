@@ -11,31 +11,44 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from starlette.requests import Request
+
 from api.auth import Principal
 from api.coldstart import failed_model
 from api.deps import Gateway
-from api.errors import BadRequest, GatewayError, GatewayTimeout, ModelNotFound, ModelNotReady, UpstreamError
+from api.errors import (
+    BadRequest,
+    GatewayError,
+    GatewayTimeout,
+    ModelNotFound,
+    ModelNotReady,
+    UpstreamError,
+    public_detail,
+)
 from api.registry import ModelRegistry
 from api.upstream import Stream, UpstreamFailure, UpstreamTimeout
 from modelium.names import InvalidModelName, validate_model_name, workflow_id
-from modelium.types import ModelState, Phase
+from modelium.types import ModelState, Phase, Task
 from workflows.contracts import HealthReport
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 log = logging.getLogger(__name__)
 
 RELOAD_RETRY_AFTER = 10.0
+# The caller was already let through to this model; this re-reads it (a held request).
+_ANY_MODEL = Principal("gateway", "gateway", admin=False)
 
 
-async def known_model(registry: ModelRegistry, name: str) -> ModelState:
-    """The state of `name`, or ModelNotFound listing the models that exist."""
+async def known_model(registry: ModelRegistry, name: str, principal: Principal) -> ModelState:
+    """The state of `name`, or ModelNotFound listing the models that exist (those the caller's key
+    may see: a model outside its `models` is not found, as if it did not exist)."""
     try:
         validate_model_name(name)
     except InvalidModelName as exc:
         raise BadRequest(str(exc), param="model") from None
-    state = await registry.get(name)
+    state = await registry.get(name) if principal.may_use(name) else None
     if state is None:
-        known = await registry.names()
+        known = [n for n in await registry.names() if principal.may_use(n)]
         listing = ", ".join(known) if known else "none yet"
         raise ModelNotFound(
             f"model {name!r} not found; known models: {listing}",
@@ -45,18 +58,29 @@ async def known_model(registry: ModelRegistry, name: str) -> ModelState:
     return state
 
 
-async def serving_model(gw: Gateway, name: str) -> ModelState:
+async def serving_model(
+    gw: Gateway, name: str, principal: Principal, tally: Tally | None = None, *, route: str | None = None
+) -> ModelState:
     """The state of a model that serves now; a model that is not loaded is loaded first, and
-    this waits for it (bounded)."""
-    state = await known_model(gw.registry, name)
+    this waits for it (bounded). `route`: an OpenAI route, which serves text generation only."""
+    state = await known_model(gw.registry, name, principal)
+    if tally is not None:
+        tally.model = state.name  # known: a label from here on, whatever the answer
+    if route is not None and state.task is not None and state.task != Task.TEXT_GENERATION:
+        raise BadRequest(
+            f"model {name} is a {state.task} model; {route} serves text-generation models. "
+            f'Use POST /predict/{name} with {{"inputs": ...}}',
+            param="model",
+            extra={"task": state.task},
+        )
     if state.phase == Phase.LOADED and state.endpoint is not None:
         return state
     if state.phase == Phase.FAILED:
         raise failed_model(state)
     if state.phase == Phase.RESTARTING:
         wait = max(1, math.ceil((state.restart_at or 0) - time.time()))
-        raise ModelNotReady(f"model {name} is restarting: {state.last_error}", retry_after=wait,
-                            extra={"phase": state.phase})  # fmt: skip
+        raise ModelNotReady(f"model {name} is restarting: {public_detail(state.last_error or '')}",
+                            retry_after=wait, extra={"phase": state.phase})  # fmt: skip
     return await gw.cold.wait_loaded(state)
 
 
@@ -116,18 +140,19 @@ async def _unreachable(gw: Gateway, state: ModelState, exc: Exception) -> Gatewa
 def upstream_failure(state: ModelState, status: int, content: bytes) -> GatewayError:
     """The runtime answered with an error: its 4xx are the client's, its 5xx are ours."""
     message: str = content[:500].decode("utf-8", "replace")
-    param = None
+    param = code = None
     try:
         err = json.loads(content).get("error")
         if isinstance(err, dict):
             message, param = str(err.get("message")), err.get("param")
+            code = err.get("code") if isinstance(err.get("code"), str) else None
         elif isinstance(err, str):
             message = err
     except (ValueError, AttributeError):
         pass
     if 400 <= status < 500:
-        return BadRequest(f"{state.name}: {message}", param=param, status=status)
-    return UpstreamError(f"{state.name}'s runtime failed ({status}): {message}")
+        return BadRequest(f"{state.name}: {message}", param=param, status=status, code=code)
+    return UpstreamError(f"{state.name}'s runtime failed ({status}): {public_detail(message)}")
 
 
 async def post(gw: Gateway, state: ModelState, path: str, content: bytes) -> tuple[ModelState, bytes]:
@@ -173,7 +198,7 @@ async def _serving_again(gw: Gateway, failed: ModelState, failure: GatewayError)
         if state is None:
             raise failure
         if state.phase != Phase.LOADED:
-            return await serving_model(gw, failed.name)
+            return await serving_model(gw, failed.name, _ANY_MODEL)
         if state.endpoint is not None and state.endpoint.url != failed.endpoint.url:
             return state
         await asyncio.sleep(0.25)
@@ -201,11 +226,15 @@ async def open_stream(gw: Gateway, state: ModelState, path: str, content: bytes)
     return stream
 
 
-async def relay(gw: Gateway, state: ModelState, stream: Stream, tally: Tally) -> AsyncIterator[bytes]:
-    """Pass the runtime's event stream through as it arrives: no buffering, no re-encoding."""
+async def relay(gw: Gateway, state: ModelState, stream: Stream, tally: Tally, client: Request) -> AsyncIterator[bytes]:
+    """Pass the runtime's event stream through as it arrives: no buffering, no re-encoding. A
+    client that hung up is counted as 499, not 200: the server may not notice before the end."""
     status = 200
     try:
         async for chunk in stream.chunks():
+            if await client.is_disconnected():
+                status = 499
+                break
             yield chunk
     except UpstreamFailure as exc:
         status = 502

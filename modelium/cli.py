@@ -268,7 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="print the effective configuration")
     config.set_defaults(func=cmd_config)
+    _global_options_everywhere(parser)
     return parser  # fmt: skip
+
+
+def _global_options_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept --config and --log-level after the subcommand too (`modelium serve --config x.yaml`),
+    as users type them; given there, they win over the same option before it."""
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for child in getattr(action, "choices", {}).values():
+            child.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="as before the subcommand")
+            child.add_argument("--log-level", default=argparse.SUPPRESS, help="as before the subcommand")
+            _global_options_everywhere(child)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,8 +196,11 @@ class ApiKey(_Section):
     name: str = Field(min_length=1, max_length=64)
     organization: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    # "admin" may load and unload models; every key may list models and run inference.
+    # "admin" may load and unload models and read every detail; every key may list models and
+    # run inference.
     scopes: list[Literal["admin"]] = Field(default_factory=list)
+    # Model names or globs (`llama-*`) this key may see and use; empty: every model.
+    models: list[str] = Field(default_factory=list, max_length=1000)
 
 
 class Gateway(_Section):
@@ -235,6 +238,9 @@ class Node(_Section):
     cpu_memory_budget_bytes: int | None = Field(default=None, gt=0, le=MAX_BYTES)
     # How often the node agent announces its inventory; three missed announcements mean gone.
     announce_seconds: float = Field(default=5.0, gt=0.0, le=300.0)
+    # A node silent this long (and at least 3 announcements) is declared lost: its models are
+    # placed on other nodes. Keep it above the time a node agent takes to restart.
+    lost_after_seconds: float = Field(default=15.0, gt=0.0, le=3600.0)
     # How often the node agent looks for runtime processes that exited on their own.
     process_check_seconds: float = Field(default=2.0, gt=0.0, le=300.0)
 

@@ -25,13 +25,14 @@ class InvalidModelName(ValueError):
 def sanitize_model_name(raw: str) -> str:
     """Map any folder name to a stable, safe model name.
 
-    Lowercase letters, digits, '.', '_' and '-' pass through. Anything else becomes '-', and then a
-    short hash of the original is appended so that two different folders never share a name.
+    A name of lowercase letters, digits, '.', '_' and '-' passes through. Any other is cleaned
+    (lowercased, other characters become '-') and a short hash of the original is appended, so
+    that two different folders (`Foo` and `foo`) never share a name, whatever order they come in.
     """
     lowered = raw.strip().lower()
     cleaned = _MODEL_ALLOWED.sub("-", lowered).strip(".-_")
     cleaned = re.sub(r"-{2,}", "-", cleaned)
-    if cleaned == lowered and _MODEL_VALID.match(cleaned):
+    if cleaned == raw and _MODEL_VALID.fullmatch(cleaned):
         return cleaned
     digest = hashlib.sha256(raw.encode("utf-8")).hexdigest()[:6]
     base = (cleaned or "model")[: MAX_MODEL_NAME - 7].rstrip(".-_") or "model"
@@ -40,7 +41,8 @@ def sanitize_model_name(raw: str) -> str:
 
 def validate_model_name(name: str) -> str:
     """Check a name that arrives from a request path: it must already be a sanitized name."""
-    if not _MODEL_VALID.match(name) or ".." in name:
+    # fullmatch: `$` would let a trailing newline through (`tiny-gpt2%0A`).
+    if not _MODEL_VALID.fullmatch(name) or ".." in name:
         raise InvalidModelName(
             f"invalid model name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

@@ -120,6 +120,10 @@ class ModelFolderWatcher:
         """Returns once every directory present at start-up has been looked at."""
         await self._scanned.wait()
 
+    def _rank(self, item: tuple[Path, str]) -> tuple[int, str]:
+        root, child = item
+        return (self._dirs.index(root) if root in self._dirs else len(self._dirs), child)
+
     def _mark(self, root: Path, entry: str) -> None:
         with self._lock:
             self._dirty.add((root, entry))
@@ -160,17 +164,22 @@ class ModelFolderWatcher:
         now = time.monotonic()
         with self._lock:
             dirty, self._dirty = self._dirty, set()
-        for root, child in dirty:
+        # In a fixed order, so that which of two folders gets a shared name never depends on timing.
+        for root, child in sorted(dirty, key=self._rank):
             name = sanitize_model_name(child)
             path = root / child
             entry = self._entries.get(name)
             if entry is not None and entry.path != path:
                 if entry.path.exists():
-                    if path not in self._warned:
-                        self._warned.add(path)
-                        log.error("%s and %s both map to model %r; ignoring the second",
-                                  entry.path, path, name)  # fmt: skip
-                    continue
+                    # Two folders map to one name (the same folder name in two watched
+                    # directories): the first watched directory wins, on every start.
+                    winner, loser = sorted((entry.path, path), key=lambda p: self._rank((p.parent, p.name)))
+                    if loser not in self._warned:
+                        self._warned.add(loser)
+                        log.error("%s is not served: %s already serves as model %r (the first watched directory "
+                                  "wins); rename one of them", loser, winner, name)  # fmt: skip
+                    if winner == entry.path:
+                        continue
                 entry = None
             if entry is None:
                 entry = self._entries[name] = _Entry(name=name, path=path, last_event=now)

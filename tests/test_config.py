@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,18 @@ def test_bad_values_name_the_key(tmp_path: Path, yaml_text: str, env: dict[str, 
 def test_missing_explicit_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.yaml", environ={})
+
+
+def test_global_options_may_follow_the_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from modelium.cli import main
+
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("gateway: {port: 18123}\n")
+    assert main(["config", "--config", str(cfg), "--log-level", "ERROR"]) == 0
+    assert json.loads(capsys.readouterr().out)["gateway"]["port"] == 18123
+    # After the subcommand it wins over the same option before it.
+    assert main(["--config", str(tmp_path / "nope.yaml"), "config", "--config", str(cfg)]) == 0
+    assert json.loads(capsys.readouterr().out)["gateway"]["port"] == 18123
 
 
 def test_cli_stops_with_the_key_named(tmp_path: Path) -> None:

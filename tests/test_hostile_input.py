@@ -8,7 +8,9 @@ values at their boundary with the field named."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from modelium.names import workflow_id
 from tests.conftest import copy_model, make_settings, running_modelium, serving_model, unique, wait_for, wait_phase
+from tests.test_node_restart import _serving
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 pytestmark = pytest.mark.slow
@@ -156,3 +159,27 @@ async def test_a_model_larger_than_every_node_fails_instead_of_waiting(
             failed = await wait_phase(http, name, "failed", timeout=60)
             assert "more than any device of a live node holds even when empty" in failed["last_error"]
             assert "has 100 MiB free of 100 MiB" in failed["last_error"]
+
+
+async def test_folder_deleted_mid_load_cancels_the_load_and_leaves_nothing(
+    temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path)
+    name = unique("vanishing")
+    client = temporal_env.client
+    async with running_modelium(settings, client) as running:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=60) as http:
+            folder = copy_model(demo_models["text-generation"], settings.watch_directories[0] / name)
+            await wait_phase(http, name, "loading", timeout=60)
+            shutil.rmtree(folder)
+            handle = client.get_workflow_handle(workflow_id(name))
+            result = await asyncio.wait_for(handle.result(), timeout=60)
+            assert result["phase"] == "removed"
+    starts, cancelled = [], 0
+    async for event in handle.fetch_history_events():
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+            starts.append(event.activity_task_started_event_attributes.attempt)
+        cancelled += event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED
+    # The load was cancelled at once: never retried against the missing folder.
+    assert cancelled == 1 and max(starts) == 1, (starts, cancelled)
+    assert _serving(name) == []

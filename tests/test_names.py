@@ -29,7 +29,14 @@ def test_different_folders_never_collide() -> None:
     assert sanitize_model_name("a b") != sanitize_model_name("a  b")
 
 
-@pytest.mark.parametrize("bad", ["../x", "A", "a/b", "", "-a", "a" * 64, 'x"y'])
+def test_case_and_space_variants_are_distinct_and_stable() -> None:
+    names = {raw: sanitize_model_name(raw) for raw in ("foo", "Foo", "FOO", " foo", "foo ")}
+    assert names["foo"] == "foo"
+    assert len(set(names.values())) == len(names), names
+    assert sanitize_model_name("Foo") == names["Foo"]  # the same on every start
+
+
+@pytest.mark.parametrize("bad", ["../x", "A", "a/b", "", "-a", "a" * 64, 'x"y', "tiny-gpt2\n", "a\nb"])
 def test_request_names_are_validated(bad: str) -> None:
     with pytest.raises(InvalidModelName):
         validate_model_name(bad)

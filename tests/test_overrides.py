@@ -4,16 +4,20 @@ file and its keys."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
+from modelium.config import ModelSettings
 from modelium.names import workflow_id
 from modelium.overrides import read_overrides
-from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_phase
+from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_for, wait_phase
+from workers.serve import serve
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 pytestmark = pytest.mark.slow
@@ -65,3 +69,34 @@ def test_overrides_merge_and_name_their_source(tmp_path: Path) -> None:
     assert (merged.runtime, merged.pin, merged.node) == ("embedded", False, "gpu-1")
     assert merged.source == f"{tmp_path / 'modelium.yaml'} and models.m in the configuration"
     assert read_overrides(tmp_path / "nothing-here", "m", {}).source == ""
+
+
+async def test_a_changed_models_entry_reaches_the_workflow_after_a_restart(
+    temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    name = unique("reconfigured")
+    first = make_settings(tmp_path, models={name: {"idle_timeout_seconds": 45}})
+    # The same machine, state and queues; only the model's entry in the configuration changed.
+    second = first.model_copy(update={"models": {name: ModelSettings(idle_timeout_seconds=90)}})
+    client = temporal_env.client
+    handle = client.get_workflow_handle(workflow_id(name))
+
+    async def idle_is(seconds: float) -> bool:
+        try:
+            state = await handle.query(ModelLifecycleWorkflow.state)
+        except RPCError:  # not started yet
+            return False
+        return state.phase == "loaded" and state.idle_seconds == seconds
+
+    copy_model(demo_models["text-generation"], first.watch_directories[0] / name)
+    try:
+        for settings, seconds in ((first, 45.0), (second, 90.0)):
+            stop = asyncio.Event()
+            task = asyncio.create_task(serve(settings, stop, client=client))
+            try:
+                await wait_for(lambda s=seconds: idle_is(s), timeout=120, what=f"idle timeout {seconds:g}s applied")
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, timeout=60)
+    finally:
+        await handle.terminate("test over")

@@ -116,3 +116,25 @@ async def test_existing_models_picked_up_changes_and_removal(
         shutil.rmtree(root / "Already There")
         await wait_for(lambda: rec.removed, timeout=15, what="removal")
         assert rec.removed == [first.name]
+
+
+@pytest.mark.parametrize("second_first", [False, True], ids=["first-dir-first", "second-dir-first"])
+async def test_same_name_in_two_directories_goes_to_the_first_directory_every_time(
+    tmp_path: Path, second_first: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    for root in (second, first) if second_first else (first, second):
+        (root / "foo").mkdir(parents=True)
+        (root / "foo" / "config.json").write_text("{}")
+    rec = Recorder()
+    watcher = ModelFolderWatcher([first, second], rec.on_ready, rec.on_removed, settle_seconds=0.2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher.run(stop))
+    try:
+        await wait_for(lambda: rec.ready, timeout=10, what="foo handed over")
+        assert watcher.present_models() == {"foo": (first / "foo").resolve()}
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert [s.path for _, s in rec.ready] == [str((first / "foo").resolve())]
+    assert f"{(second / 'foo').resolve()} is not served" in caplog.text

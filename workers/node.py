@@ -40,8 +40,8 @@ from workflows.nodes import NodeRegistryWorkflow
 
 log = logging.getLogger(__name__)
 
-# A node silent for this many announcement intervals is lost (placement stops using it after the
-# same time: activities.control.RegistryNodes).
+# Placement stops using a node silent for this many announcement intervals (RegistryNodes); it is
+# declared lost, and its models moved, after node.lost_after_seconds, and never sooner.
 LOST_AFTER_ANNOUNCEMENTS = 3
 
 
@@ -81,15 +81,19 @@ class NodeAgent:
         return NodeInventory(self.node_id, devices, sorted(self.adapters), time.time())
 
 
-async def announce_forever(client: Client, agent: NodeAgent, control_queue: str, interval: float) -> None:
+async def announce_forever(
+    client: Client, agent: NodeAgent, control_queue: str, interval: float, lost_after: float
+) -> None:
     """Tell the control plane, every `interval` seconds, what this node has (signal-with-start of
     the node's workflow), so decide can place models here and sees when the node is gone."""
     wf_id = node_workflow_id(agent.node_id)
     while True:
+        agent.activities.refresh_device_gauges()
         inventory = agent.inventory()
         try:
             await client.start_workflow(
-                NodeRegistryWorkflow.run, NodeRegistryInput(inventory, LOST_AFTER_ANNOUNCEMENTS * interval),
+                NodeRegistryWorkflow.run,
+                NodeRegistryInput(inventory, max(lost_after, LOST_AFTER_ANNOUNCEMENTS * interval)),
                 id=wf_id, task_queue=control_queue,
                 start_signal="announce", start_signal_args=[inventory],
             )  # fmt: skip

@@ -144,7 +144,13 @@ async def serve(
             # not started twice.
             await agent.adopt_runtimes()
             announcer = asyncio.create_task(
-                announce_forever(client, agent, settings.temporal.control_task_queue, settings.node.announce_seconds),
+                announce_forever(
+                    client,
+                    agent,
+                    settings.temporal.control_task_queue,
+                    settings.node.announce_seconds,
+                    settings.node.lost_after_seconds,
+                ),  # fmt: skip
                 name="node-announce",
             )
             tasks.append(announcer)

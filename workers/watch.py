@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from temporalio.client import Client
@@ -29,6 +31,7 @@ class WorkflowBridge:
 
     async def model_ready(self, source: ModelSource) -> None:
         """Start the model's workflow, or tell the running one that its files changed."""
+        source = self._with_configured_settings(source)
         await self._client.start_workflow(
             ModelLifecycleWorkflow.run,
             LifecycleInput(
@@ -50,6 +53,16 @@ class WorkflowBridge:
             start_signal_args=[source],
         )
         log.info("model %s handed to workflow %s", source.name, workflow_id(source.name))
+
+    def _with_configured_settings(self, source: ModelSource) -> ModelSource:
+        """`models.<name>` in the configuration counts as part of the model's files: changed and
+        followed by a restart, the fingerprint differs and the workflow reads the model again,
+        applying it (a model without such an entry keeps its folder's fingerprint)."""
+        configured = self._settings.models.get(source.name)
+        if configured is None:
+            return source
+        digest = hashlib.sha256(configured.model_dump_json(exclude_unset=True).encode()).hexdigest()[:12]
+        return replace(source, fingerprint=f"{source.fingerprint}+config-{digest}")
 
     async def model_removed(self, name: str) -> None:
         handle = self._client.get_workflow_handle(workflow_id(name))

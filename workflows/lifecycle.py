@@ -348,13 +348,20 @@ class ModelLifecycleWorkflow:
             self._want_loaded = True
         self._set_phase(Phase.DISCOVERED if self._want_loaded else Phase.UNLOADED)
 
-    async def _on_node(self, node: str, handle: workflow.ActivityHandle[_T]) -> _T:
+    async def _on_node(self, node: str, handle: workflow.ActivityHandle[_T], *, interruptible: bool = False) -> _T:
         """Await an activity on `node`'s task queue. If the node is declared lost meanwhile, the
-        activity is cancelled (it would wait for a worker that is gone) and _NodeLost raised."""
-        await workflow.wait_condition(lambda: handle.done() or self._lost_node == node)
+        activity is cancelled (it would wait for a worker that is gone) and _NodeLost raised.
+        `interruptible`: removal or new files cancel it too (a load of a deleted folder would
+        only fail and retry), raising _Interrupted."""
+
+        def settled() -> bool:
+            interrupted = interruptible and (self._remove_reason is not None or self._new_source is not None)
+            return handle.done() or self._lost_node == node or interrupted
+
+        await workflow.wait_condition(settled)
         if not handle.done():
             handle.cancel()
-            raise _NodeLost(node)
+            raise _NodeLost(node) if self._lost_node == node else _Interrupted()
         return await handle
 
     def _woken_from_rest(self) -> bool:
@@ -451,8 +458,14 @@ class ModelLifecycleWorkflow:
                     heartbeat_timeout=timedelta(seconds=10),
                     retry_policy=_NODE_STEP,
                 ),
+                # Histories recorded before loads were interruptible replay as they ran.
+                interruptible=workflow.patched("interruptible-load"),
             )
-        except _Interrupted:
+        except _Interrupted as interrupted:
+            if step == "load" and not isinstance(interrupted, _NodeLost):
+                # The cancelled load may have started a runtime: stop it before the booking goes.
+                await self._take_down(Phase.DISCOVERED, "load interrupted", UnloadKind.REMOVED, unload=True)
+                return
             await self._release_booking()
             self._set_phase(Phase.DISCOVERED)
             return
@@ -653,9 +666,9 @@ class ModelLifecycleWorkflow:
         self._want_loaded = True
         self._set_phase(Phase.DISCOVERED)
 
-    async def _take_down(self, final_phase: str, reason: str, kind: str) -> None:
-        """Unload (if loaded) and release the booking, then enter `final_phase`."""
-        if self._state.phase == Phase.LOADED:
+    async def _take_down(self, final_phase: str, reason: str, kind: str, *, unload: bool | None = None) -> None:
+        """Unload (if loaded, or `unload`) and release the booking, then enter `final_phase`."""
+        if unload if unload is not None else self._state.phase == Phase.LOADED:
             self._set_phase(Phase.UNLOADING)
             try:
                 await self._on_node(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from api.deps import GatewayDep, PrincipalDep
 from api.errors import BadRequest, GatewayError
@@ -105,11 +105,14 @@ def _shape(state: ModelState, data: dict[str, Any]) -> PredictResponse:
     return PredictResponse(
         model=state.name, runtime=state.endpoint.runtime, node=state.endpoint.node,
         task=state.task, output=output, finish_reason=finish, usage=usage,
+        truncated=data.get("truncated"), warning=data.get("warning"),
     )  # fmt: skip
 
 
 @router.post("/predict/{model}", response_model=PredictResponse)
-async def predict(model: str, body: PredictRequest, gw: GatewayDep, principal: PrincipalDep) -> PredictResponse:
+async def predict(
+    model: str, body: PredictRequest, request: Request, gw: GatewayDep, principal: PrincipalDep
+) -> PredictResponse:
     """Run the model on `prompt` (text generation) or `inputs` (any task). A model that is not
     loaded is loaded first; the request waits for it."""
     tally = Tally(gw, principal)
@@ -118,12 +121,13 @@ async def predict(model: str, body: PredictRequest, gw: GatewayDep, principal: P
         limit = gw.settings.gateway.max_tokens_limit
         if body.max_tokens is not None and body.max_tokens > limit:
             raise BadRequest(f"max_tokens must be at most {limit} (gateway.max_tokens_limit)", param="max_tokens")
-        state = await serving_model(gw, model)
+        state = await serving_model(gw, model, principal, tally)
         tally.routed(state)
         path, payload = _upstream_request(state, body)
         state, answer = await post_json(gw, state, path, payload)
         result = _shape(state, answer)
-        status = 200
+        # A client that hung up while it waited did not get its answer: 499, as for a stream.
+        status = 499 if await request.is_disconnected() else 200
         return result
     except GatewayError as exc:
         status = exc.status

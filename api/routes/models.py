@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.auth import require_admin
+from api.auth import Principal, require_admin
 from api.deps import Gateway, GatewayDep, PrincipalDep
 from api.errors import ControlPlaneUnavailable, ModelNotFound, ModelNotReady
 from api.schemas import LoadModelRequest, ModelInfo, ModelList, UnloadModelRequest
@@ -25,21 +25,24 @@ router = APIRouter(prefix="/models", tags=["models"])
 _T = TypeVar("_T")
 
 
-def _info(gw: Gateway, state: ModelState) -> ModelInfo:
+def _info(gw: Gateway, state: ModelState, principal: Principal) -> ModelInfo:
     info = ModelInfo.from_state(state)
     info.waiting_requests = gw.cold.waiting(state.name)
-    return info
+    return info if principal.admin else info.for_non_admin(principal.organization)
 
 
 @router.get("", response_model=ModelList)
 async def list_models(gw: GatewayDep, principal: PrincipalDep) -> ModelList:
-    """Every model with its phase, runtime, node, memory, last use and request counts."""
-    return ModelList(models=[_info(gw, s) for s in await gw.registry.all()])
+    """Every model with its phase, runtime, node, memory, last use and request counts. A key
+    without the admin scope sees its own organization's counts, and no paths, endpoints or
+    error details."""
+    states = [s for s in await gw.registry.all() if principal.may_use(s.name)]
+    return ModelList(models=[_info(gw, s, principal) for s in states])
 
 
 @router.get("/{name}", response_model=ModelInfo)
 async def get_model(name: str, gw: GatewayDep, principal: PrincipalDep) -> ModelInfo:
-    return _info(gw, await known_model(gw.registry, name))
+    return _info(gw, await known_model(gw.registry, name, principal), principal)
 
 
 @router.post("/{name}/load", response_model=ModelInfo, responses={202: {"model": ModelInfo}})
@@ -54,15 +57,16 @@ async def load_model(
     require_admin(principal, "load models")
     gw.control.require(f"load {name}")
     body = body or LoadModelRequest()
-    state = await known_model(gw.registry, name)
+    state = await known_model(gw.registry, name, principal)
     handle = gw.temporal.get_workflow_handle(workflow_id(name))
     reason = f"load requested through the API by {principal.name}"
     if not body.wait:
         command = LoadCommand(reason, body.pin, body.idle_timeout_seconds)
-        return await _accepted(gw, state, handle.signal(ModelLifecycleWorkflow.load, command))
+        return await _accepted(gw, state, handle.signal(ModelLifecycleWorkflow.load, command), principal)
     request = EnsureLoadedRequest(reason, body.pin, body.idle_timeout_seconds)
     timeout = body.timeout_seconds or gw.settings.gateway.cold_start_timeout_seconds
-    return await _settled(gw, name, handle.execute_update(ModelLifecycleWorkflow.ensure_loaded, request), timeout)
+    update = handle.execute_update(ModelLifecycleWorkflow.ensure_loaded, request)
+    return await _settled(gw, name, update, timeout, principal)
 
 
 @router.post("/{name}/unload", response_model=ModelInfo, responses={202: {"model": ModelInfo}})
@@ -76,23 +80,26 @@ async def unload_model(
     require_admin(principal, "unload models")
     gw.control.require(f"unload {name}")
     body = body or UnloadModelRequest()
-    state = await known_model(gw.registry, name)
+    state = await known_model(gw.registry, name, principal)
     handle = gw.temporal.get_workflow_handle(workflow_id(name))
     reason = f"{body.reason} (by {principal.name})"
     if not body.wait:
-        return await _accepted(gw, state, handle.signal(ModelLifecycleWorkflow.unload, UnloadCommand(reason)))
+        signal = handle.signal(ModelLifecycleWorkflow.unload, UnloadCommand(reason))
+        return await _accepted(gw, state, signal, principal)
     update = handle.execute_update(ModelLifecycleWorkflow.ensure_unloaded, EnsureUnloadedRequest(reason))
-    return await _settled(gw, name, update, gw.settings.gateway.cold_start_timeout_seconds)
+    return await _settled(gw, name, update, gw.settings.gateway.cold_start_timeout_seconds, principal)
 
 
-async def _accepted(gw: Gateway, state: ModelState, signal: Awaitable[None]) -> JSONResponse:
+async def _accepted(gw: Gateway, state: ModelState, signal: Awaitable[None], principal: Principal) -> JSONResponse:
     """202: the workflow has the request; `GET /models/{name}` shows how it goes."""
     await _call(state.name, signal)
     gw.registry.invalidate(state.name)
-    return JSONResponse(_info(gw, state).model_dump(mode="json"), status_code=202)
+    return JSONResponse(_info(gw, state, principal).model_dump(mode="json"), status_code=202)
 
 
-async def _settled(gw: Gateway, name: str, update: Awaitable[ModelState], timeout: float) -> ModelInfo:
+async def _settled(
+    gw: Gateway, name: str, update: Awaitable[ModelState], timeout: float, principal: Principal
+) -> ModelInfo:
     """The model's state once the update is done, within `timeout`."""
     try:
         state = await asyncio.wait_for(_call(name, update), timeout)
@@ -101,7 +108,7 @@ async def _settled(gw: Gateway, name: str, update: Awaitable[ModelState], timeou
             f"model {name} has not settled after {timeout:g}s; see GET /models/{name}", retry_after=10
         ) from None
     gw.registry.store(state)
-    return _info(gw, state)
+    return _info(gw, state, principal)
 
 
 async def _call(name: str, call: Awaitable[_T]) -> _T:

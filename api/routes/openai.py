@@ -27,8 +27,10 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 @router.get("/models", response_model=OpenAIModelList)
 async def list_models(registry: RegistryDep, principal: PrincipalDep) -> OpenAIModelList:
-    """Every model Modelium knows, loaded or not: a request for any of them is served."""
-    return OpenAIModelList(data=[OpenAIModel.from_state(s) for s in await registry.all()])
+    """Every model Modelium knows (that the caller's key may use), loaded or not: a request for any
+    of them is served."""
+    states = [s for s in await registry.all() if principal.may_use(s.name)]
+    return OpenAIModelList(data=[OpenAIModel.from_state(s) for s in states])
 
 
 def _parse(raw: bytes, schema: type[_Body]) -> _Body:
@@ -53,17 +55,18 @@ async def _proxy(
             value: Any = getattr(body, field, None)
             if value is not None and value > limit:
                 raise BadRequest(f"{field} must be at most {limit} (gateway.max_tokens_limit)", param=field)
-        state = await serving_model(gw, body.model)
+        state = await serving_model(gw, body.model, principal, tally, route=request.url.path)
         tally.routed(state)
         path = request.url.path
         if body.stream:
             upstream = await open_stream(gw, state, path, raw)
             status = 0  # the stream's own end decides
             return StreamingResponse(
-                relay(gw, state, upstream, tally), media_type="text/event-stream", headers=_SSE_HEADERS
+                relay(gw, state, upstream, tally, request), media_type="text/event-stream", headers=_SSE_HEADERS
             )
         _, content = await post(gw, state, path, raw)
-        status = 200
+        # A client that hung up while it waited did not get its answer: 499, as for a stream.
+        status = 499 if await request.is_disconnected() else 200
         return Response(content=content, media_type="application/json")
     except GatewayError as exc:
         status = exc.status

@@ -45,14 +45,21 @@ MAX_BATCH = 64
 
 
 class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+# What torch.manual_seed takes.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# Tokenizers without a real limit report this (or larger) as model_max_length.
+_NO_LIMIT = 1_000_000
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
 
 
@@ -124,8 +131,10 @@ class Server:
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
         seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise BadRequest("seed must be an integer", "seed")
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int) or not SEED_MIN <= seed <= SEED_MAX
+        ):
+            raise BadRequest(f"seed must be an integer between {SEED_MIN} and {SEED_MAX}", "seed")
         tok = self.m.tokenizer
         inputs = tok(prompt, return_tensors="pt").to(self.m.device)
         prompt_tokens = int(inputs["input_ids"].shape[1])
@@ -134,9 +143,11 @@ class Server:
         ctx = self.m.context_length
         if ctx is not None and prompt_tokens + max_tokens > ctx:
             raise BadRequest(
-                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the "
-                f"model's context length of {ctx} tokens",
-                "max_tokens",
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
+                "completion). Please reduce the prompt or max_tokens.",
+                "max_tokens" if prompt_tokens < ctx else "prompt",
+                "context_length_exceeded",
             )
         kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": tok.pad_token_id}
         if temperature > 0:
@@ -307,21 +318,34 @@ class Server:
         )
 
     # -- classification / embeddings -------------------------------------------------------
-    def infer(self, texts: list[str]) -> tuple[list[Any], int]:
+    def input_limit(self) -> int | None:
+        """Tokens one input may have: the tokenizer's limit when it has a real one, and never past
+        the model's positions (a tokenizer saved without model_max_length reports no limit)."""
+        limits = [n for n in (getattr(self.m.tokenizer, "model_max_length", None), self.m.context_length)
+                  if isinstance(n, int) and 0 < n < _NO_LIMIT]  # fmt: skip
+        return min(limits) if limits else None
+
+    def infer(self, texts: list[str]) -> tuple[list[Any], int, int | None]:
+        """Outputs, tokens used, and the limit the inputs were cut to (None when none was cut)."""
         tok = self.m.tokenizer
-        batch = tok(texts, return_tensors="pt", padding=True, truncation=True).to(self.m.device)
+        limit = self.input_limit()
+        cut = limit is not None and any(len(ids) > limit for ids in tok(texts)["input_ids"])
+        batch = tok(texts, return_tensors="pt", padding=True, truncation=limit is not None, max_length=limit)
+        batch = batch.to(self.m.device)
         tokens = int(batch["attention_mask"].sum())
         with self._lock, torch.inference_mode():
             out = self.m.model(**batch)
         if self.m.task == TEXT_CLASSIFICATION:
             probs = out.logits.softmax(dim=-1)
             labels = self.m.model.config.id2label
-            return [
-                [{"label": labels.get(i, str(i)), "score": float(p)} for i, p in enumerate(row)] for row in probs
-            ], tokens
+            return (
+                [[{"label": labels.get(i, str(i)), "score": float(p)} for i, p in enumerate(row)] for row in probs],
+                tokens,
+                limit if cut else None,
+            )
         mask = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
         pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return pooled.float().tolist(), tokens
+        return pooled.float().tolist(), tokens, limit if cut else None
 
     async def predict(self, request: Request) -> JSONResponse:
         body = await _json(request)
@@ -338,12 +362,16 @@ class Server:
             results = [await run_in_threadpool(self.generate, t, body) for t in texts]
             outputs: list[Any] = [r["text"] for r in results]
             usage = _usage(results)
+            cut_to = None
         else:
-            outputs, tokens = await run_in_threadpool(self.infer, texts)
+            outputs, tokens, cut_to = await run_in_threadpool(self.infer, texts)
             usage = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
         output = outputs[0] if isinstance(inputs, str) else outputs
-        return JSONResponse({"model": self.m.name, "task": self.m.task, "output": output,
-                             "usage": usage})  # fmt: skip
+        answer: dict[str, Any] = {"model": self.m.name, "task": self.m.task, "output": output, "usage": usage}
+        if cut_to is not None:
+            answer["truncated"] = True
+            answer["warning"] = f"inputs longer than the model's limit of {cut_to} tokens were truncated to it"
+        return JSONResponse(answer)
 
     # -- misc ------------------------------------------------------------------------------
     async def health(self, request: Request) -> JSONResponse:
@@ -475,7 +503,7 @@ def _guard(handler: Any) -> Any:
         try:
             return await handler(request)
         except BadRequest as exc:
-            return _error(400, str(exc), exc.param)
+            return _error(400, str(exc), exc.param, exc.code)
 
     return wrapped
 
