@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from api.errors import one_line, public_detail
-from modelium.types import MAX_DURATION_SECONDS, ModelState
+from modelium.types import MAX_DURATION_SECONDS, MIN_IDLE_SECONDS, ModelState
 
 # OpenAI's seed is a 64-bit integer; larger ones are refused here, not by a runtime's 5xx.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -142,8 +142,9 @@ class LoadModelRequest(BaseModel):
 
     pin: StrictBool | None = Field(default=None, description="true: never unload for being idle")
     idle_timeout_seconds: float | None = Field(
-        default=None, gt=0, le=MAX_DURATION_SECONDS, description="this model's idle timeout (at most a year)"
-    )
+        default=None, ge=MIN_IDLE_SECONDS, le=MAX_DURATION_SECONDS,
+        description="this model's idle timeout (1 s to a year)",
+    )  # fmt: skip
     wait: StrictBool = Field(default=True, description="answer once the model serves (bounded by timeout_seconds)")
     timeout_seconds: float | None = Field(
         default=None, gt=0, le=MAX_DURATION_SECONDS, description="default: gateway.cold_start_timeout_seconds"

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelium.names import CONTROL_TASK_QUEUE, sanitize_node_id, validate_model_name
-from modelium.types import MAX_DURATION_SECONDS
+from modelium.types import MAX_DURATION_SECONDS, MIN_IDLE_SECONDS
 
 ENV_PREFIX = "MODELIUM_"
 # Environment variables with the prefix that are not configuration keys.
@@ -110,11 +110,11 @@ class ModelDiscovery(_Section):
 
 
 class Policies(_Section):
-    evict_after_idle_seconds: float = Field(default=300.0, gt=0.0, le=MAX_DURATION_SECONDS)
+    evict_after_idle_seconds: float = Field(default=300.0, ge=MIN_IDLE_SECONDS, le=MAX_DURATION_SECONDS)
     # A runtime that crashes is restarted after restart_backoff_seconds, doubling each time, at
     # most max_restarts times in 10 minutes; then the model is `failed` until asked to load.
     max_restarts: int = Field(default=3, ge=0, le=100)
-    restart_backoff_seconds: float = Field(default=2.0, gt=0.0, le=600.0)
+    restart_backoff_seconds: float = Field(default=2.0, ge=0.1, le=600.0)
 
 
 class Eviction(_Section):
@@ -141,7 +141,7 @@ class ModelSettings(_Section):
 
     runtime: RuntimeName | None = None
     pin: bool | None = None
-    idle_timeout_seconds: float | None = Field(default=None, gt=0.0, le=MAX_DURATION_SECONDS)
+    idle_timeout_seconds: float | None = Field(default=None, ge=MIN_IDLE_SECONDS, le=MAX_DURATION_SECONDS)
     # Place the model only on this node, and only on these of its devices ("cpu", "cuda:0").
     node: str | None = None
     devices: list[str] = Field(default_factory=list)
@@ -240,7 +240,7 @@ class Node(_Section):
     announce_seconds: float = Field(default=5.0, gt=0.0, le=300.0)
     # A node silent this long (and at least 3 announcements) is declared lost: its models are
     # placed on other nodes. Keep it above the time a node agent takes to restart.
-    lost_after_seconds: float = Field(default=15.0, gt=0.0, le=3600.0)
+    lost_after_seconds: float = Field(default=15.0, ge=1.0, le=3600.0)
     # How often the node agent looks for runtime processes that exited on their own.
     process_check_seconds: float = Field(default=2.0, gt=0.0, le=300.0)
 

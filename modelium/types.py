@@ -13,14 +13,20 @@ from dataclasses import dataclass, field
 # signal sent from the Temporal UI). Every duration is finite and at most a year, so that timers
 # built from it never overflow; request counts per usage report are bounded likewise.
 MAX_DURATION_SECONDS = 365 * 24 * 3600.0
+# An idle timeout shorter than this unloads a model before a request can use it.
+MIN_IDLE_SECONDS = 1.0
 MAX_USAGE_PER_REPORT = 10**9
+# Temporal refuses a timer of zero length (the workflow task fails, again and again): every timer
+# a workflow starts lasts at least this long.
+MIN_TIMER_SECONDS = 0.001
 
 
-def valid_seconds(value: object) -> float | None:
-    """`value` as a duration when it is a finite number in (0, MAX_DURATION_SECONDS], else None."""
+def valid_seconds(value: object, least: float = 0.0) -> float | None:
+    """`value` as a duration when it is a finite number in (0, MAX_DURATION_SECONDS] and at
+    least `least`, else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    if not math.isfinite(value) or not 0 < value <= MAX_DURATION_SECONDS:
+    if not math.isfinite(value) or not 0 < value <= MAX_DURATION_SECONDS or value < least:
         return None
     return float(value)
 

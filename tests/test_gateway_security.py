@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -18,7 +19,7 @@ from workflows.lifecycle import ModelLifecycleWorkflow
 
 pytestmark = pytest.mark.slow
 
-ADMIN_KEY, USER_KEY = new_key(), new_key()
+ADMIN_KEY, USER_KEY, SCOPED_KEY = new_key(), new_key(), new_key()
 
 
 async def test_keys_scopes_organizations_and_limits(
@@ -27,6 +28,8 @@ async def test_keys_scopes_organizations_and_limits(
     keys = [
         {"name": "ops", "organization": "acme", "sha256": digest(ADMIN_KEY), "scopes": ["admin"]},
         {"name": "app", "organization": "beta", "sha256": digest(USER_KEY)},
+        # May see and use only models whose names match; every other model does not exist for it.
+        {"name": "narrow", "organization": "gamma", "sha256": digest(SCOPED_KEY), "models": ["only-*"]},
     ]
     settings = make_settings(tmp_path, gateway={"port": 0, "api_keys": keys, "max_body_bytes": 4096})
     name = unique("secure")
@@ -74,6 +77,27 @@ async def test_keys_scopes_organizations_and_limits(
 
         await wait_for(counted, timeout=10, what="usage by organization")
 
+        # Organizations do not see each other: a non-admin key reads its own counts, and no
+        # paths, endpoints or error details; an admin key reads everything.
+        await http.post(f"/predict/{name}", json={"prompt": "Hi", "max_tokens": 2}, headers=admin)
+        await wait_for(lambda: _counted_for(handle, "acme"), timeout=10, what="the admin's request counted")
+        seen = (await http.get(f"/models/{name}", headers=user)).json()
+        assert seen["path"] == "" and seen["endpoint"] is None
+        assert seen["requests_by_organization"] == {"beta": 2} and seen["request_count"] == 2
+        listed = (await http.get("/models", headers=user)).json()["models"]
+        assert all(m["path"] == "" and set(m["requests_by_organization"]) <= {"beta"} for m in listed)
+        full = (await http.get(f"/models/{name}", headers=admin)).json()
+        assert full["path"].endswith(name) and full["endpoint"] is not None
+        assert full["requests_by_organization"] == {"beta": 2, "acme": 1}
+
+        # A key scoped to `only-*`: the model is not found for it, and not listed.
+        scoped = {"X-API-Key": SCOPED_KEY}
+        hidden = await http.post(f"/predict/{name}", json={"prompt": "Hi", "max_tokens": 2}, headers=scoped)
+        assert hidden.status_code == 404 and name not in str(hidden.json()["error"].get("known_models"))
+        assert (await http.get(f"/models/{name}", headers=scoped)).status_code == 404
+        assert (await http.get("/v1/models", headers=scoped)).json()["data"] == []
+        assert (await http.get("/models", headers=scoped)).json()["models"] == []
+
         # Body limits: by Content-Length, and for a chunked body while it is read.
         big = {"prompt": "x" * 5000, "max_tokens": 1}
         too_big = await http.post(f"/predict/{name}", json=big, headers=user)
@@ -96,6 +120,11 @@ async def test_keys_scopes_organizations_and_limits(
                 assert "invalid model name" in answer.json()["error"]["message"]
         metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
         assert "UPPER" not in metrics and 'model="a b"' not in metrics
+
+
+async def _counted_for(handle: Any, organization: str) -> bool:
+    state = await handle.query(ModelLifecycleWorkflow.state)
+    return organization in state.requests_by_organization
 
 
 def test_public_bind_without_keys_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

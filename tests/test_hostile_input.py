@@ -32,7 +32,9 @@ NAN, INF = float("nan"), float("inf")
 # Every kind of bad value: not numbers, non-finite, negative, huge, wrong shapes.
 # (`False` rather than `True`: Temporal's converter reads a boolean as 1.0 for a float field, and
 # `pin: true` is a valid request.)
-BAD_VALUES: list[Any] = [NAN, INF, -INF, -1, 0, 1e308, 2**70, "many", [1, 2], {"x": 1}, None, False]
+# Tiny positive durations too: a timer rounded to zero is refused by Temporal, and an idle timeout
+# under a second unloads a model before anyone can use it.
+BAD_VALUES: list[Any] = [NAN, INF, -INF, -1, 0, 5e-324, 1e-7, 0.5, 1e308, 2**70, "many", [1, 2], {"x": 1}, None, False]
 # Signals that leave a loaded model loaded whatever they carry (remove/unload are sent later).
 HARMLESS_SIGNALS = ["record_usage", "files_changed", "retry", "load", "capacity_freed", "report_unhealthy"]
 FIELDS = {
@@ -83,7 +85,7 @@ async def test_no_signal_or_update_payload_wedges_the_workflow(
                 sent += 1
 
         # Updates with bad input are refused with a reason; none fails a workflow task.
-        for bad in [{"idle_seconds": v} for v in (NAN, INF, -1, 0, 1e308)] + [{"pin": "yes"}]:
+        for bad in [{"idle_seconds": v} for v in (NAN, INF, -1, 0, 5e-324, 0.5, 1e308)] + [{"pin": "yes"}]:
             with pytest.raises(WorkflowUpdateFailedError):
                 await handle.execute_update("ensure_loaded", bad)
         for bad in [..., None, {}, {"for_model": ""}, {"reason": "r", "for_model": "x", "min_idle_seconds": NAN}]:
@@ -117,7 +119,7 @@ async def test_no_signal_or_update_payload_wedges_the_workflow(
         await no_task_failed(handle)
 
         # The management API refuses the same values, naming the field.
-        for value in ("1e308", "Infinity", "NaN", "-5"):
+        for value in ("1e308", "Infinity", "NaN", "-5", "5e-324", "0.5"):
             answer = await http.post(
                 f"/models/{name}/load", content=f'{{"idle_timeout_seconds": {value}}}',
                 headers={"content-type": "application/json"},

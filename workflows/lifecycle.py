@@ -19,6 +19,8 @@ with workflow.unsafe.imports_passed_through():
     from modelium.names import node_task_queue
     from modelium.types import (
         MAX_USAGE_PER_REPORT,
+        MIN_IDLE_SECONDS,
+        MIN_TIMER_SECONDS,
         Booking,
         ConfirmFreedRequest,
         DecideRequest,
@@ -100,6 +102,8 @@ class ModelLifecycleWorkflow:
         self._remove_reason: str | None = None
         self._health_report: str | None = None
         self._usage_seq = 0
+        # Counts load wishes (signals, updates), so that one arriving mid-unload is not lost.
+        self._load_wishes = 0
         # Bumped when the idle timeout or the pin changes, so a waiting `loaded` loop re-reads them.
         self._settings_seq = 0
         self._capacity_wait = 2.0
@@ -152,6 +156,7 @@ class ModelLifecycleWorkflow:
         command = command or LoadCommand()
         self._configure(command.pin, command.idle_seconds)
         self._want_loaded = True
+        self._load_wishes += 1
         self._unload_reason = None  # the newer wish wins
         if self._state.phase == Phase.FAILED:
             self._retry = True
@@ -177,10 +182,10 @@ class ModelLifecycleWorkflow:
             self._settings_seq += 1
         if idle_seconds is None:
             return
-        seconds = valid_seconds(idle_seconds)
+        seconds = valid_seconds(idle_seconds, MIN_IDLE_SECONDS)
         if seconds is None:
             workflow.logger.warning("model %s: idle timeout %r ignored: not a number of seconds in "
-                                    "(0, 1 year]", self._state.name, idle_seconds)  # fmt: skip
+                                    "[1 s, 1 year]", self._state.name, idle_seconds)  # fmt: skip
         elif seconds != self._state.idle_seconds:
             self._state.idle_seconds = seconds
             self._settings_seq += 1
@@ -276,9 +281,9 @@ class ModelLifecycleWorkflow:
             raise ApplicationError(f"model {self._state.name} was removed")
         if request is None:
             return
-        if request.idle_seconds is not None and valid_seconds(request.idle_seconds) is None:
+        if request.idle_seconds is not None and valid_seconds(request.idle_seconds, MIN_IDLE_SECONDS) is None:
             raise ApplicationError(
-                f"idle_seconds must be a number of seconds in (0, 31536000], got {request.idle_seconds!r}"
+                f"idle_seconds must be a number of seconds in [1, 31536000], got {request.idle_seconds!r}"
             )
         if request.pin is not None and not isinstance(request.pin, bool):
             raise ApplicationError(f"pin must be true or false, got {request.pin!r}")
@@ -538,7 +543,7 @@ class ModelLifecycleWorkflow:
                     or not self._want_loaded
                     or self._capacity_freed
                 ),
-                timeout=timedelta(seconds=self._capacity_wait),
+                timeout=_timer(self._capacity_wait),
             )
         except TimeoutError:
             pass
@@ -558,14 +563,18 @@ class ModelLifecycleWorkflow:
             last = self._state.last_used_at or self._state.loaded_at or 0.0
             remaining = last + idle - workflow.now().timestamp()
             if remaining <= 0 and not self._state.pinned:
+                wishes = self._load_wishes
                 await self._take_down(Phase.UNLOADED, f"idle for {idle:g}s", UnloadKind.IDLE)
-                self._want_loaded = False
+                # A load asked for while it was going down (a request, POST .../load) stands: it
+                # is loaded again at once rather than left waiting on an unloaded model.
+                if self._load_wishes == wishes:
+                    self._want_loaded = False
                 return
             seq = (self._usage_seq, self._settings_seq)
             try:
                 await workflow.wait_condition(
                     functools.partial(self._woken_while_loaded, seq),
-                    timeout=None if self._state.pinned else timedelta(seconds=remaining),
+                    timeout=None if self._state.pinned else _timer(remaining),
                 )
             except TimeoutError:
                 continue
@@ -643,7 +652,7 @@ class ModelLifecycleWorkflow:
         try:
             await workflow.wait_condition(
                 lambda: self._remove_reason is not None or self._new_source is not None or not self._want_loaded,
-                timeout=timedelta(seconds=delay),
+                timeout=_timer(delay),
             )
         except TimeoutError:
             pass
@@ -761,6 +770,11 @@ class ModelLifecycleWorkflow:
         if st.last_error:
             lines.append(f"- last error: {st.last_error}")
         return "\n".join(lines)
+
+
+def _timer(seconds: float) -> timedelta:
+    """A timer's length: never zero, which Temporal refuses (and the workflow task would fail)."""
+    return timedelta(seconds=max(seconds, MIN_TIMER_SECONDS))
 
 
 def _valid_count(n: object) -> bool:

@@ -60,7 +60,7 @@ class NodeRegistryWorkflow:
             try:
                 await workflow.wait_condition(
                     functools.partial(self._woken, self._announcements),
-                    timeout=timedelta(seconds=lost_after) if lost_after and self._lost is None else None,
+                    timeout=timedelta(seconds=max(lost_after, 1.0)) if lost_after and self._lost is None else None,
                 )
             except TimeoutError:
                 await self._declare_lost(lost_after or 0.0)

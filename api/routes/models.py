@@ -8,7 +8,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Body
 from fastapi.responses import JSONResponse
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.auth import Principal, require_admin
@@ -99,14 +99,15 @@ async def _accepted(gw: Gateway, state: ModelState, signal: Awaitable[None], pri
 
 async def _settled(
     gw: Gateway, name: str, update: Awaitable[ModelState], timeout: float, principal: Principal
-) -> ModelInfo:
-    """The model's state once the update is done, within `timeout`."""
+) -> ModelInfo | JSONResponse:
+    """The model's state once the update is done; if that takes longer than `timeout`, 202 with
+    the state as it is (the workflow goes on with the request; `GET /models/{name}` follows it)."""
     try:
         state = await asyncio.wait_for(_call(name, update), timeout)
-    except TimeoutError:
-        raise ModelNotReady(
-            f"model {name} has not settled after {timeout:g}s; see GET /models/{name}", retry_after=10
-        ) from None
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        gw.registry.invalidate(name)
+        current = await known_model(gw.registry, name, principal)
+        return JSONResponse(_info(gw, current, principal).model_dump(mode="json"), status_code=202)
     gw.registry.store(state)
     return _info(gw, state, principal)
 
