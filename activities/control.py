@@ -72,19 +72,22 @@ class RegistryNodes:
         self._alive_seconds = alive_seconds
 
     async def __call__(self) -> list[NodeInventory]:
-        found = []
         now = time.time()
-        async for execution in self._client.list_workflows(running_nodes_query()):
+        ids = [execution.id async for execution in self._client.list_workflows(running_nodes_query())]
+
+        async def one(wf_id: str) -> NodeInventory | None:
             try:
-                inventory = await self._client.get_workflow_handle(execution.id).query(
+                inventory: NodeInventory = await self._client.get_workflow_handle(wf_id).query(
                     NodeRegistryWorkflow.inventory, rpc_timeout=_QUERY_TIMEOUT
                 )
             except (RPCError, WorkflowQueryFailedError) as exc:
-                activity.logger.warning("node workflow %s did not answer: %s", execution.id, exc)
-                continue
-            if now - inventory.announced_at <= self._alive_seconds:
-                found.append(inventory)
-        return found
+                activity.logger.warning("node workflow %s did not answer: %s", wf_id, exc)
+                return None
+            return inventory
+
+        # All at once: one node workflow that cannot answer costs one timeout, not one each.
+        inventories = await asyncio.gather(*(one(i) for i in ids))
+        return [inv for inv in inventories if inv is not None and now - inv.announced_at <= self._alive_seconds]
 
 
 class RegistryResidents:

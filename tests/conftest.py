@@ -135,14 +135,18 @@ async def running_modelium(settings: Settings, client: Client, **parts: Any) -> 
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=60)
-        # Workflows outlive their workers; end this test's so that later tests, which share the
-        # Temporal server, do not list models no worker serves any more.
-        queue = settings.temporal.control_task_queue
-        async for execution in client.list_workflows('ExecutionStatus="Running"'):
-            if execution.task_queue == queue:
-                # Visibility lags: a workflow listed as running may have ended meanwhile.
-                with contextlib.suppress(RPCError):
-                    await client.get_workflow_handle(execution.id).terminate("test over")
+        await end_workflows_of(client, settings.temporal.control_task_queue)
+
+
+async def end_workflows_of(client: Client, queue: str) -> None:
+    """Workflows outlive their workers; end a test's, so that later tests, which share the Temporal
+    server, list no models or nodes that no worker serves any more (a query to one waits out its
+    timeout)."""
+    async for execution in client.list_workflows('ExecutionStatus="Running"'):
+        if execution.task_queue == queue:
+            # Visibility lags: a workflow listed as running may have ended meanwhile.
+            with contextlib.suppress(RPCError):
+                await client.get_workflow_handle(execution.id).terminate("test over")
 
 
 def metric_value(text: str, name: str, **labels: str) -> float | None:
@@ -173,13 +177,22 @@ async def wait_phase(http: httpx.AsyncClient, name: str, phase: str, *, timeout:
 
 
 @contextlib.asynccontextmanager
+async def modelium_http(
+    settings: Settings, client: Client, timeout: float = 120
+) -> AsyncIterator[tuple[Running, httpx.AsyncClient]]:
+    """`running_modelium`, and an HTTP client on its gateway."""
+    async with running_modelium(settings, client) as running:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=timeout) as http:
+            yield running, http
+
+
+@contextlib.asynccontextmanager
 async def serving_model(
     settings: Settings, client: Client, model_dir: Path, name: str, headers: dict[str, str] | None = None
 ) -> AsyncIterator[tuple[Running, httpx.AsyncClient]]:
     """`running_modelium` with `model_dir` dropped into its watched folder as `name` and loaded;
     yields the running parts and an HTTP client on the gateway."""
-    async with running_modelium(settings, client) as running:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=120) as http:
-            copy_model(model_dir, settings.watch_directories[0] / name)
-            await wait_phase(http, name, "loaded", headers=headers)
-            yield running, http
+    async with modelium_http(settings, client) as (running, http):
+        copy_model(model_dir, settings.watch_directories[0] / name)
+        await wait_phase(http, name, "loaded", headers=headers)
+        yield running, http

@@ -43,7 +43,7 @@ def test_seed_keys_from_file_and_env_override(tmp_path: Path) -> None:
     ("yaml_text", "env", "words"),
     [
         ("orchestration: {policies: {evict_after_idle_seconds: -5}}", {},
-         "orchestration.policies.evict_after_idle_seconds: Input should be greater than 0"),
+         "orchestration.policies.evict_after_idle_seconds: Input should be greater than or equal to 1"),
         ("metrics: {port: 99999}", {}, "metrics.port"),
         ("vllm: {enabeld: true}", {}, "vllm.enabeld: unknown key"),
         ("", {"MODELIUM_GATEWAY__PORT": "eighty"}, "gateway.port"),

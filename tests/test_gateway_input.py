@@ -18,7 +18,7 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from modelium.config import Settings
-from tests.conftest import copy_model, make_settings, metric_value, running_modelium, unique, wait_for, wait_phase
+from tests.conftest import copy_model, make_settings, metric_value, modelium_http, unique, wait_for, wait_phase
 
 pytestmark = pytest.mark.slow
 
@@ -28,18 +28,17 @@ async def gateway(
     settings: Settings, temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path
 ) -> AsyncIterator[tuple[httpx.AsyncClient, str, str, str, int]]:
     gen, cls, broken = unique("gen"), unique("cls"), unique("broken")
-    async with running_modelium(settings, temporal_env.client) as running:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=60) as http:
-            incoming = settings.watch_directories[0]
-            copy_model(demo_models["text-generation"], incoming / gen)
-            copy_model(demo_models["text-classification"], incoming / cls)
-            (incoming / broken).mkdir()
-            (incoming / broken / "config.json").write_text("{not json")
-            await asyncio.gather(
-                wait_phase(http, gen, "loaded"), wait_phase(http, cls, "loaded"), wait_phase(http, broken, "failed")
-            )
-            assert running.metrics_port is not None
-            yield http, gen, cls, broken, running.metrics_port
+    async with modelium_http(settings, temporal_env.client, timeout=60) as (running, http):
+        incoming = settings.watch_directories[0]
+        copy_model(demo_models["text-generation"], incoming / gen)
+        copy_model(demo_models["text-classification"], incoming / cls)
+        (incoming / broken).mkdir()
+        (incoming / broken / "config.json").write_text("{not json")
+        await asyncio.gather(
+            wait_phase(http, gen, "loaded"), wait_phase(http, cls, "loaded"), wait_phase(http, broken, "failed")
+        )
+        assert running.metrics_port is not None
+        yield http, gen, cls, broken, running.metrics_port
 
 
 def envelope(response: httpx.Response) -> dict[str, Any]:
@@ -107,6 +106,14 @@ async def test_bad_inputs_get_4xx_naming_the_problem(
         text = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
         assert metric_value(text, "modelium_requests_total", model=broken, status="503") == 1.0
         assert metric_value(text, "modelium_requests_total", model="_unknown", status="503") is None
+
+        # The CPU's "used" memory is what its runtimes hold (two tiny models: well over 100 MiB).
+        async def cpu_used() -> float | None:
+            text = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+            value = metric_value(text, "modelium_gpu_memory_bytes", gpu="cpu", kind="used")
+            return value if value and value > 100 * 2**20 else None
+
+        await wait_for(cpu_used, timeout=30, what="modelium_gpu_memory_bytes{gpu=cpu,kind=used}")
 
 
 async def test_a_stream_the_client_hangs_up_on_counts_as_499(

@@ -81,12 +81,22 @@ async def test_keys_scopes_organizations_and_limits(
         # paths, endpoints or error details; an admin key reads everything.
         await http.post(f"/predict/{name}", json={"prompt": "Hi", "max_tokens": 2}, headers=admin)
         await wait_for(lambda: _counted_for(handle, "acme"), timeout=10, what="the admin's request counted")
-        seen = (await http.get(f"/models/{name}", headers=user)).json()
+
+        async def seen_by_user() -> dict[str, Any] | None:
+            info: dict[str, Any] = (await http.get(f"/models/{name}", headers=user)).json()
+            return info if info["requests_by_organization"] else None  # the gateway caches states briefly
+
+        seen = await wait_for(seen_by_user, timeout=10, what="the user's counts through the gateway")
         assert seen["path"] == "" and seen["endpoint"] is None
         assert seen["requests_by_organization"] == {"beta": 2} and seen["request_count"] == 2
         listed = (await http.get("/models", headers=user)).json()["models"]
         assert all(m["path"] == "" and set(m["requests_by_organization"]) <= {"beta"} for m in listed)
-        full = (await http.get(f"/models/{name}", headers=admin)).json()
+
+        async def seen_by_admin() -> dict[str, Any] | None:
+            info: dict[str, Any] = (await http.get(f"/models/{name}", headers=admin)).json()
+            return info if "acme" in info["requests_by_organization"] else None
+
+        full = await wait_for(seen_by_admin, timeout=10, what="every organization's counts for an admin")
         assert full["path"].endswith(name) and full["endpoint"] is not None
         assert full["requests_by_organization"] == {"beta": 2, "acme": 1}
 

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from temporalio.api.enums.v1 import EventType
@@ -22,7 +21,7 @@ from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 
 from modelium.names import workflow_id
-from tests.conftest import copy_model, make_settings, running_modelium, serving_model, unique, wait_for, wait_phase
+from tests.conftest import copy_model, make_settings, modelium_http, serving_model, unique, wait_for, wait_phase
 from tests.test_node_restart import _serving
 from workflows.lifecycle import ModelLifecycleWorkflow
 
@@ -140,13 +139,12 @@ async def test_infinite_idle_timeout_in_the_model_folder_fails_the_model_naming_
 ) -> None:
     settings = make_settings(tmp_path)
     name = unique("inf-idle")
-    async with running_modelium(settings, temporal_env.client) as running:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=60) as http:
-            staged = copy_model(demo_models["text-generation"], tmp_path / "staging" / name)
-            (staged / "modelium.yaml").write_text(yaml.safe_dump({"idle_timeout_seconds": INF}))
-            staged.rename(settings.watch_directories[0] / name)
-            failed = await wait_phase(http, name, "failed", timeout=60)
-            assert "idle_timeout_seconds: Input should be a finite number" in failed["last_error"]
+    async with modelium_http(settings, temporal_env.client, timeout=60) as (_, http):
+        staged = copy_model(demo_models["text-generation"], tmp_path / "staging" / name)
+        (staged / "modelium.yaml").write_text(yaml.safe_dump({"idle_timeout_seconds": INF}))
+        staged.rename(settings.watch_directories[0] / name)
+        failed = await wait_phase(http, name, "failed", timeout=60)
+        assert "idle_timeout_seconds: Input should be a finite number" in failed["last_error"]
 
 
 async def test_a_model_larger_than_every_node_fails_instead_of_waiting(
@@ -155,12 +153,11 @@ async def test_a_model_larger_than_every_node_fails_instead_of_waiting(
     # The demo model is estimated at about 400 MiB; this node has 100 MiB in all.
     settings = make_settings(tmp_path, node={"id": unique("tiny"), "cpu_memory_budget_bytes": 100 * 2**20})
     name = unique("too-big")
-    async with running_modelium(settings, temporal_env.client) as running:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=60) as http:
-            copy_model(demo_models["text-generation"], settings.watch_directories[0] / name)
-            failed = await wait_phase(http, name, "failed", timeout=60)
-            assert "more than any device of a live node holds even when empty" in failed["last_error"]
-            assert "has 100 MiB free of 100 MiB" in failed["last_error"]
+    async with modelium_http(settings, temporal_env.client, timeout=60) as (_, http):
+        copy_model(demo_models["text-generation"], settings.watch_directories[0] / name)
+        failed = await wait_phase(http, name, "failed", timeout=60)
+        assert "more than any device of a live node holds even when empty" in failed["last_error"]
+        assert "has 100 MiB free of 100 MiB" in failed["last_error"]
 
 
 async def test_folder_deleted_mid_load_cancels_the_load_and_leaves_nothing(
@@ -169,14 +166,13 @@ async def test_folder_deleted_mid_load_cancels_the_load_and_leaves_nothing(
     settings = make_settings(tmp_path)
     name = unique("vanishing")
     client = temporal_env.client
-    async with running_modelium(settings, client) as running:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=60) as http:
-            folder = copy_model(demo_models["text-generation"], settings.watch_directories[0] / name)
-            await wait_phase(http, name, "loading", timeout=60)
-            shutil.rmtree(folder)
-            handle = client.get_workflow_handle(workflow_id(name))
-            result = await asyncio.wait_for(handle.result(), timeout=60)
-            assert result["phase"] == "removed"
+    async with modelium_http(settings, client, timeout=60) as (_, http):
+        folder = copy_model(demo_models["text-generation"], settings.watch_directories[0] / name)
+        await wait_phase(http, name, "loading", timeout=60)
+        shutil.rmtree(folder)
+        handle = client.get_workflow_handle(workflow_id(name))
+        result = await asyncio.wait_for(handle.result(), timeout=60)
+        assert result["phase"] == "removed"
     starts, cancelled = [], 0
     async for event in handle.fetch_history_events():
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:

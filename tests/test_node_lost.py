@@ -26,11 +26,13 @@ import yaml
 from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
-from modelium.names import workflow_id
+from modelium.names import node_workflow_id, workflow_id
 from modelium.runtimes.process import free_port, pid_alive
-from tests.conftest import copy_model, unique
+from modelium.types import NodeInventory
+from tests.conftest import copy_model, end_workflows_of, unique
 from tests.test_cli_serve import _wait
 from tests.test_node_restart import _serving
+from workflows.nodes import NodeRegistryWorkflow
 
 pytestmark = pytest.mark.slow
 
@@ -44,10 +46,11 @@ class Parts:
     def __init__(self, tmp_path: Path, temporal: str) -> None:
         self.tmp = tmp_path
         self.gateway_port = free_port()
+        self.queue = unique("control")
         self.config = tmp_path / "modelium.yaml"
         self.config.write_text(yaml.safe_dump({
             "state_dir": str(tmp_path / "state"),
-            "temporal": {"address": temporal, "control_task_queue": unique("control")},
+            "temporal": {"address": temporal, "control_task_queue": self.queue},
             "gateway": {"port": self.gateway_port, "cold_start_timeout_seconds": 180},
             "metrics": {"enabled": False},
             "node": {"cpu_memory_budget_bytes": 4 * 2**30, "announce_seconds": ANNOUNCE,
@@ -88,6 +91,7 @@ def parts(tmp_path: Path, temporal_env: WorkflowEnvironment) -> Iterator[Parts]:
         yield p
     finally:
         p.stop_all()
+        asyncio.run(end_workflows_of(temporal_env.client, p.queue))
 
 
 async def _history_and_pending(temporal_env: WorkflowEnvironment, name: str) -> tuple[list[str], list[str]]:
@@ -100,6 +104,11 @@ async def _history_and_pending(temporal_env: WorkflowEnvironment, name: str) -> 
     ]
     described = await handle.describe()
     return signals, [a.activity_type.name for a in described.raw_description.pending_activities]
+
+
+async def _inventory(temporal_env: WorkflowEnvironment, node: str) -> NodeInventory:
+    handle = temporal_env.client.get_workflow_handle(node_workflow_id(node))
+    return await handle.query(NodeRegistryWorkflow.inventory)
 
 
 def test_lost_node_models_are_placed_again_and_requests_held(
@@ -149,6 +158,9 @@ def test_lost_node_models_are_placed_again_and_requests_held(
     for name in names:
         signals, pending = asyncio.run(_history_and_pending(temporal_env, name))
         assert "node_lost" in signals and pending == [], (signals, pending)
+    # The control plane's view of node a: lost, its bookings written off.
+    seen = asyncio.run(_inventory(temporal_env, node_a))
+    assert seen.lost and "no announcement" in seen.lost and all(d.booked_bytes == 0 for d in seen.devices)
 
     # Node a comes back: it drops the bookings of the models now on node b and starts none of them.
     bookings = parts.tmp / "state" / "nodes" / node_a / "bookings.json"

@@ -16,7 +16,7 @@ from temporalio.testing import WorkflowEnvironment
 from modelium.config import ModelSettings
 from modelium.names import workflow_id
 from modelium.overrides import read_overrides
-from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_for, wait_phase
+from tests.conftest import copy_model, end_workflows_of, make_settings, running_modelium, unique, wait_for, wait_phase
 from workers.serve import serve
 from workflows.lifecycle import ModelLifecycleWorkflow
 
@@ -99,4 +99,4 @@ async def test_a_changed_models_entry_reaches_the_workflow_after_a_restart(
                 stop.set()
                 await asyncio.wait_for(task, timeout=60)
     finally:
-        await handle.terminate("test over")
+        await end_workflows_of(client, first.temporal.control_task_queue)

@@ -131,8 +131,8 @@ def test_serve_restarts_its_temporal_and_survives_its_own_sigkill(tmp_path: Path
               30, "Temporal restarted and ready", proc, log)  # fmt: skip
         assert not pid_alive(first), "the killed Temporal must be reaped, not left a zombie"
         assert "starting it again" in log.read_text()
-        _wait(lambda: httpx.get(f"{base}/models/tiny").json()["request_count"] >= 6, 30,
-              "the requests served during the outage counted", proc, log)  # fmt: skip
+        _wait(lambda: (r := httpx.get(f"{base}/models/tiny")).status_code == 200 and r.json()["request_count"] >= 6,
+              30, "the requests served during the outage counted", proc, log)  # fmt: skip
 
         # `serve` itself killed outright: Temporal and the runtime live on ...
         second = _temporal_pid(state)

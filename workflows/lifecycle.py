@@ -469,7 +469,8 @@ class ModelLifecycleWorkflow:
         except _Interrupted as interrupted:
             if step == "load" and not isinstance(interrupted, _NodeLost):
                 # The cancelled load may have started a runtime: stop it before the booking goes.
-                await self._take_down(Phase.DISCOVERED, "load interrupted", UnloadKind.REMOVED, unload=True)
+                kind = UnloadKind.REMOVED if self._remove_reason is not None else UnloadKind.FILES_CHANGED
+                await self._take_down(Phase.DISCOVERED, "load interrupted", kind, unload=True)
                 return
             await self._release_booking()
             self._set_phase(Phase.DISCOVERED)
