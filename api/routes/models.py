@@ -66,7 +66,7 @@ async def load_model(
     request = EnsureLoadedRequest(reason, body.pin, body.idle_timeout_seconds)
     timeout = body.timeout_seconds or gw.settings.gateway.cold_start_timeout_seconds
     update = handle.execute_update(ModelLifecycleWorkflow.ensure_loaded, request)
-    return await _settled(gw, name, update, timeout, principal)
+    return await _settled(gw, state, update, timeout, principal)
 
 
 @router.post("/{name}/unload", response_model=ModelInfo, responses={202: {"model": ModelInfo}})
@@ -87,7 +87,7 @@ async def unload_model(
         signal = handle.signal(ModelLifecycleWorkflow.unload, UnloadCommand(reason))
         return await _accepted(gw, state, signal, principal)
     update = handle.execute_update(ModelLifecycleWorkflow.ensure_unloaded, EnsureUnloadedRequest(reason))
-    return await _settled(gw, name, update, gw.settings.gateway.cold_start_timeout_seconds, principal)
+    return await _settled(gw, state, update, gw.settings.gateway.cold_start_timeout_seconds, principal)
 
 
 async def _accepted(gw: Gateway, state: ModelState, signal: Awaitable[None], principal: Principal) -> JSONResponse:
@@ -98,16 +98,15 @@ async def _accepted(gw: Gateway, state: ModelState, signal: Awaitable[None], pri
 
 
 async def _settled(
-    gw: Gateway, name: str, update: Awaitable[ModelState], timeout: float, principal: Principal
+    gw: Gateway, before: ModelState, update: Awaitable[ModelState], timeout: float, principal: Principal
 ) -> ModelInfo | JSONResponse:
     """The model's state once the update is done; if that takes longer than `timeout`, 202 with
-    the state as it is (the workflow goes on with the request; `GET /models/{name}` follows it)."""
+    the state it had (the workflow goes on with the request; `GET /models/{name}` follows it)."""
     try:
-        state = await asyncio.wait_for(_call(name, update), timeout)
+        state = await asyncio.wait_for(_call(before.name, update), timeout)
     except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
-        gw.registry.invalidate(name)
-        current = await known_model(gw.registry, name, principal)
-        return JSONResponse(_info(gw, current, principal).model_dump(mode="json"), status_code=202)
+        gw.registry.invalidate(before.name)
+        return JSONResponse(_info(gw, before, principal).model_dump(mode="json"), status_code=202)
     gw.registry.store(state)
     return _info(gw, state, principal)
 
