@@ -19,6 +19,8 @@ from typing import TypeVar
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.errors import ControlPlaneUnavailable
+
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
@@ -54,8 +56,6 @@ class ControlPlane:
     def require(self, what: str) -> None:
         """Fail at once, rather than after the client's retries, while Temporal is unreachable."""
         if self._down_since is not None:
-            from api.errors import ControlPlaneUnavailable
-
             raise ControlPlaneUnavailable(
                 f"cannot {what}: Temporal is unreachable ({self.last_error}); retry shortly",
                 retry_after=self.retry_after,
