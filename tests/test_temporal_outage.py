@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -121,6 +123,16 @@ def test_serve_restarts_its_temporal_and_survives_its_own_sigkill(tmp_path: Path
         _wait(lambda: httpx.post(f"{base}/predict/tiny", json=body, timeout=30).status_code == 200,
               120, "first answer", proc, log)  # fmt: skip
         runtime = httpx.get(f"{base}/models/tiny").json()["endpoint"]["pid"]
+
+        # A second `serve` on the same folder while this one runs is refused, and touches nothing.
+        before = _temporal_pid(state)
+        second = subprocess.run(
+            [sys.executable, "-m", "modelium.cli", "--config", str(config), "serve"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert second.returncode == 1 and "another `modelium serve`" in second.stderr, second.stderr
+        assert _temporal_pid(state) == before and pid_alive(before)
+        assert httpx.get(f"{base}/ready").status_code == 200
 
         # Temporal killed: serving goes on, and `serve` starts it again on the same database.
         first = _temporal_pid(state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -52,4 +53,8 @@ def control_worker(client: Client, settings: Settings, metrics: Metrics | None =
         activities=acts.all(),
         # Evictions wait for other models' unloads: keep room beside them for the quick steps.
         max_concurrent_activities=64,
+        # A worker killed outright leaves its sticky queue behind: workflow tasks and queries sent
+        # there move to the normal queue after this long (Temporal's 10 s default would have the
+        # gateway's state queries time out after a restart).
+        sticky_queue_schedule_to_start_timeout=timedelta(seconds=2),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 import sysconfig
@@ -138,6 +139,12 @@ class EmbeddedTemporal:
         if not same_process:
             self._records.remove(self.RECORD)
             return False
+        owner = _owning_serve(record.pid)
+        if owner is not None:
+            raise TemporalStartError(
+                f"another `modelium serve` (pid {owner}) is running with the state directory {self.state_dir.parent}; "
+                "stop it first, or give this one another state_dir"
+            )
         proc = ManagedProcess.adopt(record.pid, record.argv, self.state_dir / "temporal.log", record.started_at)
         if record.argv == self._argv() and await _answers(self.address, self.namespace):
             self._proc = proc
@@ -212,6 +219,19 @@ class EmbeddedTemporal:
             self._proc.stop(grace=15)
             self._proc = None
         self._records.remove(self.RECORD)
+
+
+def _owning_serve(pid: int) -> int | None:
+    """The pid of a live `modelium serve` whose child `pid` is, if any: a Temporal whose `serve`
+    still runs is that serve's, not one to adopt (a killed serve's children are reparented)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    argv = process_argv(parent) or []
+    is_serve = "serve" in argv and any("modelium" in part for part in argv)
+    return parent if is_serve and parent != os.getpid() else None
 
 
 async def _answers(address: str, namespace: str) -> bool:
