@@ -228,14 +228,14 @@ async def open_stream(gw: Gateway, state: ModelState, path: str, content: bytes)
 
 async def relay(gw: Gateway, state: ModelState, stream: Stream, tally: Tally, client: Request) -> AsyncIterator[bytes]:
     """Pass the runtime's event stream through as it arrives: no buffering, no re-encoding. A
-    client that hung up is counted as 499, not 200: the server may not notice before the end."""
+    client that hung up is counted as 499: the stream is cancelled then (below), or, when the
+    runtime finished first, noticed at the end."""
     status = 200
     try:
         async for chunk in stream.chunks():
-            if await client.is_disconnected():
-                status = 499
-                break
             yield chunk
+        if await client.is_disconnected():
+            status = 499
     except UpstreamFailure as exc:
         status = 502
         failure = await _unreachable(gw, state, exc)

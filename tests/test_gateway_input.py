@@ -137,3 +137,20 @@ async def test_a_stream_the_client_hangs_up_on_counts_as_499(
         # The model's own usage counts answers that completed only.
         info = (await http.get(f"/models/{gen}")).json()
         assert info["request_count"] == 0, json.dumps(info)
+
+        # Not streamed: a client that gives up while the model loads for it is a 499 too.
+        assert (await http.post(f"/models/{gen}/unload", json={})).status_code == 200
+        with contextlib.suppress(httpx.TimeoutException):
+            await http.post(f"/predict/{gen}", json={"prompt": "Hi", "max_tokens": 2}, timeout=0.5)
+
+        async def gave_up() -> float | None:
+            text = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+            return metric_value(text, "modelium_requests_total", model=gen, status="499")
+
+        assert await wait_for(lambda: _is(gave_up(), 2.0), timeout=60, what="the abandoned wait counted as 499")
+        text = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+        assert metric_value(text, "modelium_requests_total", model=gen, status="200") is None
+
+
+async def _is(value: Any, expected: float) -> bool:
+    return bool(await value == expected)
