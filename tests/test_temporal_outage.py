@@ -21,9 +21,10 @@ import httpx
 import pytest
 import yaml
 
-from modelium.runtimes.process import free_port, pid_alive, process_argv
+from modelium.runtimes.process import free_port, pid_alive
 from tests.conftest import copy_model, make_settings, serving_model, unique, wait_for, wait_phase
 from tests.test_cli_serve import _children_of_state, _start, _stop, _wait
+from tests.test_node_restart import _serving
 from workers.temporal_server import EmbeddedTemporal
 
 pytestmark = pytest.mark.slow
@@ -101,17 +102,6 @@ def _temporal_pid(state: Path) -> int:
     return int(json.loads((state / "temporal" / "records" / "temporal-server.json").read_text())["pid"])
 
 
-def _runtimes_of(model: str) -> list[int]:
-    """Live runtime processes serving `model` (the embedded server names it on its command line)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            argv = process_argv(int(entry.name)) or []
-            if any("embedded_server" in a for a in argv) and model in argv and pid_alive(int(entry.name)):
-                pids.append(int(entry.name))
-    return pids
-
-
 def test_serve_restarts_its_temporal_and_survives_its_own_sigkill(tmp_path: Path, demo_models: dict[str, Path]) -> None:
     config, base, state = _config(tmp_path)
     log = tmp_path / "serve.log"
@@ -164,7 +154,7 @@ def test_serve_restarts_its_temporal_and_survives_its_own_sigkill(tmp_path: Path
         assert _temporal_pid(state) == second, "the running Temporal is adopted, not replaced"
         info = httpx.get(f"{base}/models/tiny").json()
         assert info["endpoint"]["pid"] == runtime and info["load_count"] == 1
-        assert _runtimes_of("tiny") == [runtime], "exactly one runtime serves the model"
+        assert _serving("tiny") == [runtime], "exactly one runtime serves the model"
     finally:
         code = _stop(proc)
     assert code == 0, log.read_text()[-3000:]
