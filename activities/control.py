@@ -41,6 +41,7 @@ from workflows.contracts import (
     EvictRequest,
     EvictResult,
     NodeLost,
+    listed_state,
     running_models_query,
     running_nodes_query,
 )
@@ -177,6 +178,7 @@ class ControlActivities:
             min_resident_seconds=self._eviction.min_resident_seconds,
             min_idle_seconds=self._eviction.min_idle_seconds,
             enabled=self._eviction.enabled,
+            policy=self._eviction.policy,
         )
         analysis, override = request.analysis, request.runtime_override
         try:
@@ -185,7 +187,7 @@ class ControlActivities:
             except ModelTooLarge:
                 raise
             except NoCapacity:
-                if not policy.enabled:
+                if not policy.enabled or not request.may_evict:
                     raise
                 # Only now is it worth reading every loaded model's state: to choose whom to evict.
                 decision = place(analysis, self._runtimes, nodes, override, overrides=request.overrides,
@@ -253,18 +255,36 @@ class ControlActivities:
 
     @activity.defn(name=ActivityName.NOTIFY_WAITING)
     async def notify_waiting(self, notice: CapacityFreed) -> int:
-        """Wake the models waiting for capacity: memory was released on `notice.node`."""
+        """Memory was released on `notice.node`: wake the first models waiting for capacity, in
+        order (pinned, then first asked), as many as the freed bytes hold by their estimates and
+        at least one. Not a broadcast: every other waiter stays asleep. With `notice.after`, only
+        waiters behind that place are woken (a woken waiter that did not fit passes it on)."""
         from workflows.lifecycle import ModelLifecycleWorkflow
 
         client = self._require_client()
-        told = 0
         query = running_models_query(**{PHASE_KEY.name: Phase.WAITING_FOR_CAPACITY})
+        waiters: list[tuple[tuple[int, float], str, int]] = []
         async for execution in client.list_workflows(query):
+            state = await listed_state(execution)
+            if state is None or state.name == notice.model:
+                continue
+            order = state.wait_order()
+            if notice.after is not None and order <= tuple(notice.after):
+                continue
+            need = state.measured_memory_bytes or state.memory_estimate_bytes or 0
+            waiters.append((order, execution.id, need))
+        told, room = 0, notice.bytes
+        for _order, wf_id, need in sorted(waiters):
+            if told and need > room:
+                break
             try:
-                await client.get_workflow_handle(execution.id).signal(ModelLifecycleWorkflow.capacity_freed, notice)
-                told += 1
+                await client.get_workflow_handle(wf_id).signal(ModelLifecycleWorkflow.capacity_freed, notice)
             except RPCError:
                 continue  # it ended meanwhile
+            told += 1
+            room -= need
+        activity.logger.info("%s freed room on %s: woke %d of %d waiting model(s)", notice.model, notice.node,
+                             told, len(waiters))  # fmt: skip
         return told
 
     @activity.defn(name=ActivityName.NOTIFY_NODE_LOST)

@@ -8,8 +8,10 @@ model; past that a 429 tells the client when to come back. A wait is bounded by 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+import uuid
 from collections import Counter
 
 from temporalio.client import Client, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
@@ -28,7 +30,7 @@ from api.registry import ModelRegistry
 from modelium.metrics import Metrics
 from modelium.names import workflow_id
 from modelium.types import ModelState
-from workflows.contracts import EnsureLoadedRequest
+from workflows.contracts import EnsureLoadedRequest, WithdrawDemand
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,12 @@ class ColdStarts:
         self._max_waiting = max_waiting
         self._loads: dict[str, asyncio.Task[ModelState]] = {}
         self._waiting: Counter[str] = Counter()
+        # Each load this gateway asks for is a demand under its own id, withdrawn when every
+        # request waiting on it gave up, so the model does not go on waiting for room for nobody.
+        self._demand_prefix = f"gateway-{uuid.uuid4().hex[:12]}"
+        self._demand_seq = itertools.count(1)
+        self._demand_ids: dict[str, str] = {}
+        self._withdrawals: set[asyncio.Task[None]] = set()
 
     def waiting(self, model: str) -> int:
         return self._waiting[model]
@@ -72,7 +80,8 @@ class ColdStarts:
             )
         task = self._loads.get(name)
         if task is None:
-            task = asyncio.create_task(self._ensure_loaded(name), name=f"ensure-loaded-{name}")
+            demand_id = self._demand_ids[name] = f"{self._demand_prefix}-{next(self._demand_seq)}"
+            task = asyncio.create_task(self._ensure_loaded(name, demand_id), name=f"ensure-loaded-{name}")
             self._loads[name] = task
             task.add_done_callback(lambda done: self._forget(name, done))
         self._waiting[name] += 1
@@ -95,25 +104,44 @@ class ColdStarts:
             if self._waiting[name] <= 0:
                 del self._waiting[name]
                 if not task.done():
-                    # Nobody waits any more; the workflow goes on loading regardless.
+                    # Nobody waits any more: the demand is withdrawn. A load under way finishes
+                    # (it is cheaper to keep than to stop); a model waiting for room rests again.
                     self._loads.pop(name, None)
                     task.cancel()
+                    self._withdraw(name)
         return loaded
+
+    def _withdraw(self, name: str) -> None:
+        demand_id = self._demand_ids.pop(name, None)
+        if demand_id is None:
+            return
+        handle = self._client.get_workflow_handle(workflow_id(name))
+
+        async def send() -> None:
+            try:
+                await handle.signal(ModelLifecycleWorkflow.withdraw_demand, WithdrawDemand(demand_id))
+            except RPCError as exc:
+                # Its deadline ends the demand anyway (the cold-start timeout).
+                log.info("could not withdraw the demand for %s: %s", name, exc.message)
+
+        task = asyncio.create_task(send(), name=f"withdraw-demand-{name}")
+        self._withdrawals.add(task)
+        task.add_done_callback(self._withdrawals.discard)
 
     def _forget(self, name: str, task: asyncio.Task[ModelState]) -> None:
         if self._loads.get(name) is task:
             del self._loads[name]
+            self._demand_ids.pop(name, None)
         if not task.cancelled():
             task.exception()  # retrieved: every waiter re-raises it; nothing is "never retrieved"
 
-    async def _ensure_loaded(self, name: str) -> ModelState:
+    async def _ensure_loaded(self, name: str, demand_id: str) -> ModelState:
         handle = self._client.get_workflow_handle(workflow_id(name))
         log.info("model %s is not serving; loading it for waiting requests", name)
+        request = EnsureLoadedRequest("a request is waiting", wait_seconds=self._timeout, demand_id=demand_id)
         try:
             state = await self._control.guard(
-                handle.execute_update(
-                    ModelLifecycleWorkflow.ensure_loaded, EnsureLoadedRequest("a request is waiting")
-                ),
+                handle.execute_update(ModelLifecycleWorkflow.ensure_loaded, request),
                 f"load {name}",
             )
         except WorkflowUpdateFailedError as exc:

@@ -17,18 +17,16 @@ from temporalio.client import Client, WorkflowQueryFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.control_plane import ControlPlane, is_unreachable
-from api.errors import ControlPlaneUnavailable
-from modelium.names import model_from_workflow_id, workflow_id
+from api.errors import BadRequest, ControlPlaneUnavailable
+from modelium.names import workflow_id
 from modelium.types import ModelState, Phase
-from workflows.contracts import NODE_KEY, PHASE_KEY, RUNTIME_KEY, running_models_query
+from workflows.contracts import PHASE_KEY, listed_state, running_models_query
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 log = logging.getLogger(__name__)
 
 NOT_LOADED_TTL = 0.2
 QUERY_TIMEOUT = timedelta(seconds=10)
-# Listing every model should not hang on one whose worker is down; it is shown from visibility.
-LIST_QUERY_TIMEOUT = timedelta(seconds=2)
 
 
 class ModelRegistry:
@@ -42,6 +40,8 @@ class ModelRegistry:
         self._inflight: dict[str, asyncio.Future[ModelState | None]] = {}
         # Last request this gateway served per model (epoch seconds).
         self._last_request: dict[str, float] = {}
+        # The loaded models as last listed (refresh_forever), for the idle gauge.
+        self._listed_loaded: dict[str, ModelState] = {}
 
     async def get(self, model: str, *, fresh: bool = False, timeout: timedelta = QUERY_TIMEOUT) -> ModelState | None:
         """The model's state, or None when no such model exists (or it was removed)."""
@@ -135,57 +135,65 @@ class ModelRegistry:
 
     async def names(self) -> list[str]:
         """Names of every model with a running workflow (from Temporal's visibility store)."""
-        return sorted(await self._visible())
+        states, _ = await self.listed()
+        return sorted(s.name for s in states)
 
-    async def _visible(self) -> dict[str, ModelState]:
-        """Running models as the visibility store sees them: name, phase, runtime, node."""
+    async def listed(
+        self, *, phase: str | None = None, limit: int | None = None, page_token: bytes | None = None
+    ) -> tuple[list[ModelState], bytes | None]:
+        """Models as the visibility store lists them, from one paginated List call and no query
+        to any workflow: each keeps its state there as a summary (its memo). `limit` gives one
+        page (and the token of the next, None at the end); without it, every model."""
         self._control.require("list models")
-        found = {}
+        query = running_models_query(**({PHASE_KEY.name: phase} if phase else {}))
+        found: list[ModelState] = []
         try:
-            async for execution in self._client.list_workflows(running_models_query()):
-                name = model_from_workflow_id(execution.id)
-                if name:
-                    attrs = execution.typed_search_attributes
-                    found[name] = ModelState(
-                        name=name,
-                        path="",
-                        phase=attrs.get(PHASE_KEY) or Phase.DISCOVERED,
-                        runtime=attrs.get(RUNTIME_KEY),
-                        node=attrs.get(NODE_KEY),
-                    )
+            listing = self._client.list_workflows(query, page_size=limit or 1000, next_page_token=page_token)
+            if limit is None:
+                executions = [execution async for execution in listing]
+                token = None
+            else:
+                await listing.fetch_next_page()
+                executions = list(listing.current_page or [])
+                token = listing.next_page_token or None
+            for execution in executions:
+                state = await listed_state(execution)
+                if state is not None and state.phase != Phase.REMOVED:
+                    found.append(self._freshest(state))
         except RPCError as exc:
+            if page_token is not None and exc.status == RPCStatusCode.INVALID_ARGUMENT:
+                raise BadRequest(f"page_token was not accepted: {exc.message}", param="page_token") from None
             if is_unreachable(exc):
                 self._control.mark_down(exc.message)
             raise ControlPlaneUnavailable(f"cannot list models: {exc.message}", retry_after=5) from exc
-        return found
+        return found, token
+
+    def _freshest(self, state: ModelState) -> ModelState:
+        """The listed summary, with what this gateway knows to be newer: the last request it
+        served (a summary records usage at most every 30 s) or a state it just read."""
+        cached = self._cache.get(state.name)
+        if cached is not None and (cached[1].updated_at or 0.0) > (state.updated_at or 0.0):
+            state = cached[1]
+        mine = self._last_request.get(state.name)
+        if mine is not None and state.phase == Phase.LOADED and mine > (state.last_used_at or 0.0):
+            state.last_used_at = mine
+        return state
 
     async def all(self) -> list[ModelState]:
-        """Every model's state. A workflow that cannot answer its query right now (its worker is
-        down) is listed from the visibility store, with the reason, rather than failing the list."""
-        visible = await self._visible()
-        for gone in (set(self._cache) | set(self._last_loaded)) - set(visible):
+        """Every model's state, sorted by name, from the visibility store (one List call)."""
+        states, _ = await self.listed()
+        present = {s.name for s in states}
+        for gone in (set(self._cache) | set(self._last_loaded)) - present:
             self.invalidate(gone)
-        names = sorted(visible)
-        states = await asyncio.gather(
-            *(self.get(n, fresh=True, timeout=LIST_QUERY_TIMEOUT) for n in names), return_exceptions=True
-        )
-        out = []
-        for name, state in zip(names, states, strict=True):
-            if isinstance(state, ControlPlaneUnavailable):
-                fallback = visible[name]
-                fallback.last_error = f"live state unavailable: {state.message}"
-                out.append(fallback)
-            elif isinstance(state, BaseException):
-                raise state
-            elif state is not None:
-                out.append(state)
-        return out
+        return sorted(states, key=lambda s: s.name)
 
     async def refresh_forever(self, interval: float) -> None:
-        """Keep every model's state fresh, so metrics describe models nobody asked about yet."""
+        """Keep the loaded models' summaries fresh for the idle gauge, with one List call of the
+        loaded models (a number bounded by memory, not by how many models exist)."""
         while True:
             try:
-                await self.all()
+                states, _ = await self.listed(phase=Phase.LOADED)
+                self._listed_loaded = {s.name: s for s in states}
             except ControlPlaneUnavailable as exc:
                 log.debug("state refresh skipped: %s", exc.message)
             await asyncio.sleep(interval)
@@ -193,7 +201,11 @@ class ModelRegistry:
     def last_use(self) -> dict[str, float]:
         """Loaded models -> last use, for the idle-seconds gauge."""
         out = {}
+        latest = dict(self._listed_loaded)
         for name, (_, state) in self._cache.items():
+            if name not in latest or (state.updated_at or 0.0) >= (latest[name].updated_at or 0.0):
+                latest[name] = state
+        for name, state in latest.items():
             if state.phase != Phase.LOADED:
                 continue
             candidates = [state.last_used_at, state.loaded_at, self._last_request.get(name)]

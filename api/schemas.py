@@ -68,6 +68,7 @@ class ModelInfo(BaseModel):
     endpoint: EndpointInfo | None
     memory_estimate_bytes: int | None
     measured_memory_bytes: int | None
+    peak_memory_bytes: int | None = None
     booked_bytes: int | None
     idle_timeout_seconds: float
     last_used_at: float | None
@@ -77,6 +78,8 @@ class ModelInfo(BaseModel):
     request_count: int
     last_error: str | None
     unload_reason: str | None
+    rest_reason: str | None = None
+    demanded_at: float | None = None
     pinned: bool
     requests_by_organization: dict[str, int]
     waiting_requests: int = 0
@@ -90,6 +93,7 @@ class ModelInfo(BaseModel):
             "endpoint": None,
             "last_error": public_detail(self.last_error) if self.last_error else None,
             "unload_reason": one_line(self.unload_reason) if self.unload_reason else None,
+            "rest_reason": one_line(self.rest_reason) if self.rest_reason else None,
             "request_count": own,
             "requests_by_organization": {organization: own} if own else {},
         })  # fmt: skip
@@ -112,6 +116,7 @@ class ModelInfo(BaseModel):
             else None,  # fmt: skip
             memory_estimate_bytes=s.memory_estimate_bytes,
             measured_memory_bytes=s.measured_memory_bytes,
+            peak_memory_bytes=s.peak_memory_bytes,
             booked_bytes=s.booking.bytes if s.booking else None,
             idle_timeout_seconds=s.idle_seconds,
             last_used_at=s.last_used_at,
@@ -121,6 +126,8 @@ class ModelInfo(BaseModel):
             request_count=s.request_count,
             last_error=s.last_error,
             unload_reason=s.unload_reason,
+            rest_reason=s.rest_reason,
+            demanded_at=s.demanded_at,
             pinned=s.pinned,
             requests_by_organization=s.requests_by_organization,
         )
@@ -128,6 +135,8 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
+    # With `limit`: pass it as `page_token` for the next page; null on the last page.
+    next_page_token: str | None = None
 
 
 class Health(BaseModel):

@@ -100,6 +100,15 @@ class EvictionPolicy:
     min_resident_seconds: float = 120.0
     min_idle_seconds: float = 30.0
     enabled: bool = True
+    # `score`: retention score (lowest evicted first); `lru`: least recently used first.
+    policy: str = "score"
+
+    def rank(self, resident: Resident) -> tuple[float, str]:
+        """The resident's eviction rank (lower goes first), and why in words."""
+        if self.policy == "lru":
+            idle = max(0.0, self.now - resident.last_used_at)
+            return -idle, f"least recently used: idle {idle:.0f}s"
+        return retention_score(resident, self.now)
 
 
 def retention_score(resident: Resident, now: float) -> tuple[float, str]:
@@ -274,7 +283,7 @@ def _cheapest_eviction(
         for r in residents:
             if r.node != option.node.node or not devices & set(r.devices) or not _evictable(r, policy):
                 continue
-            score, why = retention_score(r, policy.now)
+            score, why = policy.rank(r)
             candidates.append((score, r, why))
         victims: list[Eviction] = []
         for score, r, why in sorted(candidates, key=lambda c: (c[0], c[1].model)):
@@ -286,7 +295,10 @@ def _cheapest_eviction(
             victims.append(Eviction(r.model, r.node, r.devices[0], r.bytes, score, why, r.pid))
         if any(v > 0 for v in short.values()):
             continue
-        key = (not option.on_gpu, sum(v.score for v in victims), sum(v.bytes for v in victims), option.where())
+        # Retention scores add up (the cost of everything evicted); LRU ranks are idle times, so
+        # the option whose most recently used victim is the longest idle goes first.
+        cost = max(v.score for v in victims) if policy.policy == "lru" and victims else sum(v.score for v in victims)
+        key = (not option.on_gpu, cost, sum(v.bytes for v in victims), option.where())
         if best is None or key < best[0]:
             best = (key, option, victims)
     return (best[1], best[2]) if best is not None else None

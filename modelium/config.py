@@ -125,9 +125,16 @@ class Eviction(_Section):
     min_resident_seconds: float = Field(default=120.0, ge=0.0, le=MAX_DURATION_SECONDS)
     # ... and unused at least this long may be evicted.
     min_idle_seconds: float = Field(default=30.0, ge=0.0, le=MAX_DURATION_SECONDS)
+    # Which idle model goes first: `score` (recent use x reload time / memory held, lowest
+    # first) or `lru` (least recently used first).
+    policy: Literal["score", "lru"] = "score"
 
 
 class Orchestration(_Section):
+    # What a discovered model does before anyone asks for it: `fit` loads it at once when it fits
+    # without evicting anything (else it rests in `unloaded`); `none` only analyzes and decides.
+    # Only demand (a request, POST /models/{name}/load, a pin) may evict or wait for room.
+    preload: Literal["fit", "none"] = "fit"
     model_discovery: ModelDiscovery = Field(default_factory=ModelDiscovery)
     policies: Policies = Field(default_factory=Policies)
     eviction: Eviction = Field(default_factory=Eviction)

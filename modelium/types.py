@@ -49,6 +49,8 @@ class Phase:
     FAILED = "failed"
     REMOVED = "removed"
 
+    ALL = frozenset({DISCOVERED, ANALYZING, DECIDING, RESERVING, LOADING, WAITING_FOR_CAPACITY, EVICTING,
+                     RESTARTING, LOADED, UNLOADING, UNLOADED, FAILED})  # fmt: skip
     # Phases in which the model answers requests.
     SERVING = frozenset({LOADED})
     # Phases in which the model is on its way to serving.
@@ -241,6 +243,8 @@ class DecideRequest:
     # Per-model runtime asked for by the user, if any.
     runtime_override: str | None = None
     overrides: ModelOverrides | None = None
+    # Only demand (a request, a manual load, a pin) may evict; a preload takes free room or none.
+    may_evict: bool = True
 
 
 @dataclass
@@ -368,3 +372,14 @@ class ModelState:
     crash_count: int = 0
     crashed_at: float | None = None
     restart_at: float | None = None
+    # Why an unloaded model rests rather than loads ("not preloaded: no free room on any node").
+    rest_reason: str | None = None
+    # When the current demand for it began (a request, a manual load, a pin): waiters for
+    # capacity are served pinned first, then in this order.
+    demanded_at: float | None = None
+    # The most memory its runtime held while loaded (RSS on CPU, NVML on a GPU), after a warm-up.
+    peak_memory_bytes: int | None = None
+
+    def wait_order(self) -> tuple[int, float]:
+        """Its place among models waiting for capacity: pinned first, then the earliest asked."""
+        return (0 if self.pinned else 1, self.demanded_at or self.updated_at or 0.0)

@@ -18,6 +18,7 @@ from typing import Any
 
 import uvicorn
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from api.app import create_app, temporal_address
 from modelium.config import Settings
@@ -190,6 +191,13 @@ async def serve(
             log.info("gateway on http://%s:%s", settings.gateway.host, running.gateway_port)
         if watch:
             bridge = WorkflowBridge(client, settings)
+            try:
+                known = await bridge.learn_running()
+            except RPCError as exc:
+                log.warning("could not list running models (%s); every model folder is handed over again",
+                            exc.message)  # fmt: skip
+            else:
+                log.info("%d model(s) already have a workflow; unchanged folders are not signalled", known)
             watcher = folder_watcher(settings, bridge)
             watch_stop = asyncio.Event()
             watch_task = asyncio.create_task(watcher.run(watch_stop), name="watcher")

@@ -15,7 +15,14 @@ from modelium.config import Settings
 from modelium.names import workflow_id
 from modelium.types import ModelSource, Phase
 from modelium.watcher import ModelFolderWatcher
-from workflows.contracts import MODEL_KEY, PHASE_KEY, LifecycleInput, RemoveCommand, running_models_query
+from workflows.contracts import (
+    MODEL_KEY,
+    PHASE_KEY,
+    LifecycleInput,
+    RemoveCommand,
+    listed_state,
+    running_models_query,
+)
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 log = logging.getLogger(__name__)
@@ -28,10 +35,26 @@ class WorkflowBridge:
         self._client = client
         self._settings = settings
         self._task_queue = settings.temporal.control_task_queue
+        # Running models as listed when the watcher started: name -> (fingerprint, phase). A
+        # folder found unchanged is not signalled again (a restart beside 10,000 models would
+        # otherwise wake all of them).
+        self._known: dict[str, tuple[str, str]] = {}
+
+    async def learn_running(self) -> int:
+        """Read every running model's fingerprint from the visibility store (one List call)."""
+        async for execution in self._client.list_workflows(running_models_query()):
+            state = await listed_state(execution)
+            if state is not None and state.fingerprint:
+                self._known[state.name] = (state.fingerprint, state.phase)
+        return len(self._known)
 
     async def model_ready(self, source: ModelSource) -> None:
         """Start the model's workflow, or tell the running one that its files changed."""
         source = self._with_configured_settings(source)
+        known = self._known.pop(source.name, None)
+        if known is not None and known[0] == source.fingerprint and known[1] != Phase.FAILED:
+            log.debug("model %s is unchanged since its workflow last read it", source.name)
+            return
         await self._client.start_workflow(
             ModelLifecycleWorkflow.run,
             LifecycleInput(
@@ -40,6 +63,7 @@ class WorkflowBridge:
                 load_timeout_seconds=self._settings.runtimes.embedded.load_timeout_seconds,
                 max_restarts=self._settings.orchestration.policies.max_restarts,
                 restart_backoff_seconds=self._settings.orchestration.policies.restart_backoff_seconds,
+                preload=self._settings.orchestration.preload,
             ),
             id=workflow_id(source.name),
             task_queue=self._task_queue,
@@ -79,8 +103,12 @@ class WorkflowBridge:
         roots = watcher.directories
         removed = 0
         async for execution in self._client.list_workflows(running_models_query()):
-            handle = self._client.get_workflow_handle(execution.id)
-            state = await handle.query(ModelLifecycleWorkflow.state)
+            state = await listed_state(execution)
+            if state is None:
+                continue
+            if not state.path:
+                # Started before summaries were kept in the memo: ask the workflow itself.
+                state = await self._client.get_workflow_handle(execution.id).query(ModelLifecycleWorkflow.state)
             path = Path(state.path)
             if state.name in present or path.exists():
                 continue

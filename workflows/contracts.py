@@ -6,10 +6,15 @@ Deterministic and free of I/O, like everything in `workflows/`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from temporalio.common import SearchAttributeKey
 
-from modelium.types import Eviction, ModelSource, ModelState, NodeInventory
+from modelium.names import model_from_workflow_id
+from modelium.types import Eviction, ModelSource, ModelState, NodeInventory, Phase
+
+if TYPE_CHECKING:
+    from temporalio.client import WorkflowExecution
 
 
 class ActivityName:
@@ -49,6 +54,18 @@ PHASE_KEY = SearchAttributeKey.for_keyword("ModeliumPhase")
 RUNTIME_KEY = SearchAttributeKey.for_keyword("ModeliumRuntime")
 NODE_KEY = SearchAttributeKey.for_keyword("ModeliumNode")
 SEARCH_ATTRIBUTES = (MODEL_KEY, PHASE_KEY, RUNTIME_KEY, NODE_KEY)
+# Memo key under which each ModelLifecycle keeps its `ModelState` in the visibility store: one
+# List call reads every model's summary, with no per-workflow query.
+STATE_MEMO = "state"
+
+
+class Preload:
+    """`orchestration.preload`: what a discovered model does before anyone asks for it."""
+
+    # Loaded at once when it fits without evicting anything; otherwise it rests until demanded.
+    FIT = "fit"
+    # Analyzed and decided, then it rests until demanded.
+    NONE = "none"
 
 
 def running_models_query(**equals: str) -> str:
@@ -59,6 +76,25 @@ def running_models_query(**equals: str) -> str:
     return " AND ".join(clauses)
 
 
+async def listed_state(execution: WorkflowExecution) -> ModelState | None:
+    """A model's state as the visibility store lists it: the summary its workflow keeps in its
+    memo, or (a workflow started before summaries existed) what its search attributes say."""
+    name = model_from_workflow_id(execution.id)
+    if not name:
+        return None
+    if execution.raw_info.memo.fields.get(STATE_MEMO) is not None:
+        state: ModelState = await execution.memo_value(STATE_MEMO, type_hint=ModelState)
+        return state
+    attrs = execution.typed_search_attributes
+    return ModelState(
+        name=name,
+        path="",
+        phase=attrs.get(PHASE_KEY) or Phase.DISCOVERED,
+        runtime=attrs.get(RUNTIME_KEY),
+        node=attrs.get(NODE_KEY),
+    )
+
+
 @dataclass
 class LifecycleInput:
     source: ModelSource
@@ -66,6 +102,7 @@ class LifecycleInput:
     load_timeout_seconds: float = 600.0
     max_restarts: int = 3
     restart_backoff_seconds: float = 2.0
+    preload: str = Preload.FIT
     # Set when the workflow continues as new: everything it knew, so nothing restarts.
     state: ModelState | None = None
 
@@ -114,6 +151,17 @@ class EnsureLoadedRequest:
     reason: str = "request waiting"
     pin: bool | None = None
     idle_seconds: float | None = None
+    # A request's demand lasts this long (the gateway's cold-start timeout) or until withdrawn
+    # under `demand_id`; without it (a manual load) the demand holds until the model loads.
+    wait_seconds: float | None = None
+    demand_id: str | None = None
+
+
+@dataclass
+class WithdrawDemand:
+    """Every request that asked for the model under `demand_id` gave up (timed out, hung up)."""
+
+    demand_id: str
 
 
 @dataclass
@@ -150,10 +198,15 @@ class EvictResult:
 
 @dataclass
 class CapacityFreed:
-    """Some node released memory: a model waiting for capacity should decide again."""
+    """Some node released memory: the first models waiting for capacity decide again."""
 
     node: str
     model: str
+    # What was freed; the waiters woken are those whose estimates fit in it (at least one).
+    bytes: int = 0
+    # Wake only waiters after this place in the queue (`ModelState.wait_order`): a woken waiter
+    # that still did not fit passes the room on down the line, never back up it.
+    after: list[float] | None = None
 
 
 def running_nodes_query() -> str:

@@ -41,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
         NODE_KEY,
         PHASE_KEY,
         RUNTIME_KEY,
+        STATE_MEMO,
         WORKFLOW_TYPE,
         ActivityName,
         CapacityFreed,
@@ -54,10 +55,12 @@ with workflow.unsafe.imports_passed_through():
         LifecycleInput,
         LoadCommand,
         NodeLost,
+        Preload,
         RemoveCommand,
         RetryRequest,
         UnloadCommand,
         UsageReport,
+        WithdrawDemand,
     )
 
 _T = TypeVar("_T")
@@ -73,6 +76,10 @@ _NODE_STEP = RetryPolicy(
 _CRASH_WINDOW_SECONDS = 600
 # A node agent that is down leaves node activities unstarted; past this they fail visibly.
 _NODE_SCHEDULE_TO_CLOSE = timedelta(minutes=10)
+# A waiter for capacity decides again after this long at most, in case a wake-up was lost.
+_CAPACITY_RECHECK_MAX = 30.0
+# Usage alone (no phase change) refreshes the visibility summary at most this often.
+_SUMMARY_USAGE_INTERVAL = 30.0
 
 
 class _Interrupted(Exception):
@@ -113,6 +120,17 @@ class ModelLifecycleWorkflow:
         # A node declared lost that this model was placed on (`node_lost`), until handled.
         self._lost_node: str | None = None
         self._lost_reason = ""
+        # Demand, which alone may evict or wait for capacity: a manual load holds until the model
+        # loads; requests' demands (id -> deadline) end when they time out or are withdrawn.
+        self._held_demand = False
+        self._demands: dict[str, float] = {}
+        # Times the model went back to rest for want of demand or room (ends waiting updates).
+        self._rests = 0
+        # The wake-up this waiter got, passed on down the queue if it still does not fit.
+        self._woken: CapacityFreed | None = None
+        self._summary: tuple[object, ...] | None = None
+        self._summary_at = 0.0
+        self._demand_driven = False
 
     # -- messages ------------------------------------------------------------------------------
     @workflow.query
@@ -153,18 +171,44 @@ class ModelLifecycleWorkflow:
 
     @workflow.signal
     def load(self, command: LoadCommand | None = None) -> None:
+        """A manual load (POST /models/{name}/load): demand that holds until the model loads."""
         command = command or LoadCommand()
-        self._configure(command.pin, command.idle_seconds)
+        self._held_demand = True
+        self._wish_load(command.pin, command.idle_seconds)
+
+    def _wish_load(self, pin: bool | None, idle_seconds: float | None) -> None:
+        self._configure(pin, idle_seconds)
         self._want_loaded = True
         self._load_wishes += 1
         self._unload_reason = None  # the newer wish wins
+        if self._state.demanded_at is None:
+            self._state.demanded_at = workflow.now().timestamp()
         if self._state.phase == Phase.FAILED:
             self._retry = True
+
+    @workflow.signal
+    def withdraw_demand(self, notice: WithdrawDemand | None = None) -> None:
+        if notice is not None and isinstance(notice.demand_id, str):
+            self._demands.pop(notice.demand_id, None)
+
+    def _demanded(self) -> bool:
+        """Someone asks for the model now: a pin, a manual load, or a request still waiting."""
+        if self._state.pinned or self._held_demand:
+            return True
+        now = workflow.now().timestamp()
+        return any(deadline > now for deadline in self._demands.values())
+
+    def _demand_deadline(self) -> float | None:
+        """When the current demand ends by itself (requests time out); None when it holds."""
+        if self._state.pinned or self._held_demand or not self._demands:
+            return None
+        return max(self._demands.values())
 
     @workflow.signal
     def unload(self, command: UnloadCommand | None = None) -> None:
         command = command or UnloadCommand()
         self._want_loaded = False
+        self._held_demand = False
         if self._state.pinned:
             self._state.pinned = False
             self._settings_seq += 1
@@ -193,6 +237,7 @@ class ModelLifecycleWorkflow:
     @workflow.signal
     def capacity_freed(self, notice: CapacityFreed | None = None) -> None:
         self._capacity_freed = True
+        self._woken = notice
 
     @workflow.update
     async def evict(self, command: EvictCommand | None = None) -> ModelState:
@@ -254,14 +299,34 @@ class ModelLifecycleWorkflow:
             self._configure(request.pin, request.idle_seconds)
             self._unload_reason = None
             return self._state
-        self.load(LoadCommand(request.reason, request.pin, request.idle_seconds))
-        start = self._bringups
-        await workflow.wait_condition(
-            lambda: (
-                self._state.phase in (Phase.LOADED, Phase.REMOVED)
-                or (self._state.phase == Phase.FAILED and self._bringups > start)
+        demand_id = None
+        wait = valid_seconds(request.wait_seconds)
+        if wait is None:
+            self._held_demand = True
+        else:
+            demand_id = request.demand_id or f"update-{workflow.current_update_info().id}"  # type: ignore[union-attr]
+            self._demands[demand_id] = workflow.now().timestamp() + wait
+        self._wish_load(request.pin, request.idle_seconds)
+        start, rests = self._bringups, self._rests
+        try:
+            await workflow.wait_condition(
+                lambda: (
+                    self._state.phase in (Phase.LOADED, Phase.REMOVED)
+                    or (self._state.phase == Phase.FAILED and self._bringups > start)
+                    or self._rests > rests
+                    or (demand_id is not None and demand_id not in self._demands)
+                )
             )
-        )
+        finally:
+            if demand_id is not None:
+                self._demands.pop(demand_id, None)
+        if self._state.phase not in (Phase.LOADED, Phase.REMOVED, Phase.FAILED):
+            raise ApplicationError(
+                f"model {self._state.name} was not loaded: "
+                f"{self._state.rest_reason or 'the request that asked for it was withdrawn'}",
+                type=ErrorType.NO_CAPACITY,
+                non_retryable=True,
+            )
         if self._state.phase == Phase.REMOVED:
             raise ApplicationError(
                 f"model {self._state.name} was removed", type=ErrorType.MODEL_REMOVED,
@@ -287,6 +352,12 @@ class ModelLifecycleWorkflow:
             )
         if request.pin is not None and not isinstance(request.pin, bool):
             raise ApplicationError(f"pin must be true or false, got {request.pin!r}")
+        if request.wait_seconds is not None and valid_seconds(request.wait_seconds) is None:
+            raise ApplicationError(
+                f"wait_seconds must be a number of seconds in (0, 31536000], got {request.wait_seconds!r}"
+            )
+        if request.demand_id is not None and not isinstance(request.demand_id, str):
+            raise ApplicationError(f"demand_id must be a string, got {request.demand_id!r}")
 
     @workflow.update
     async def ensure_unloaded(self, request: EnsureUnloadedRequest | None = None) -> ModelState:
@@ -305,6 +376,9 @@ class ModelLifecycleWorkflow:
     # -- main loop -----------------------------------------------------------------------------
     @workflow.run
     async def run(self, inp: LifecycleInput) -> ModelState:
+        # Histories recorded before demand-driven placement replay as they ran: they preloaded
+        # with eviction, woke every waiter, and kept no summary memo.
+        self._demand_driven = workflow.patched("demand-driven")
         self._set_phase(self._state.phase)
         while True:
             if self._lost_node is not None:
@@ -400,9 +474,10 @@ class ModelLifecycleWorkflow:
             self._check_interrupt()
             step = "decide"
             self._set_phase(Phase.DECIDING)
+            demanded = self._demanded() or not self._demand_driven
             decision = await workflow.execute_activity(
                 ActivityName.DECIDE_RUNTIME,
-                DecideRequest(self._analysis, overrides=self._analysis.overrides),
+                DecideRequest(self._analysis, overrides=self._analysis.overrides, may_evict=demanded),
                 result_type=Decision,
                 start_to_close_timeout=timedelta(minutes=1),
                 retry_policy=replace(_QUICK, non_retryable_error_types=[ErrorType.NO_RUNTIME]),
@@ -415,6 +490,10 @@ class ModelLifecycleWorkflow:
                 decision.device, decision.reason,
             )  # fmt: skip
             self._check_interrupt()
+            if not demanded and self._input.preload == Preload.NONE and not self._demanded():
+                self._rest(f"not preloaded (orchestration.preload is none): a request or "
+                           f"POST /models/{self._state.name}/load loads it")  # fmt: skip
+                return
             queue = node_task_queue(decision.node)
             if decision.evict:
                 step = "evict"
@@ -478,6 +557,11 @@ class ModelLifecycleWorkflow:
         except (ActivityError, ApplicationError) as err:
             await self._release_booking()
             if _error_type(err) in (ErrorType.NO_CAPACITY, ErrorType.INSUFFICIENT_CAPACITY):
+                if self._demand_driven and not self._demanded():
+                    # Only demand may evict or wait: a preload that does not fit rests.
+                    self._rest(f"not preloaded: no free room on any node ({_describe(err)})")
+                    return
+                await self._pass_wake_on()
                 await self._wait_for_capacity(_describe(err))
                 return
             self._state.last_error = f"{step} failed: {_describe(err)}"
@@ -494,8 +578,43 @@ class ModelLifecycleWorkflow:
         self._state.load_count += 1
         self._state.last_error = None
         self._state.unload_reason = None
+        self._state.rest_reason = None
+        self._state.demanded_at = None
+        self._held_demand = False
+        self._woken = None
         self._bringups += 1
         self._set_phase(Phase.LOADED)
+
+    def _rest(self, reason: str) -> None:
+        """Go back to `unloaded` and cost nothing until demanded: no timer, no decision."""
+        workflow.logger.info("model %s rests: %s", self._state.name, reason)
+        self._want_loaded = False
+        self._held_demand = False
+        self._woken = None
+        self._state.rest_reason = reason
+        self._state.demanded_at = None
+        self._state.last_error = None
+        self._rests += 1
+        self._set_phase(Phase.UNLOADED)
+
+    async def _pass_wake_on(self) -> None:
+        """This waiter was woken for freed room and still does not fit: wake the next one."""
+        woken, self._woken = self._woken, None
+        if woken is None or not self._demand_driven:
+            return
+        notice = CapacityFreed(woken.node, woken.model, woken.bytes, after=list(self._state.wait_order()))
+        await self._notify_waiting(notice)
+
+    async def _notify_waiting(self, notice: CapacityFreed) -> None:
+        try:
+            await workflow.execute_activity(
+                ActivityName.NOTIFY_WAITING,
+                notice,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=2),
+            )
+        except ActivityError as err:
+            workflow.logger.info("could not wake models waiting for capacity: %s", _describe(err))
 
     async def _evict_for(self, decision: Decision, queue: str) -> None:
         """Unload the idle models the brain chose, then confirm their memory came back on the
@@ -528,14 +647,20 @@ class ModelLifecycleWorkflow:
             raise ApplicationError(f"no model could be evicted ({refused})", type=ErrorType.NO_CAPACITY)
 
     async def _wait_for_capacity(self, reason: str) -> None:
-        """No room anywhere now: wait (backing off up to 30 s), then decide again. Removal,
-        new files or an unload end the wait at once."""
+        """No room anywhere now, and someone asks for the model: wait until room is freed for it
+        (waiters are woken in order: pinned, then first asked), then decide again. Removal, new
+        files, an unload, or the end of the demand (its requests gave up) end the wait at once;
+        a timer backing off up to 30 s re-checks in case a wake-up was lost."""
         self._state.last_error = f"waiting for capacity: {reason}"
         if self._state.phase != Phase.WAITING_FOR_CAPACITY:
             workflow.logger.info("model %s waits for capacity: %s", self._state.name, reason)
             self._capacity_wait = 2.0
         self._set_phase(Phase.WAITING_FOR_CAPACITY)
         self._capacity_freed = False
+        timeout = self._capacity_wait
+        deadline = self._demand_deadline() if self._demand_driven else None
+        if deadline is not None:
+            timeout = min(timeout, deadline - workflow.now().timestamp())
         try:
             await workflow.wait_condition(
                 lambda: (
@@ -543,15 +668,18 @@ class ModelLifecycleWorkflow:
                     or self._new_source is not None
                     or not self._want_loaded
                     or self._capacity_freed
+                    or (self._demand_driven and not self._demanded())
                 ),
-                timeout=_timer(self._capacity_wait),
+                timeout=_timer(timeout),
             )
         except TimeoutError:
             pass
-        self._capacity_wait = min(self._capacity_wait * 2, 30.0)
+        self._capacity_wait = min(self._capacity_wait * 2, _CAPACITY_RECHECK_MAX)
         if not self._want_loaded:
             self._unload_reason = None  # nothing was loaded: the unload is done
             self._set_phase(Phase.UNLOADED)
+        elif self._demand_driven and not self._demanded() and self._remove_reason is None and self._new_source is None:
+            self._rest(f"not loaded: every request that asked for it gave up while it waited for capacity ({reason})")
 
     def _check_interrupt(self) -> None:
         if self._remove_reason is not None or self._new_source is not None:
@@ -589,6 +717,7 @@ class ModelLifecycleWorkflow:
                 await self._check_health()
                 if self._state.phase != Phase.LOADED:
                     return
+            self._upsert_summary(throttle=True)
             if workflow.info().is_continue_as_new_suggested():
                 await self._continue_as_new()
 
@@ -695,13 +824,15 @@ class ModelLifecycleWorkflow:
                 pass  # nothing runs on a lost node any more
             except ActivityError as err:
                 self._state.last_error = f"unload failed: {_describe(err)}"
-        await self._release_booking()
+        await self._release_booking(wake_waiters=kind != UnloadKind.EVICTED or not self._demand_driven)
         self._state.endpoint = None
         self._state.unload_reason = reason
         workflow.logger.info("model %s -> %s: %s", self._state.name, final_phase, reason)
         self._set_phase(final_phase)
 
-    async def _release_booking(self) -> None:
+    async def _release_booking(self, *, wake_waiters: bool = True) -> None:
+        """Give the booking back. `wake_waiters`: the first models waiting for capacity decide
+        again (not after an eviction: that room is the evicting model's)."""
         if self._state.booking is None:
             return
         node = self._state.booking.node
@@ -725,17 +856,9 @@ class ModelLifecycleWorkflow:
         except ActivityError as err:
             self._state.last_error = f"release failed: {_describe(err)}"
             return
-        if workflow.patched("notify-waiting-on-release"):
+        if wake_waiters and workflow.patched("notify-waiting-on-release"):
             # Models waiting for capacity decide again now rather than at their next backoff.
-            try:
-                await workflow.execute_activity(
-                    ActivityName.NOTIFY_WAITING,
-                    CapacityFreed(freed.node, self._state.name),
-                    start_to_close_timeout=timedelta(seconds=30),
-                    retry_policy=RetryPolicy(maximum_attempts=2),
-                )
-            except ActivityError as err:
-                workflow.logger.info("could not wake models waiting for capacity: %s", _describe(err))
+            await self._notify_waiting(CapacityFreed(freed.node, self._state.name, freed.bytes))
 
     async def _continue_as_new(self) -> None:
         await workflow.wait_condition(workflow.all_handlers_finished)
@@ -745,6 +868,7 @@ class ModelLifecycleWorkflow:
         self._state.phase = phase
         self._state.updated_at = workflow.now().timestamp()
         workflow.set_current_details(self._details())
+        self._upsert_summary()
         current = (phase, self._state.runtime, self._state.node)
         if current == self._upserted:
             return
@@ -755,6 +879,22 @@ class ModelLifecycleWorkflow:
         if self._state.node:
             updates.append(NODE_KEY.value_set(self._state.node))
         workflow.upsert_search_attributes(updates)
+
+    def _upsert_summary(self, *, throttle: bool = False) -> None:
+        """Keep the state in the visibility store's memo, so that listing models is one List
+        call. Written when something listed changed; for usage alone at most every 30 s."""
+        if not self._demand_driven:
+            return
+        st = self._state
+        now = workflow.now().timestamp()
+        key = (st.phase, st.runtime, st.node, st.device, st.booking, st.measured_memory_bytes,
+               st.peak_memory_bytes, st.last_error, st.rest_reason, st.pinned, st.idle_seconds,
+               st.demanded_at, st.load_count, st.decision is None)  # fmt: skip
+        usage_only = key == self._summary
+        if usage_only and (not throttle or now - self._summary_at < _SUMMARY_USAGE_INTERVAL):
+            return
+        self._summary, self._summary_at = key, now
+        workflow.upsert_memo({STATE_MEMO: st})
 
     def _details(self) -> str:
         """What the Temporal UI shows as this workflow's current details (Markdown)."""

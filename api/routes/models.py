@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse
 from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.auth import Principal, require_admin
 from api.deps import Gateway, GatewayDep, PrincipalDep
-from api.errors import ControlPlaneUnavailable, ModelNotFound, ModelNotReady
+from api.errors import BadRequest, ControlPlaneUnavailable, ModelNotFound, ModelNotReady
 from api.schemas import LoadModelRequest, ModelInfo, ModelList, UnloadModelRequest
 from api.serving import known_model
 from modelium.names import workflow_id
@@ -31,13 +32,42 @@ def _info(gw: Gateway, state: ModelState, principal: Principal) -> ModelInfo:
     return info if principal.admin else info.for_non_admin(principal.organization)
 
 
+_PHASES = tuple(sorted(Phase.ALL))
+
+
 @router.get("", response_model=ModelList)
-async def list_models(gw: GatewayDep, principal: PrincipalDep) -> ModelList:
-    """Every model with its phase, runtime, node, memory, last use and request counts. A key
-    without the admin scope sees its own organization's counts, and no paths, endpoints or
-    error details."""
-    states = [s for s in await gw.registry.all() if principal.may_use(s.name)]
-    return ModelList(models=[_info(gw, s, principal) for s in states])
+async def list_models(
+    gw: GatewayDep,
+    principal: PrincipalDep,
+    phase: Annotated[str | None, Query(description=f"only models in this phase: {', '.join(_PHASES)}")] = None,
+    limit: Annotated[int | None, Query(ge=1, le=1000, description="one page of at most this many models")] = None,
+    page_token: Annotated[str | None, Query(max_length=4096, description="previous next_page_token")] = None,
+) -> ModelList:
+    """Every model with its phase, runtime, node, memory, last use and request counts, read from
+    Temporal's visibility store in one List call (no model's workflow is queried). Sorted by
+    name without `limit`; with it, one page in the store's order and a `next_page_token`.
+    A key without the admin scope sees its own organization's counts, and no paths, endpoints
+    or error details."""
+    if phase is not None and phase not in Phase.ALL:
+        raise BadRequest(f"phase must be one of {', '.join(_PHASES)}, got {phase!r}", param="phase")
+    token = None
+    if page_token is not None:
+        if limit is None:
+            raise BadRequest("page_token needs limit (the page size it was made with)", param="page_token")
+        try:
+            token = base64.urlsafe_b64decode(page_token.encode("ascii") + b"=" * (-len(page_token) % 4))
+        except (ValueError, UnicodeEncodeError):
+            raise BadRequest("page_token is not a token this gateway handed out", param="page_token") from None
+    if limit is None and token is None:
+        states = await gw.registry.all()
+        if phase is not None:
+            states = [s for s in states if s.phase == phase]
+        next_token = None
+    else:
+        states, next_raw = await gw.registry.listed(phase=phase, limit=limit, page_token=token)
+        next_token = base64.urlsafe_b64encode(next_raw).decode("ascii").rstrip("=") if next_raw else None
+    visible = [s for s in states if principal.may_use(s.name)]
+    return ModelList(models=[_info(gw, s, principal) for s in visible], next_page_token=next_token)
 
 
 @router.get("/{name}", response_model=ModelInfo)
