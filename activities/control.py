@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -186,8 +187,10 @@ class ControlActivities:
                 decision = place(analysis, self._runtimes, nodes, override, overrides=request.overrides)
             except ModelTooLarge:
                 raise
-            except NoCapacity:
-                if not policy.enabled or not request.may_evict:
+            except NoCapacity as exc:
+                if not request.may_evict:
+                    return self._where_it_would_go(request, nodes, exc)
+                if not policy.enabled:
                     raise
                 # Only now is it worth reading every loaded model's state: to choose whom to evict.
                 decision = place(analysis, self._runtimes, nodes, override, overrides=request.overrides,
@@ -220,6 +223,19 @@ class ControlActivities:
                 activity.logger.warning("LLM brain answer not used for %s: %s", request.analysis.name, exc)
                 decision.reason = f"{decision.reason} (LLM brain answer not used: {exc})"
         self._metrics.brain_decisions.labels(runtime=decision.runtime, source=decision.source).inc()
+        return decision
+
+    def _where_it_would_go(self, request: DecideRequest, nodes: list[NodeInventory], no_room: NoCapacity) -> Decision:
+        """A preload with no free room: the placement it would get on emptied nodes, marked
+        `no_room`, so the resting model shows its runtime and node. Without even that (no
+        live node, say), the NoCapacity stands."""
+        emptied = [replace(n, devices=[replace(d, booked_bytes=0) for d in n.devices]) for n in nodes]
+        try:
+            decision = place(request.analysis, self._runtimes, emptied, request.runtime_override,
+                             overrides=request.overrides)  # fmt: skip
+        except (NoCapacity, NoRuntimeAvailable):
+            raise no_room from None
+        decision.no_room = str(no_room)
         return decision
 
     @activity.defn(name=ActivityName.EVICT_MODELS)

@@ -178,6 +178,9 @@ class Decision:
     devices: list[str] = field(default_factory=list)
     # Idle models to unload first to make room (empty when the model fits as things are).
     evict: list[Eviction] = field(default_factory=list)
+    # Set when there is no room now and it may not evict (a preload): why; the decision is then
+    # where it would go on emptied nodes, shown while it rests, and it is not loaded.
+    no_room: str | None = None
 
     @property
     def all_devices(self) -> list[str]:

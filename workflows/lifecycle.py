@@ -490,6 +490,12 @@ class ModelLifecycleWorkflow:
                 decision.device, decision.reason,
             )  # fmt: skip
             self._check_interrupt()
+            if decision.no_room is not None:
+                # Asked for meanwhile, it decides again with the right to evict or wait.
+                if self._demanded():
+                    return
+                self._rest(f"not preloaded: no free room on any node ({decision.no_room})")
+                return
             if not demanded and self._input.preload == Preload.NONE and not self._demanded():
                 self._rest(f"not preloaded (orchestration.preload is none): a request or "
                            f"POST /models/{self._state.name}/load loads it")  # fmt: skip

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import json
 from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
@@ -54,10 +56,7 @@ async def list_models(
     if page_token is not None:
         if limit is None:
             raise BadRequest("page_token needs limit (the page size it was made with)", param="page_token")
-        try:
-            token = base64.urlsafe_b64decode(page_token.encode("ascii") + b"=" * (-len(page_token) % 4))
-        except (ValueError, UnicodeEncodeError):
-            raise BadRequest("page_token is not a token this gateway handed out", param="page_token") from None
+        token = _read_token(page_token, phase)
     if limit is None and token is None:
         states = await gw.registry.all()
         if phase is not None:
@@ -65,9 +64,34 @@ async def list_models(
         next_token = None
     else:
         states, next_raw = await gw.registry.listed(phase=phase, limit=limit, page_token=token)
-        next_token = base64.urlsafe_b64encode(next_raw).decode("ascii").rstrip("=") if next_raw else None
+        next_token = _make_token(next_raw, phase) if next_raw else None
     visible = [s for s in states if principal.may_use(s.name)]
     return ModelList(models=[_info(gw, s, principal) for s in visible], next_page_token=next_token)
+
+
+def _make_token(raw: bytes, phase: str | None) -> str:
+    """Temporal's page token, with the filter it belongs to and a checksum, so that a token
+    mistyped or reused with another `phase` is refused here (Temporal answers those with an
+    internal error after retries)."""
+    body = json.dumps({"p": phase, "t": base64.b64encode(raw).decode("ascii")}, separators=(",", ":"))
+    check = hashlib.sha256(body.encode()).hexdigest()[:16]
+    return base64.urlsafe_b64encode(f"{check}{body}".encode()).decode("ascii").rstrip("=")
+
+
+def _read_token(token: str, phase: str | None) -> bytes:
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        check, body = text[:16], text[16:]
+        if hashlib.sha256(body.encode()).hexdigest()[:16] != check:
+            raise ValueError("checksum")
+        fields = json.loads(body)
+        raw = base64.b64decode(fields["t"], validate=True)
+    except (ValueError, KeyError, TypeError, UnicodeError):
+        raise BadRequest("page_token is not a next_page_token this API handed out", param="page_token") from None
+    if fields.get("p") != phase:
+        raise BadRequest(f"page_token belongs to a listing with phase={fields.get('p')!r}; pass the same phase",
+                         param="page_token")  # fmt: skip
+    return raw
 
 
 @router.get("/{name}", response_model=ModelInfo)
