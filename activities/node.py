@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from temporalio import activity
@@ -24,10 +26,20 @@ from modelium.types import (
     ReserveRequest,
     UnloadRequest,
 )
-from workflows.contracts import ActivityName, ErrorType
+from workflows.contracts import ActivityName, ErrorType, MemoryPeak
+
+log = logging.getLogger(__name__)
 
 # A measured model is booked at what it took plus this share, for allocator variation.
 MEASURED_MARGIN = 1.1
+
+
+@dataclass
+class _Held:
+    pid: int
+    device: str
+    runtime: str
+    peak: int
 
 
 def _mib(value: int | None) -> str:
@@ -53,6 +65,8 @@ class NodeActivities:
         self._estimates: dict[str, int] = {}
         # Runtime processes of the models loaded on the CPU: their resident memory is "used".
         self._cpu_pids: dict[str, int] = {}
+        # Every loaded model's runtime process, device, runtime and the most it has held.
+        self._held: dict[str, _Held] = {}
 
     def _adapter(self, runtime: str) -> RuntimeAdapter:
         adapter = self._adapters.get(runtime)
@@ -124,6 +138,46 @@ class NodeActivities:
                                              estimate, time.time()))  # fmt: skip
         return measured
 
+    def track_peaks(self) -> list[MemoryPeak]:
+        """Measure every loaded model again and keep its peak: memory grows after the first
+        requests (pages touched, caches, allocator pools). A new peak updates the model's
+        profile (its next load books it); one past the booking resizes the booking, even past
+        the device's capacity, which is then reported rather than hidden. Returns new peaks."""
+        changes = []
+        for model, held in list(self._held.items()):
+            if not pid_alive(held.pid):
+                continue
+            pids = process_tree(held.pid)
+            if held.device.startswith("cuda") and self._gpu is not None:
+                now = sum(self._gpu.process_memory(pids).values())
+            else:
+                now = resident_bytes(pids)
+            peak = self._new_peak(model, held, now)
+            if peak is not None:
+                changes.append(peak)
+        return changes
+
+    def _new_peak(self, model: str, held: _Held, now: int) -> MemoryPeak | None:
+        """Record `now` as the model's peak if it is one (see track_peaks); None if not."""
+        if now <= held.peak:
+            return None
+        held.peak = now
+        self._metrics.model_memory.labels(model=model, kind="peak").set(now)
+        if self._profiles is not None:
+            estimate = self._estimates.get(model, now)
+            self._profiles.put(MemoryProfile(model, held.runtime, held.device, now, estimate, time.time()))
+        booking = self._ledger.get(model)
+        over: list[str] = []
+        if booking is not None and now > booking.bytes:
+            booking, over = self._ledger.resize(model, now)
+            for device in over:
+                log.error(
+                    "%s now holds %s, more than its booking: %s/%s is booked past its capacity; nothing more "
+                    "is placed there until memory is freed", model, _mib(now), self._node, device,
+                )  # fmt: skip
+            self.refresh_device_gauges()
+        return MemoryPeak(model, now, booking.bytes if booking else None, over)
+
     @activity.defn(name=ActivityName.CONFIRM_FREED)
     async def confirm_memory_freed(self, request: ConfirmFreedRequest) -> None:
         """Return once the evicted models' processes are gone and, on a GPU, NVML no longer
@@ -169,12 +223,22 @@ class NodeActivities:
         self._metrics.load_duration.labels(model=request.model, runtime=request.runtime).observe(seconds)
         if request.booking.device == "cpu" and endpoint.pid is not None:
             self._cpu_pids[request.model] = endpoint.pid
+        # Measured after one real request: before it, weights are not all paged in and the
+        # first inference's buffers do not exist yet (a GPT-2 read 370 MB here, then held 865).
+        warm_up = getattr(adapter, "warm_up", None)
+        warmed = bool(warm_up is not None and await warm_up(endpoint, request.model))
         measured = self.measure(request, endpoint.pid)
+        booked = request.booking.bytes
+        if endpoint.pid is not None:
+            held = self._held[request.model] = _Held(endpoint.pid, request.booking.device, request.runtime, 0)
+            peak = self._new_peak(request.model, held, measured or 0)
+            if peak is not None and peak.booked_bytes is not None:
+                booked = peak.booked_bytes
         activity.logger.info(
-            "loaded %s in %.2fs at %s; it takes %s (booked %s)", request.model, seconds, endpoint.url,
-            _mib(measured), _mib(request.booking.bytes),
+            "loaded %s in %.2fs at %s; it takes %s%s (booked %s)", request.model, seconds, endpoint.url,
+            _mib(measured), " after a warm-up request" if warmed else "", _mib(request.booking.bytes),
         )  # fmt: skip
-        return LoadResult(endpoint=endpoint, load_seconds=seconds, measured_bytes=measured)
+        return LoadResult(endpoint=endpoint, load_seconds=seconds, measured_bytes=measured, booked_bytes=booked)
 
     @activity.defn(name=ActivityName.UNLOAD_MODEL)
     async def unload_model(self, request: UnloadRequest) -> None:
@@ -183,6 +247,7 @@ class NodeActivities:
             await adapter.stop(request.model)
         finally:
             self._cpu_pids.pop(request.model, None)
+            self._held.pop(request.model, None)
             self._refresh_loaded_gauge()
         self._metrics.unloads.labels(reason=request.kind).inc()
         activity.logger.info("unloaded %s: %s", request.model, request.reason)

@@ -76,6 +76,19 @@ class Ledger:
             self._save_locked()
             return booking
 
+    def resize(self, model: str, nbytes: int) -> tuple[Booking | None, list[str]]:
+        """Set a booking to what its model really holds (its measured peak outgrew the booking).
+        Unlike `reserve` this never refuses: the memory is taken already. Returns the booking
+        and the devices now booked past their capacity (to be reported, never hidden)."""
+        with self._lock:
+            booking = self._bookings.get(model)
+            if booking is None:
+                return None, []
+            booking.bytes = nbytes
+            self._save_locked()
+            over = [d for d in booking.all_devices if self._booked_locked(d) > self._capacities.get(d, 0)]
+            return booking, over
+
     def release(self, model: str) -> Booking | None:
         with self._lock:
             booking = self._bookings.pop(model, None)

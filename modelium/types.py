@@ -313,6 +313,8 @@ class LoadResult:
     load_seconds: float
     # What the model really took once loaded (GPU memory from NVML, or resident memory on CPU).
     measured_bytes: int | None = None
+    # Its booking after the load: resized up to what it measured, when that was more.
+    booked_bytes: int | None = None
 
 
 class UnloadKind:

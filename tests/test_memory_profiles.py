@@ -7,10 +7,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from temporalio.testing import WorkflowEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
-from activities.node import MEASURED_MARGIN
-from modelium.gpu import GpuInfo, NvmlReader
+from activities.node import MEASURED_MARGIN, NodeActivities
+from modelium.gpu import GpuInfo, MemoryProfiles, NvmlReader
+from modelium.ledger import Ledger
+from modelium.metrics import Metrics
+from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
+from modelium.types import LoadRequest
 from tests.conftest import has_gpu, make_settings, metric_value, running_modelium, serving_model, unique
 
 pytestmark = pytest.mark.slow
@@ -79,3 +83,47 @@ def test_real_nvml_reads_this_machines_gpus() -> None:
     gpus = NvmlReader().gpus()
     assert gpus and all(g.total_bytes > 2**30 and g.uuid.startswith("GPU-") for g in gpus)
     assert all(0 <= g.used_bytes <= g.total_bytes for g in gpus)
+
+
+async def test_peak_after_warm_up_is_booked_even_past_a_booking_that_was_too_small(
+    demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The node measures after one real request and keeps tracking the peak; a booking smaller
+    than what the model holds grows to it, and a device booked past capacity is reported."""
+    name, node = unique("peak"), unique("node")
+    capacity = 64 * 2**20  # far less than a Python process with torch holds
+    ledger = Ledger(tmp_path / "bookings.json", node, {"cpu": capacity})
+    adapter = EmbeddedRuntimeAdapter(node, tmp_path / "logs")
+    metrics = Metrics()
+    profiles = MemoryProfiles(tmp_path / "profiles.json")
+    acts = NodeActivities(node, ledger, {"embedded": adapter}, metrics, profiles=profiles)
+    booking = ledger.reserve(name, "cpu", 2**20)
+    request = LoadRequest(name, str(demo_models["text-generation"]), "embedded", "text-generation", booking)
+    try:
+        result = await ActivityEnvironment().run(acts.load_model, request)
+        measured = result.measured_bytes
+        assert measured is not None and measured > capacity
+        # The booking follows what the model really holds, past the device's capacity: reported.
+        assert result.booked_bytes == measured == ledger.get(name).bytes  # type: ignore[union-attr]
+        assert ledger.booked("cpu") > capacity
+        peak = metrics.registry.get_sample_value("modelium_model_memory_bytes", {"model": name, "kind": "peak"})
+        assert peak == measured
+        assert profiles.get(name, "embedded").measured_bytes == measured  # type: ignore[union-attr]
+
+        # Longer requests than the one-token warm-up; whatever they add is the new peak.
+        async with httpx.AsyncClient(base_url=result.endpoint.url, timeout=60) as http:
+            for _ in range(3):
+                body = {"model": name, "prompt": "Hello there " * 4, "max_tokens": 8}
+                assert (await http.post("/v1/completions", json=body)).status_code == 200
+        peaks = acts.track_peaks()
+        highest = max([measured] + [p.bytes for p in peaks])
+        assert all(p.bytes > measured and p.over_capacity == ["cpu"] for p in peaks)
+        assert (
+            metrics.registry.get_sample_value("modelium_model_memory_bytes", {"model": name, "kind": "peak"}) == highest
+        )
+        assert ledger.get(name).bytes == highest  # type: ignore[union-attr]
+        assert profiles.get(name, "embedded").measured_bytes == highest  # type: ignore[union-attr]
+        print(f"\ntiny GPT-2 on CPU: {measured / 2**20:.0f} MiB after the warm-up request, peak "
+              f"{highest / 2**20:.0f} MiB after 3 longer requests")  # fmt: skip
+    finally:
+        await adapter.stop_all()

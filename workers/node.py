@@ -88,6 +88,7 @@ async def announce_forever(
     the node's workflow), so decide can place models here and sees when the node is gone."""
     wf_id = node_workflow_id(agent.node_id)
     while True:
+        await report_peaks(client, agent)
         agent.activities.refresh_device_gauges()
         inventory = agent.inventory()
         try:
@@ -100,6 +101,15 @@ async def announce_forever(
         except RPCError as exc:
             log.warning("could not announce node %s: %s", agent.node_id, exc.message)
         await asyncio.sleep(interval)
+
+
+async def report_peaks(client: Client, agent: NodeAgent) -> None:
+    """Tell each model's workflow when its runtime held more memory than ever before."""
+    for peak in await asyncio.to_thread(agent.activities.track_peaks):
+        try:
+            await client.get_workflow_handle(workflow_id(peak.model)).signal(ModelLifecycleWorkflow.memory_peak, peak)
+        except RPCError as exc:
+            log.info("could not report %s's memory peak: %s", peak.model, exc.message)
 
 
 async def watch_processes(client: Client, agent: NodeAgent, interval: float) -> None:

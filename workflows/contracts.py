@@ -158,6 +158,18 @@ class EnsureLoadedRequest:
 
 
 @dataclass
+class MemoryPeak:
+    """A loaded model's runtime held more than ever before (measured by its node agent)."""
+
+    model: str
+    bytes: int
+    # Its booking after the node resized it to the peak (None: it has none there).
+    booked_bytes: int | None = None
+    # Devices booked past their capacity because of it.
+    over_capacity: list[str] = field(default_factory=list)
+
+
+@dataclass
 class WithdrawDemand:
     """Every request that asked for the model under `demand_id` gave up (timed out, hung up)."""
 

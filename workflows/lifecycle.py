@@ -54,6 +54,7 @@ with workflow.unsafe.imports_passed_through():
         HealthReport,
         LifecycleInput,
         LoadCommand,
+        MemoryPeak,
         NodeLost,
         Preload,
         RemoveCommand,
@@ -185,6 +186,20 @@ class ModelLifecycleWorkflow:
             self._state.demanded_at = workflow.now().timestamp()
         if self._state.phase == Phase.FAILED:
             self._retry = True
+
+    @workflow.signal
+    def memory_peak(self, peak: MemoryPeak | None = None) -> None:
+        """Its node measured a new peak: shown in the state, and the booking follows it."""
+        st = self._state
+        if peak is None or not _valid_bytes(peak.bytes) or st.phase != Phase.LOADED:
+            return
+        st.peak_memory_bytes = max(peak.bytes, st.peak_memory_bytes or 0)
+        if st.booking is not None and _valid_bytes(peak.booked_bytes):
+            st.booking.bytes = peak.booked_bytes  # type: ignore[assignment]
+        if peak.over_capacity:
+            st.last_error = (f"holds {peak.bytes / 2**20:.0f} MiB, more than was booked: "
+                             f"{', '.join(map(str, peak.over_capacity))} booked past capacity")  # fmt: skip
+        self._settings_seq += 1  # the loaded loop wakes and refreshes the summary
 
     @workflow.signal
     def withdraw_demand(self, notice: WithdrawDemand | None = None) -> None:
@@ -579,6 +594,9 @@ class ModelLifecycleWorkflow:
         self._state.endpoint = result.endpoint
         self._state.load_seconds = result.load_seconds
         self._state.measured_memory_bytes = result.measured_bytes
+        self._state.peak_memory_bytes = result.measured_bytes
+        if self._state.booking is not None and _valid_bytes(result.booked_bytes):
+            self._state.booking.bytes = result.booked_bytes  # type: ignore[assignment]
         self._state.loaded_at = now
         self._state.last_used_at = now
         self._state.load_count += 1
@@ -922,6 +940,10 @@ class ModelLifecycleWorkflow:
 def _timer(seconds: float) -> timedelta:
     """A timer's length: never zero, which Temporal refuses (and the workflow task would fail)."""
     return timedelta(seconds=max(seconds, MIN_TIMER_SECONDS))
+
+
+def _valid_bytes(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 2**60
 
 
 def _valid_count(n: object) -> bool:

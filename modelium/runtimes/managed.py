@@ -20,9 +20,12 @@ from modelium.gpu import process_tree
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.process import ManagedProcess, free_port, process_argv, process_start_ticks
 from modelium.runtimes.records import RuntimeRecords
-from modelium.types import Endpoint, LoadRequest
+from modelium.types import Endpoint, LoadRequest, Protocol
 
 log = logging.getLogger(__name__)
+
+# A warm-up request is one token; a runtime that takes longer than this is measured without it.
+WARM_UP_TIMEOUT = 60.0
 
 
 class ProcessRuntime(ABC):
@@ -170,6 +173,27 @@ class ProcessRuntime(ABC):
                     continue
             self._records.remove(model)
         return adopted
+
+    async def warm_up(self, endpoint: Endpoint, model: str) -> bool:
+        """One smallest real request (one token, or one short input), so that memory measured
+        afterwards includes what the first inference maps and allocates. False when this
+        protocol has no request that needs no model-specific input."""
+        if endpoint.protocol == Protocol.OPENAI:
+            url, body = f"{endpoint.url}/v1/completions", {"model": model, "prompt": "Hello", "max_tokens": 1}
+        elif endpoint.protocol == Protocol.MODELIUM_JSON:
+            url, body = f"{endpoint.url}/predict", {"inputs": "Hello"}
+        else:
+            return False
+        try:
+            async with httpx.AsyncClient(timeout=WARM_UP_TIMEOUT) as client:
+                response = await client.post(url, json=body)
+        except httpx.HTTPError as exc:
+            log.warning("warm-up request to %s failed: %s", model, exc)
+            return False
+        if response.status_code != 200:
+            log.warning("warm-up request to %s answered %s: %s", model, response.status_code, response.text[:200])
+            return False
+        return True
 
     async def check_health(self, model: str) -> None:
         entry = self._procs.get(model)
