@@ -10,6 +10,8 @@ rename when done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -128,17 +130,44 @@ class ModelFolderWatcher:
         with self._lock:
             self._dirty.add((root, entry))
 
-    def _observer(self) -> BaseObserver:
-        observer: BaseObserver = PollingObserver(timeout=self._poll_interval) if self._polling else Observer()
+    def _observer(self, polling: bool) -> BaseObserver:
+        observer: BaseObserver = PollingObserver(timeout=self._poll_interval) if polling else Observer()
         for root in self._dirs:
             observer.schedule(_Handler(root, self._mark), str(root), recursive=True)
         return observer
 
+    def _start_observer(self) -> BaseObserver:
+        """Events (inotify) where the kernel allows, else polling: thousands of model folders
+        can exceed the inotify limits, and a watcher that sees nothing would be worse."""
+        observer: BaseObserver | None = None
+        try:
+            observer = self._observer(self._polling)
+            observer.start()
+        except OSError as exc:
+            if self._polling or exc.errno not in (errno.ENOSPC, errno.EMFILE, errno.ENFILE):
+                raise
+            limit = "fs.inotify.max_user_watches" if exc.errno == errno.ENOSPC else "fs.inotify.max_user_instances"
+            log.warning(
+                "cannot watch %s with inotify (%s): the kernel's limit %s is reached. Polling every %gs "
+                "instead; raise it (sysctl -w %s=524288) or set orchestration.model_discovery.polling",
+                ", ".join(map(str, self._dirs)), exc.strerror or exc, limit, self._poll_interval, limit,
+            )  # fmt: skip
+            if observer is not None:
+                with contextlib.suppress(Exception):
+                    observer.stop()
+            self._polling = True
+            observer = self._observer(True)
+            observer.start()
+        return observer
+
+    @property
+    def polling(self) -> bool:
+        return self._polling
+
     async def run(self, stop: asyncio.Event) -> None:
         for root in self._dirs:
             root.mkdir(parents=True, exist_ok=True)
-        observer = self._observer()
-        observer.start()
+        observer = self._start_observer()
         log.info(
             "watching %s for models (%s, settle %.1fs)",
             ", ".join(map(str, self._dirs)), "polling" if self._polling else "events",

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
+import os
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -138,3 +141,37 @@ async def test_same_name_in_two_directories_goes_to_the_first_directory_every_ti
         await asyncio.wait_for(task, 10)
     assert [s.path for _, s in rec.ready] == [str((first / "foo").resolve())]
     assert f"{(second / 'foo').resolve()} is not served" in caplog.text
+
+
+@contextlib.contextmanager
+def _inotify_instances_used_up() -> Iterator[int]:
+    """Take every inotify instance this user may have (fs.inotify.max_user_instances), for real,
+    as thousands of watched folders or other programs would; give them back afterwards."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fds = []
+    try:
+        while len(fds) < 100_000:
+            fd = libc.inotify_init1(os.O_CLOEXEC)
+            if fd < 0:
+                assert ctypes.get_errno() in (errno.EMFILE, errno.ENFILE), os.strerror(ctypes.get_errno())
+                break
+            fds.append(fd)
+        yield len(fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+async def test_watcher_falls_back_to_polling_when_inotify_limits_are_reached(
+    tmp_path: Path, demo_models: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "incoming"
+    root.mkdir()
+    rec = Recorder()
+    with _inotify_instances_used_up():
+        async with _watch(root, rec, polling=False) as watcher:
+            assert watcher.polling
+            shutil.copytree(demo_models["text-generation"], root / "late")
+            await wait_for(lambda: rec.ready, timeout=15, what="a folder seen by polling")
+    assert rec.ready[0][1].name == "late"
+    assert "fs.inotify.max_user_instances" in caplog.text and "Polling every" in caplog.text
