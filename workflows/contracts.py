@@ -5,16 +5,20 @@ Deterministic and free of I/O, like everything in `workflows/`.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from temporalio.common import SearchAttributeKey
 
 from modelium.names import model_from_workflow_id
-from modelium.types import Eviction, ModelSource, ModelState, NodeInventory, Phase
+from modelium.types import Booking, Decision, Endpoint, Eviction, ModelSource, ModelState, NodeInventory, Phase
 
 if TYPE_CHECKING:
     from temporalio.client import WorkflowExecution
+
+_D = TypeVar("_D")
 
 
 class ActivityName:
@@ -82,7 +86,12 @@ async def listed_state(execution: WorkflowExecution) -> ModelState | None:
     name = model_from_workflow_id(execution.id)
     if not name:
         return None
-    if execution.raw_info.memo.fields.get(STATE_MEMO) is not None:
+    payload = execution.raw_info.memo.fields.get(STATE_MEMO)
+    if payload is not None:
+        if payload.metadata.get("encoding") == b"json/plain":
+            # 70x faster than the data converter's generic dataclass decoding, which at 10,000
+            # models was most of a listing's time.
+            return state_from_json(json.loads(payload.data))
         state: ModelState = await execution.memo_value(STATE_MEMO, type_hint=ModelState)
         return state
     attrs = execution.typed_search_attributes
@@ -93,6 +102,31 @@ async def listed_state(execution: WorkflowExecution) -> ModelState | None:
         runtime=attrs.get(RUNTIME_KEY),
         node=attrs.get(NODE_KEY),
     )
+
+
+def state_from_json(data: dict[str, Any]) -> ModelState:
+    """A ModelState from its JSON form (as the default data converter writes dataclasses). Keys
+    this version does not know (written by a newer one) are skipped."""
+    fields = dict(data)
+    if fields.get("endpoint"):
+        fields["endpoint"] = _build(Endpoint, fields["endpoint"])
+    if fields.get("booking"):
+        fields["booking"] = _build(Booking, fields["booking"])
+    if fields.get("decision"):
+        decision = dict(fields["decision"])
+        decision["evict"] = [_build(Eviction, e) for e in decision.get("evict") or []]
+        fields["decision"] = _build(Decision, decision)
+    return _build(ModelState, fields)
+
+
+_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def _build(cls: type[_D], data: dict[str, Any]) -> _D:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = frozenset(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass

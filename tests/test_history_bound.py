@@ -1,0 +1,167 @@
+"""A model loaded and unloaded thousands of times keeps a bounded history: its workflow continues
+as new when Temporal suggests it, and carries its counts and settings over.
+
+Real: the Temporal dev server (started with a low continue-as-new suggestion, so that thousands
+of cycles cross it many times), the ModelLifecycle workflow, the control activities (analysis of
+a real model folder, placement), the node activities with a real ledger, and one real embedded
+runtime process that answers on the endpoint. Stand-in: the runtime adapter's start and stop
+reuse that one running process rather than starting torch thousands of times (3 s each); what is
+under test is the workflow's history, not the process start.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from temporalio.api.enums.v1 import EventType
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from activities.control import ControlActivities, static_nodes
+from activities.node import NodeActivities
+from modelium.ledger import Ledger
+from modelium.metrics import Metrics
+from modelium.names import node_task_queue, workflow_id
+from modelium.runtimes.base import Progress
+from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
+from modelium.types import DeviceInventory, Endpoint, LoadRequest, ModelSource, NodeInventory, Phase
+from modelium.watcher import fingerprint
+from tests.conftest import copy_model, unique
+from workers.temporal_server import temporal_binary
+from workflows.contracts import (
+    SEARCH_ATTRIBUTES,
+    EnsureLoadedRequest,
+    EnsureUnloadedRequest,
+    LifecycleInput,
+    UsageReport,
+)
+from workflows.lifecycle import ModelLifecycleWorkflow
+
+pytestmark = pytest.mark.slow
+
+CYCLES = 100
+SUGGEST_AFTER_EVENTS = 400
+
+
+class OneRunningProcess:
+    """Stands in for the embedded adapter's process start: every load gets the endpoint of one
+    embedded runtime process started once (real, serving the model); unload forgets it."""
+
+    name = "embedded"
+
+    def __init__(self, real: EmbeddedRuntimeAdapter, first: LoadRequest) -> None:
+        self._real = real
+        self._first = first
+        self._endpoint: Endpoint | None = None
+        self._running: set[str] = set()
+
+    async def start(self, request: LoadRequest, progress: Progress) -> Endpoint:
+        if self._endpoint is None:
+            self._endpoint = await self._real.start(self._first, progress)
+        self._running.add(request.model)
+        return self._endpoint
+
+    async def check_health(self, model: str) -> None:
+        await self._real.check_health(self._first.model)
+
+    async def stop(self, model: str) -> bool:
+        was = model in self._running
+        self._running.discard(model)
+        return was
+
+    async def stop_all(self) -> None:
+        await self._real.stop_all()
+
+    def running(self) -> list[str]:
+        return sorted(self._running)
+
+    def dead(self) -> dict[str, int | None]:
+        return {}
+
+    async def adopt(self) -> list[str]:
+        return []
+
+
+async def test_thousands_of_load_unload_cycles_keep_history_bounded(
+    demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(),
+        search_attributes=SEARCH_ATTRIBUTES,
+        ui=False,
+        dev_server_extra_args=[
+            "--dynamic-config-value", f"limit.historyCount.suggestContinueAsNew={SUGGEST_AFTER_EVENTS}",
+        ],
+    )  # fmt: skip
+    name, node, control_queue = unique("cycles"), unique("node"), unique("control")
+    model_dir = copy_model(demo_models["text-generation"], tmp_path / "m")
+    ledger = Ledger(tmp_path / "bookings.json", node, {"cpu": 8 * 2**30})
+    cpu = DeviceInventory("cpu", "CPU", 8 * 2**30, None, 0)
+    real = EmbeddedRuntimeAdapter(node, tmp_path / "logs")
+    booking = ledger.reserve("the-process", "cpu", 1)
+    runtime = OneRunningProcess(real, LoadRequest(name, str(model_dir), "embedded", "text-generation", booking))
+    control = ControlActivities(
+        ["embedded"], static_nodes(NodeInventory(node, [cpu], ["embedded"], time.time())), client=env.client
+    )
+    node_acts = NodeActivities(node, ledger, {"embedded": runtime}, Metrics())  # type: ignore[dict-item]
+    try:
+        async with (
+            Worker(env.client, task_queue=control_queue, workflows=[ModelLifecycleWorkflow],
+                   activities=control.all()),
+            Worker(env.client, task_queue=node_task_queue(node), activities=node_acts.all()),
+        ):  # fmt: skip
+            fp, _ = fingerprint(model_dir)
+            handle = await env.client.start_workflow(
+                ModelLifecycleWorkflow.run,
+                LifecycleInput(ModelSource(name, str(model_dir), fp), idle_seconds=600),
+                id=workflow_id(name),
+                task_queue=control_queue,
+            )
+            started = time.monotonic()
+            first = await handle.execute_update(
+                ModelLifecycleWorkflow.ensure_loaded, EnsureLoadedRequest(idle_seconds=1234)
+            )
+            assert first.phase == Phase.LOADED and first.load_count == 1
+            for cycle in range(1, CYCLES + 1):
+                if cycle > 1:
+                    state = await handle.execute_update(ModelLifecycleWorkflow.ensure_loaded, EnsureLoadedRequest())
+                    assert state.phase == Phase.LOADED
+                await handle.signal(ModelLifecycleWorkflow.record_usage, UsageReport(2, {"acme": 2}))
+                down = await handle.execute_update(
+                    ModelLifecycleWorkflow.ensure_unloaded, EnsureUnloadedRequest(f"cycle {cycle}")
+                )
+                assert down.phase == Phase.UNLOADED
+            took = time.monotonic() - started
+
+            state = await handle.query(ModelLifecycleWorkflow.state)
+            assert state.load_count == CYCLES
+            assert state.request_count == 2 * CYCLES
+            assert state.requests_by_organization == {"acme": 2 * CYCLES}
+            assert state.idle_seconds == 1234, "a setting made in the first run survives every continue-as-new"
+            assert ledger.get(name) is None
+
+            # Every run ended by continuing as new within the suggested bound, and the current one
+            # is short: the history of a model does not grow with its number of loads.
+            runs, longest = 0, 0
+            current_run = (await handle.describe()).run_id
+            runs, longest, current = 0, 0, 0
+            async for execution in env.client.list_workflows(f'WorkflowId="{workflow_id(name)}"'):
+                run = env.client.get_workflow_handle(workflow_id(name), run_id=execution.run_id)
+                events = [e async for e in run.fetch_history_events()]
+                runs += 1
+                longest = max(longest, len(events))
+                if execution.run_id == current_run:
+                    current = len(events)
+                else:
+                    assert events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
+            assert runs >= CYCLES * 20 // SUGGEST_AFTER_EVENTS, f"only {runs} runs for {CYCLES} cycles"
+            assert longest < SUGGEST_AFTER_EVENTS + 100, f"a run grew to {longest} events"
+            assert current < SUGGEST_AFTER_EVENTS + 100
+            print(f"\n{CYCLES} load/unload cycles in {took:.0f}s: {runs} runs, the longest {longest} events, "
+                  f"the current {current}")  # fmt: skip
+            await handle.terminate("test over")
+    finally:
+        await runtime.stop_all()
+        await env.shutdown()
