@@ -195,6 +195,10 @@ class Temporal(_Section):
     ui_port: int = Field(default=8233, ge=1, le=65535)
     ui: bool = True
     startup_timeout_seconds: float = Field(default=60.0, gt=0.0, le=MAX_DURATION_SECONDS)
+    # Model workflows the control worker keeps in memory (about 0.3 MB each, bench/scale.py).
+    # None: sized from the number of models, at most 4,000; one not cached replays its history
+    # (milliseconds) on its next signal or query.
+    max_cached_workflows: int | None = Field(default=None, ge=10, le=1_000_000)
 
 
 class ApiKey(_Section):

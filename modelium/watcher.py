@@ -32,6 +32,9 @@ from modelium.types import ModelSource
 
 log = logging.getLogger(__name__)
 
+# Folders looked at and handed over at once.
+HANDOVER_CONCURRENCY = 32
+
 OnReady = Callable[[ModelSource], Awaitable[None]]
 OnRemoved = Callable[[str], Awaitable[None]]
 
@@ -214,9 +217,20 @@ class ModelFolderWatcher:
                 entry = self._entries[name] = _Entry(name=name, path=path, last_event=now)
             entry.last_event = now
             entry.pending = True
-        for entry in list(self._entries.values()):
-            if entry.pending:
+        pending = [entry for entry in self._entries.values() if entry.pending]
+        if len(pending) <= 1:
+            for entry in pending:
                 await self._consider(entry, now)
+            return
+        # Thousands of folders at start-up: look at them and hand them over side by side (each
+        # is a directory walk and a Temporal call), not one after the other.
+        gate = asyncio.Semaphore(HANDOVER_CONCURRENCY)
+
+        async def consider(entry: _Entry) -> None:
+            async with gate:
+                await self._consider(entry, now)
+
+        await asyncio.gather(*(consider(entry) for entry in pending))
 
     async def _consider(self, entry: _Entry, now: float) -> None:
         path = entry.path

@@ -24,7 +24,7 @@ from api.app import create_app, temporal_address
 from modelium.config import Settings
 from modelium.gpu import GpuReader
 from modelium.metrics import Metrics
-from workers.control import control_worker
+from workers.control import control_worker, count_models
 from workers.node import NodeAgent, announce_forever, leave, node_agent, reconcile_node, watch_processes
 from workers.temporal_server import EmbeddedTemporal, ensure_search_attributes
 from workers.watch import WorkflowBridge, folder_watcher
@@ -135,7 +135,12 @@ async def serve(
             tasks.append(supervisor)
             stack.callback(supervisor.cancel)
         if control:
-            worker = control_worker(client, settings, metrics)
+            try:
+                models = await count_models(client, settings)
+            except RPCError as exc:
+                log.warning("could not count the models (%s); the control worker gets default sizes", exc.message)
+                models = 0
+            worker = control_worker(client, settings, metrics, models=models)
             tasks.append(asyncio.create_task(worker.run(), name="control-worker"))
             stack.push_async_callback(worker.shutdown)
         if node:
