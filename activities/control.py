@@ -69,11 +69,24 @@ async def no_residents() -> list[Resident]:
 class RegistryNodes:
     """The node agents that announced themselves within `alive_seconds`, from their workflows."""
 
+    # Inventories are announced every few seconds anyway: decisions within this long of each
+    # other share one read (a burst of thousands of registrations would query once each).
+    FRESH_SECONDS = 1.0
+
     def __init__(self, client: Client, alive_seconds: float) -> None:
         self._client = client
         self._alive_seconds = alive_seconds
+        self._read: tuple[float, asyncio.Task[list[NodeInventory]]] | None = None
 
     async def __call__(self) -> list[NodeInventory]:
+        now = time.monotonic()
+        last = self._read
+        failed = last is not None and last[1].done() and (last[1].cancelled() or last[1].exception() is not None)
+        if last is None or now - last[0] > self.FRESH_SECONDS or failed:
+            last = self._read = (now, asyncio.ensure_future(self._read_nodes()))
+        return list(await asyncio.shield(last[1]))
+
+    async def _read_nodes(self) -> list[NodeInventory]:
         now = time.time()
         ids = [execution.id async for execution in self._client.list_workflows(running_nodes_query())]
 

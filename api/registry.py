@@ -133,10 +133,11 @@ class ModelRegistry:
     def mark_used(self, model: str) -> None:
         self._last_request[model] = time.time()
 
-    async def names(self) -> list[str]:
-        """Names of every model with a running workflow (from Temporal's visibility store)."""
-        states, _ = await self.listed()
-        return sorted(s.name for s in states)
+    async def some_names(self, limit: int) -> tuple[list[str], bool]:
+        """Up to `limit` model names from one page of the visibility store, sorted, and whether
+        there are more."""
+        states, token = await self.listed(limit=limit)
+        return sorted(s.name for s in states), token is not None
 
     async def listed(
         self, *, phase: str | None = None, limit: int | None = None, page_token: bytes | None = None

@@ -39,6 +39,10 @@ RELOAD_RETRY_AFTER = 10.0
 _ANY_MODEL = Principal("gateway", "gateway", admin=False)
 
 
+# How many model names a "not found" answer lists.
+KNOWN_MODELS_IN_404 = 50
+
+
 async def known_model(registry: ModelRegistry, name: str, principal: Principal) -> ModelState:
     """The state of `name`, or ModelNotFound listing the models that exist (those the caller's key
     may see: a model outside its `models` is not found, as if it did not exist)."""
@@ -48,8 +52,12 @@ async def known_model(registry: ModelRegistry, name: str, principal: Principal) 
         raise BadRequest(str(exc), param="model") from None
     state = await registry.get(name) if principal.may_use(name) else None
     if state is None:
-        known = [n for n in await registry.names() if principal.may_use(n)]
+        # One page of names, not the whole fleet: a 404 must stay cheap at 10,000 models.
+        names, more = await registry.some_names(KNOWN_MODELS_IN_404)
+        known = [n for n in names if principal.may_use(n)]
         listing = ", ".join(known) if known else "none yet"
+        if more:
+            listing += ", … (GET /models lists them all)"
         raise ModelNotFound(
             f"model {name!r} not found; known models: {listing}",
             param="model",

@@ -121,8 +121,11 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def running_modelium(settings: Settings, client: Client, **parts: Any) -> AsyncIterator[Running]:
-    """`modelium serve`'s composition, in this process, against the session's Temporal."""
+async def running_modelium(
+    settings: Settings, client: Client, *, end_workflows: bool = True, **parts: Any
+) -> AsyncIterator[Running]:
+    """`modelium serve`'s composition, in this process, against the session's Temporal.
+    `end_workflows=False` leaves the models' workflows running afterwards (a restart test)."""
     stop = asyncio.Event()
     ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve(settings, stop, client=client, on_ready=ready.set_result, **parts))
@@ -135,7 +138,8 @@ async def running_modelium(settings: Settings, client: Client, **parts: Any) -> 
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=60)
-        await end_workflows_of(client, settings.temporal.control_task_queue)
+        if end_workflows:
+            await end_workflows_of(client, settings.temporal.control_task_queue)
 
 
 async def end_workflows_of(client: Client, queue: str) -> None:

@@ -267,3 +267,51 @@ async def _phase(http: httpx.AsyncClient, name: str, phase: str) -> dict[str, An
         return None
     info: dict[str, Any] = response.json()
     return info if info["phase"] == phase else None
+
+
+async def test_watcher_restart_does_not_signal_unchanged_models(
+    temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path, orchestration={"preload": "none"})
+    names = sorted(unique(f"w{i}") for i in range(6))
+    client = temporal_env.client
+    try:
+        async with running_modelium(settings, client, watch=False) as running:
+            base = f"http://127.0.0.1:{running.gateway_port}"
+            async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+                for name in names:
+                    copy_model(demo_models["text-generation"], settings.watch_directories[0] / name)
+                async with running_modelium(settings, client, end_workflows=False, control=False, node=False,
+                                            gateway=False):  # fmt: skip
+
+                    async def all_resting() -> bool:
+                        listed = await _listing(http, names)
+                        return len(listed) == 6 and all(m["phase"] == Phase.UNLOADED for m in listed.values())
+
+                    await wait_for(all_resting, timeout=120, interval=0.5, what="6 models resting")
+                signals = {n: await _signals(client, n) for n in names}
+                # One model's files change while no watcher runs.
+                changed = names[0]
+                (settings.watch_directories[0] / changed / "README.md").write_text("a new model card\n")
+
+                async with running_modelium(settings, client, end_workflows=False, control=False, node=False,
+                                            gateway=False):  # fmt: skip
+
+                    async def changed_seen() -> bool:
+                        return len(await _signals(client, changed)) > len(signals[changed])
+
+                    await wait_for(changed_seen, timeout=60, what="the changed model signalled")
+                    # Longer than the watcher needs to settle and hand over every folder.
+                    await asyncio.sleep(settings.orchestration.model_discovery.settle_seconds * 4 + 1)
+                for name in names[1:]:
+                    assert await _signals(client, name) == signals[name], f"{name} was signalled again"
+    finally:
+        await end_workflows_of(client, settings.temporal.control_task_queue)
+
+
+async def _signals(client: Client, name: str) -> list[str]:
+    found = []
+    async for event in client.get_workflow_handle(workflow_id(name)).fetch_history_events():
+        if event.HasField("workflow_execution_signaled_event_attributes"):
+            found.append(event.workflow_execution_signaled_event_attributes.signal_name)
+    return found

@@ -137,6 +137,9 @@ class LifecycleInput:
     max_restarts: int = 3
     restart_backoff_seconds: float = 2.0
     preload: str = Preload.FIT
+    # A run continues as new past this many history events, if Temporal has not suggested it
+    # before (Temporal's own hard limit is 51,200).
+    history_limit: int | None = 10_000
     # Set when the workflow continues as new: everything it knew, so nothing restarts.
     state: ModelState | None = None
 

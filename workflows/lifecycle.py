@@ -381,6 +381,16 @@ class ModelLifecycleWorkflow:
         await workflow.wait_condition(self._nothing_running)
         return self._state
 
+    def _history_full(self) -> bool:
+        """Time to continue as new: Temporal suggests it, or this run's history reached the
+        model's own bound (not every server suggests it; a model loaded and unloaded thousands
+        of times must never reach Temporal's hard limit)."""
+        info = workflow.info()
+        if info.is_continue_as_new_suggested():
+            return True
+        limit = self._input.history_limit
+        return self._demand_driven and limit is not None and info.get_current_history_length() >= limit
+
     def _nothing_running(self) -> bool:
         phase = self._state.phase
         # `discovered` with no wish to load is a model resting before its first bring-up.
@@ -416,7 +426,7 @@ class ModelLifecycleWorkflow:
                 await self._serve_until_interrupted()
                 continue
             if self._state.phase == Phase.FAILED or not self._want_loaded:
-                if workflow.info().is_continue_as_new_suggested():
+                if self._history_full():
                     await self._continue_as_new()
                 # A failed model waits for a retry or new files; `want_loaded` alone (still set
                 # from before the failure) must not wake it, or this loop would spin.
@@ -465,7 +475,7 @@ class ModelLifecycleWorkflow:
             or self._retry
             or self._new_source is not None
             or self._remove_reason is not None
-            or workflow.info().is_continue_as_new_suggested()
+            or self._history_full()
         )
 
     async def _bring_up(self) -> None:
@@ -742,7 +752,7 @@ class ModelLifecycleWorkflow:
                 if self._state.phase != Phase.LOADED:
                     return
             self._upsert_summary(throttle=True)
-            if workflow.info().is_continue_as_new_suggested():
+            if self._history_full():
                 await self._continue_as_new()
 
     def _woken_while_loaded(self, seq: tuple[int, int]) -> bool:
@@ -753,7 +763,7 @@ class ModelLifecycleWorkflow:
             or self._new_source is not None
             or self._health_report is not None
             or self._lost_node is not None
-            or workflow.info().is_continue_as_new_suggested()
+            or self._history_full()
         )
 
     async def _check_health(self) -> None:
