@@ -42,6 +42,7 @@ from workflows.contracts import (
     EvictRequest,
     EvictResult,
     NodeLost,
+    listed_inventory,
     listed_state,
     running_models_query,
     running_nodes_query,
@@ -53,6 +54,8 @@ from workflows.nodes import NodeRegistryWorkflow
 NodeSource = Callable[[], Awaitable[list[NodeInventory]]]
 ResidentSource = Callable[[], Awaitable[list[Resident]]]
 _QUERY_TIMEOUT = timedelta(seconds=5)
+# How long a decision waits for a first live node before it says there is none.
+NODE_WAIT_SECONDS = 10.0
 
 
 def static_nodes(*nodes: NodeInventory) -> NodeSource:
@@ -71,7 +74,7 @@ class RegistryNodes:
 
     # Inventories are announced every few seconds anyway: decisions within this long of each
     # other share one read (a burst of thousands of registrations would query once each).
-    FRESH_SECONDS = 1.0
+    FRESH_SECONDS = 0.5
 
     def __init__(self, client: Client, alive_seconds: float) -> None:
         self._client = client
@@ -87,8 +90,17 @@ class RegistryNodes:
         return list(await asyncio.shield(last[1]))
 
     async def _read_nodes(self) -> list[NodeInventory]:
+        """From one List call: each node workflow keeps its inventory in its memo. One that does
+        not (started by an older version) is asked by query."""
         now = time.time()
-        ids = [execution.id async for execution in self._client.list_workflows(running_nodes_query())]
+        found: list[NodeInventory] = []
+        unlisted: list[str] = []
+        async for execution in self._client.list_workflows(running_nodes_query()):
+            inventory = await listed_inventory(execution)
+            if inventory is None:
+                unlisted.append(execution.id)
+            else:
+                found.append(inventory)
 
         async def one(wf_id: str) -> NodeInventory | None:
             try:
@@ -101,8 +113,8 @@ class RegistryNodes:
             return inventory
 
         # All at once: one node workflow that cannot answer costs one timeout, not one each.
-        inventories = await asyncio.gather(*(one(i) for i in ids))
-        return [inv for inv in inventories if inv is not None and now - inv.announced_at <= self._alive_seconds]
+        found += [inv for inv in await asyncio.gather(*(one(i) for i in unlisted)) if inv is not None]
+        return [inv for inv in found if inv.lost is None and now - inv.announced_at <= self._alive_seconds]
 
 
 class RegistryResidents:
@@ -187,6 +199,13 @@ class ControlActivities:
     @activity.defn(name=ActivityName.DECIDE_RUNTIME)
     async def decide_runtime(self, request: DecideRequest) -> Decision:
         nodes = await self._nodes()
+        # At start-up the node agents' first announcements may not be read yet: a model found in
+        # that moment waits for one a little rather than resting for want of a node.
+        deadline = time.monotonic() + NODE_WAIT_SECONDS
+        while not nodes and time.monotonic() < deadline:
+            activity.heartbeat("waiting for a node agent to announce itself")
+            await asyncio.sleep(0.5)
+            nodes = await self._nodes()
         policy = EvictionPolicy(
             now=time.time(),
             min_resident_seconds=self._eviction.min_resident_seconds,

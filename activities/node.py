@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # A measured model is booked at what it took plus this share, for allocator variation.
 MEASURED_MARGIN = 1.1
+# A measurement is a new peak only when it passes the last one by this factor.
+PEAK_STEP = 1.01
 
 
 @dataclass
@@ -67,6 +69,8 @@ class NodeActivities:
         self._cpu_pids: dict[str, int] = {}
         # Every loaded model's runtime process, device, runtime and the most it has held.
         self._held: dict[str, _Held] = {}
+        # Set whenever a booking is made, resized or released: the node announces early.
+        self.bookings_changed = asyncio.Event()
 
     def _adapter(self, runtime: str) -> RuntimeAdapter:
         adapter = self._adapters.get(runtime)
@@ -94,6 +98,7 @@ class NodeActivities:
                 category=ApplicationErrorCategory.BENIGN,
             ) from None  # fmt: skip
         self.refresh_device_gauges()
+        self.bookings_changed.set()
         return booking
 
     def booking_size(self, request: ReserveRequest) -> int:
@@ -158,8 +163,9 @@ class NodeActivities:
         return changes
 
     def _new_peak(self, model: str, held: _Held, now: int) -> MemoryPeak | None:
-        """Record `now` as the model's peak if it is one (see track_peaks); None if not."""
-        if now <= held.peak:
+        """Record `now` as the model's peak if it is one (see track_peaks); None if not. Growth
+        under 1% is not a new peak: resident memory creeps by pages, and each peak is a signal."""
+        if now <= held.peak * PEAK_STEP:
             return None
         held.peak = now
         self._metrics.model_memory.labels(model=model, kind="peak").set(now)
@@ -204,6 +210,7 @@ class NodeActivities:
     async def release_gpu(self, model: str) -> None:
         self._ledger.release(model)
         self.refresh_device_gauges()
+        self.bookings_changed.set()
 
     @activity.defn(name=ActivityName.LOAD_MODEL)
     async def load_model(self, request: LoadRequest) -> LoadResult:
@@ -234,6 +241,7 @@ class NodeActivities:
             peak = self._new_peak(request.model, held, measured or 0)
             if peak is not None and peak.booked_bytes is not None:
                 booked = peak.booked_bytes
+                self.bookings_changed.set()
         activity.logger.info(
             "loaded %s in %.2fs at %s; it takes %s%s (booked %s)", request.model, seconds, endpoint.url,
             _mib(measured), " after a warm-up request" if warmed else "", _mib(request.booking.bytes),

@@ -144,9 +144,10 @@ def run(n: int, workdir: Path, template: Path, capacity: int, idle_seconds: floa
         # Idle: settle a moment after the last request, then measure a quiet stretch.
         time.sleep(5)
         before_metrics = http.get(served.metrics_url).text
-        cpu_before = cpu_seconds(pids)
+        cpu_before, temporal_before = cpu_seconds(pids), cpu_seconds({temporal})
         time.sleep(idle_seconds)
         cpu_idle = cpu_seconds(pids) - cpu_before
+        temporal_idle = cpu_seconds({temporal}) - temporal_before
         after_metrics = http.get(served.metrics_url).text
         loads = metric_total(after_metrics, "modelium_model_load_duration_seconds_count") - metric_total(
             before_metrics, "modelium_model_load_duration_seconds_count"
@@ -167,6 +168,7 @@ def run(n: int, workdir: Path, template: Path, capacity: int, idle_seconds: floa
             "list_page_p50_ms": p50(page) * 1000,
             "hot_p50_ms": p50(latencies) * 1000,
             "idle_cpu_s_per_min": cpu_idle * 60 / idle_seconds,
+            "idle_cpu_temporal_s_per_min": temporal_idle * 60 / idle_seconds,
             "idle_loads_per_min": loads * 60 / idle_seconds,
             "idle_evictions_per_min": evictions * 60 / idle_seconds,
         }

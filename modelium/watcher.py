@@ -39,11 +39,12 @@ OnReady = Callable[[ModelSource], Awaitable[None]]
 OnRemoved = Callable[[str], Awaitable[None]]
 
 
-def _scan(directory: Path) -> tuple[str, int, bool]:
+def _scan(directory: Path) -> tuple[str, int, bool, float]:
     """One walk: a digest of every file's relative path, size and mtime; the number of files;
-    and whether any of them is a copy tool's partial file."""
+    whether any of them is a copy tool's partial file; and the newest mtime (epoch seconds)."""
     entries = []
     partial = False
+    newest = 0.0
     for root, dirs, files in os.walk(directory):
         dirs.sort()
         for name in sorted(files):
@@ -53,13 +54,14 @@ def _scan(directory: Path) -> tuple[str, int, bool]:
             except FileNotFoundError:
                 continue  # removed while we looked; the next look sees the new state
             partial = partial or name.endswith(PARTIAL_SUFFIXES)
+            newest = max(newest, st.st_mtime)
             entries.append(f"{path.relative_to(directory)}\0{st.st_size}\0{st.st_mtime_ns}")
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:32], len(entries), partial
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:32], len(entries), partial, newest
 
 
 def fingerprint(directory: Path) -> tuple[str, int]:
     """A digest of every file's relative path, size and mtime; and the number of files."""
-    digest, files, _ = _scan(directory)
+    digest, files, _, _ = _scan(directory)
     return digest, files
 
 
@@ -108,6 +110,8 @@ class ModelFolderWatcher:
         self._polling = polling
         self._poll_interval = poll_interval
         self._entries: dict[str, _Entry] = {}
+        # The entries still to be looked at (a subset of _entries).
+        self._pending: dict[str, _Entry] = {}
         self._dirty: set[tuple[Path, str]] = set()
         self._lock = threading.Lock()
         self._scanned = asyncio.Event()
@@ -217,7 +221,10 @@ class ModelFolderWatcher:
                 entry = self._entries[name] = _Entry(name=name, path=path, last_event=now)
             entry.last_event = now
             entry.pending = True
-        pending = [entry for entry in self._entries.values() if entry.pending]
+            self._pending[name] = entry
+        # Only entries with something to look at: an idle tick over 10,000 folders costs nothing.
+        pending = [entry for entry in self._pending.values() if entry.pending]
+        self._pending = {entry.name: entry for entry in pending}
         if len(pending) <= 1:
             for entry in pending:
                 await self._consider(entry, now)
@@ -231,11 +238,13 @@ class ModelFolderWatcher:
                 await self._consider(entry, now)
 
         await asyncio.gather(*(consider(entry) for entry in pending))
+        self._pending = {name: entry for name, entry in self._pending.items() if entry.pending}
 
     async def _consider(self, entry: _Entry, now: float) -> None:
         path = entry.path
         if not path.exists():
-            del self._entries[entry.name]
+            entry.pending = False
+            self._entries.pop(entry.name, None)
             if entry.emitted_fingerprint is not None:
                 log.info("model directory %s removed", path)
                 await self._safe(self._on_removed(entry.name), entry, "removal")
@@ -244,14 +253,17 @@ class ModelFolderWatcher:
             if not path.name.startswith(".") and path not in self._warned:
                 self._warned.add(path)
                 log.warning("ignoring %s: each model must be a directory", path)
-            del self._entries[entry.name]
+            entry.pending = False
+            self._entries.pop(entry.name, None)
             return
         if now - entry.last_event < self._settle:
             entry.seen_fingerprint = None
             return
-        fp, files, partial = await asyncio.to_thread(_scan, path)
-        if fp != entry.seen_fingerprint:
-            # First quiet look, or the files changed since: look once more before handing over.
+        fp, files, partial, newest = await asyncio.to_thread(_scan, path)
+        # Files untouched for the settle period already (a folder found at start-up) need no
+        # second look; otherwise look once more, and hand over only if nothing changed.
+        quiet = entry.seen_fingerprint is None and time.time() - newest >= self._settle
+        if fp != entry.seen_fingerprint and not quiet:
             entry.seen_fingerprint = fp
             return
         if files == 0 or fp == entry.emitted_fingerprint:

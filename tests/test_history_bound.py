@@ -1,8 +1,8 @@
 """A model loaded and unloaded thousands of times keeps a bounded history: its workflow continues
 as new when Temporal suggests it, and carries its counts and settings over.
 
-Real: the Temporal dev server (started with a low continue-as-new suggestion, so that thousands
-of cycles cross it many times), the ModelLifecycle workflow, the control activities (analysis of
+Real: Temporal's time-skipping test server (the workflow's own history bound is set low, so that
+thousands of cycles cross it many times), the ModelLifecycle workflow, the control activities (analysis of
 a real model folder, placement), the node activities with a real ledger, and one real embedded
 runtime process that answers on the endpoint. Stand-in: the runtime adapter's start and stop
 reuse that one running process rather than starting torch thousands of times (3 s each); what is
@@ -29,9 +29,9 @@ from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
 from modelium.types import DeviceInventory, Endpoint, LoadRequest, ModelSource, NodeInventory, Phase
 from modelium.watcher import fingerprint
 from tests.conftest import copy_model, unique
-from workers.temporal_server import temporal_binary
+from tests.test_idle_timer import time_skipping_server
+from workers.temporal_server import ensure_search_attributes
 from workflows.contracts import (
-    SEARCH_ATTRIBUTES,
     EnsureLoadedRequest,
     EnsureUnloadedRequest,
     LifecycleInput,
@@ -42,7 +42,7 @@ from workflows.lifecycle import ModelLifecycleWorkflow
 pytestmark = pytest.mark.slow
 
 CYCLES = 100
-SUGGEST_AFTER_EVENTS = 400
+HISTORY_LIMIT = 400
 
 
 class OneRunningProcess:
@@ -87,14 +87,8 @@ class OneRunningProcess:
 async def test_thousands_of_load_unload_cycles_keep_history_bounded(
     demo_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_binary(),
-        search_attributes=SEARCH_ATTRIBUTES,
-        ui=False,
-        dev_server_extra_args=[
-            "--dynamic-config-value", f"limit.historyCount.suggestContinueAsNew={SUGGEST_AFTER_EVENTS}",
-        ],
-    )  # fmt: skip
+    env = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=time_skipping_server())
+    await ensure_search_attributes(env.client)
     name, node, control_queue = unique("cycles"), unique("node"), unique("control")
     model_dir = copy_model(demo_models["text-generation"], tmp_path / "m")
     ledger = Ledger(tmp_path / "bookings.json", node, {"cpu": 8 * 2**30})
@@ -115,11 +109,12 @@ async def test_thousands_of_load_unload_cycles_keep_history_bounded(
             fp, _ = fingerprint(model_dir)
             handle = await env.client.start_workflow(
                 ModelLifecycleWorkflow.run,
-                LifecycleInput(ModelSource(name, str(model_dir), fp), idle_seconds=600),
+                LifecycleInput(ModelSource(name, str(model_dir), fp), idle_seconds=600, history_limit=HISTORY_LIMIT),
                 id=workflow_id(name),
                 task_queue=control_queue,
             )
             started = time.monotonic()
+            first_run = handle.run_id
             first = await handle.execute_update(
                 ModelLifecycleWorkflow.ensure_loaded, EnsureLoadedRequest(idle_seconds=1234)
             )
@@ -145,20 +140,22 @@ async def test_thousands_of_load_unload_cycles_keep_history_bounded(
             # Every run ended by continuing as new within the suggested bound, and the current one
             # is short: the history of a model does not grow with its number of loads.
             runs, longest = 0, 0
-            current_run = (await handle.describe()).run_id
+            # Follow the chain of runs from the first: each ended by continuing as new.
             runs, longest, current = 0, 0, 0
-            async for execution in env.client.list_workflows(f'WorkflowId="{workflow_id(name)}"'):
-                run = env.client.get_workflow_handle(workflow_id(name), run_id=execution.run_id)
+            run_id: str | None = first_run
+            while run_id:
+                run = env.client.get_workflow_handle(workflow_id(name), run_id=run_id)
                 events = [e async for e in run.fetch_history_events()]
                 runs += 1
                 longest = max(longest, len(events))
-                if execution.run_id == current_run:
-                    current = len(events)
+                last = events[-1]
+                if last.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
+                    run_id = last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
                 else:
-                    assert events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
-            assert runs >= CYCLES * 20 // SUGGEST_AFTER_EVENTS, f"only {runs} runs for {CYCLES} cycles"
-            assert longest < SUGGEST_AFTER_EVENTS + 100, f"a run grew to {longest} events"
-            assert current < SUGGEST_AFTER_EVENTS + 100
+                    current, run_id = len(events), None
+            assert runs >= CYCLES * 20 // HISTORY_LIMIT, f"only {runs} runs for {CYCLES} cycles"
+            assert longest < HISTORY_LIMIT + 100, f"a run grew to {longest} events"
+            assert current < HISTORY_LIMIT + 100
             print(f"\n{CYCLES} load/unload cycles in {took:.0f}s: {runs} runs, the longest {longest} events, "
                   f"the current {current}")  # fmt: skip
             await handle.terminate("test over")

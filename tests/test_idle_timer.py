@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 DEFAULT_IDLE = 300.0
 
 
-def _test_server() -> str:
+def time_skipping_server() -> str:
     path = Path(sysconfig.get_path("scripts")) / "temporal-test-server"
     if not path.is_file():
         pytest.fail("temporal-test-server not installed: run scripts/setup.sh (test extra)")
@@ -72,7 +72,7 @@ async def _lifecycle(model_dir: Path, tmp_path: Path) -> AsyncIterator[Lifecycle
     cpu = DeviceInventory("cpu", "CPU", 8 * 2**30, None, 0)
     control = ControlActivities(["embedded"], static_nodes(NodeInventory(node, [cpu], ["embedded"], time.time())))
     node_acts = NodeActivities(node, ledger, {"embedded": adapter}, Metrics())
-    async with await WorkflowEnvironment.start_time_skipping(test_server_existing_path=_test_server()) as env:
+    async with await WorkflowEnvironment.start_time_skipping(test_server_existing_path=time_skipping_server()) as env:
         await ensure_search_attributes(env.client)
         async with (
             Worker(env.client, task_queue=control_queue, workflows=[ModelLifecycleWorkflow],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 # Placement stops using a node silent for this many announcement intervals (RegistryNodes); it is
 # declared lost, and its models moved, after node.lost_after_seconds, and never sooner.
 LOST_AFTER_ANNOUNCEMENTS = 3
+# After a booking changes, the next announcement waits this long, so that a burst of bookings
+# makes one announcement.
+BOOKING_ANNOUNCE_DELAY = 0.1
 
 
 @dataclass
@@ -87,9 +91,11 @@ async def announce_forever(
     """Tell the control plane, every `interval` seconds, what this node has (signal-with-start of
     the node's workflow), so decide can place models here and sees when the node is gone."""
     wf_id = node_workflow_id(agent.node_id)
+    changed = agent.activities.bookings_changed
     while True:
         await report_peaks(client, agent)
         agent.activities.refresh_device_gauges()
+        changed.clear()
         inventory = agent.inventory()
         try:
             await client.start_workflow(
@@ -100,12 +106,17 @@ async def announce_forever(
             )  # fmt: skip
         except RPCError as exc:
             log.warning("could not announce node %s: %s", agent.node_id, exc.message)
-        await asyncio.sleep(interval)
+        # Early when a booking was made or released: placement then sees the room as it is
+        # (decisions racing on a stale inventory would lose their reservations).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout=interval)
+            await asyncio.sleep(BOOKING_ANNOUNCE_DELAY)
 
 
 async def report_peaks(client: Client, agent: NodeAgent) -> None:
     """Tell each model's workflow when its runtime held more memory than ever before."""
     for peak in await asyncio.to_thread(agent.activities.track_peaks):
+        agent.activities.bookings_changed.set()  # its booking may have grown
         try:
             await client.get_workflow_handle(workflow_id(peak.model)).signal(ModelLifecycleWorkflow.memory_peak, peak)
         except RPCError as exc:

@@ -13,7 +13,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from temporalio.common import SearchAttributeKey
 
 from modelium.names import model_from_workflow_id
-from modelium.types import Booking, Decision, Endpoint, Eviction, ModelSource, ModelState, NodeInventory, Phase
+from modelium.types import (
+    Booking,
+    Decision,
+    DeviceInventory,
+    Endpoint,
+    Eviction,
+    ModelSource,
+    ModelState,
+    NodeInventory,
+    Phase,
+)
 
 if TYPE_CHECKING:
     from temporalio.client import WorkflowExecution
@@ -61,6 +71,8 @@ SEARCH_ATTRIBUTES = (MODEL_KEY, PHASE_KEY, RUNTIME_KEY, NODE_KEY)
 # Memo key under which each ModelLifecycle keeps its `ModelState` in the visibility store: one
 # List call reads every model's summary, with no per-workflow query.
 STATE_MEMO = "state"
+# Memo key under which each ModeliumNode keeps its node's inventory, updated on each announcement.
+INVENTORY_MEMO = "inventory"
 
 
 class Preload:
@@ -102,6 +114,20 @@ async def listed_state(execution: WorkflowExecution) -> ModelState | None:
         runtime=attrs.get(RUNTIME_KEY),
         node=attrs.get(NODE_KEY),
     )
+
+
+async def listed_inventory(execution: WorkflowExecution) -> NodeInventory | None:
+    """A node's inventory as its ModeliumNode workflow keeps it in the visibility store; None
+    for one started before it kept it there."""
+    payload = execution.raw_info.memo.fields.get(INVENTORY_MEMO)
+    if payload is None:
+        return None
+    if payload.metadata.get("encoding") == b"json/plain":
+        data = json.loads(payload.data)
+        data["devices"] = [_build(DeviceInventory, d) for d in data.get("devices") or []]
+        return _build(NodeInventory, data)
+    inventory: NodeInventory = await execution.memo_value(INVENTORY_MEMO, type_hint=NodeInventory)
+    return inventory
 
 
 def state_from_json(data: dict[str, Any]) -> ModelState:

@@ -79,6 +79,8 @@ _CRASH_WINDOW_SECONDS = 600
 _NODE_SCHEDULE_TO_CLOSE = timedelta(minutes=10)
 # A waiter for capacity decides again after this long at most, in case a wake-up was lost.
 _CAPACITY_RECHECK_MAX = 30.0
+# A preload whose reservation lost a race decides again this many times before it rests.
+_PRELOAD_RACES = 3
 # Usage alone (no phase change) refreshes the visibility summary at most this often.
 _SUMMARY_USAGE_INTERVAL = 30.0
 
@@ -132,6 +134,7 @@ class ModelLifecycleWorkflow:
         self._summary: tuple[object, ...] | None = None
         self._summary_at = 0.0
         self._demand_driven = False
+        self._lost_races = 0
 
     # -- messages ------------------------------------------------------------------------------
     @workflow.query
@@ -589,6 +592,13 @@ class ModelLifecycleWorkflow:
             await self._release_booking()
             if _error_type(err) in (ErrorType.NO_CAPACITY, ErrorType.INSUFFICIENT_CAPACITY):
                 if self._demand_driven and not self._demanded():
+                    if _error_type(err) == ErrorType.INSUFFICIENT_CAPACITY and self._lost_races < _PRELOAD_RACES:
+                        # The room it was placed in went to a model decided at the same moment;
+                        # the next decision sees the node as it is now.
+                        self._lost_races += 1
+                        self._set_phase(Phase.DISCOVERED)
+                        await workflow.sleep(_timer(self._lost_races))
+                        return
                     # Only demand may evict or wait: a preload that does not fit rests.
                     self._rest(f"not preloaded: no free room on any node ({_describe(err)})")
                     return
@@ -616,12 +626,14 @@ class ModelLifecycleWorkflow:
         self._state.demanded_at = None
         self._held_demand = False
         self._woken = None
+        self._lost_races = 0
         self._bringups += 1
         self._set_phase(Phase.LOADED)
 
     def _rest(self, reason: str) -> None:
         """Go back to `unloaded` and cost nothing until demanded: no timer, no decision."""
         workflow.logger.info("model %s rests: %s", self._state.name, reason)
+        self._lost_races = 0
         self._want_loaded = False
         self._held_demand = False
         self._woken = None

@@ -18,7 +18,14 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from modelium.types import NodeInventory, valid_seconds
-    from workflows.contracts import NODE_WORKFLOW_TYPE, ActivityName, LeaveRequest, NodeLost, NodeRegistryInput
+    from workflows.contracts import (
+        INVENTORY_MEMO,
+        NODE_WORKFLOW_TYPE,
+        ActivityName,
+        LeaveRequest,
+        NodeLost,
+        NodeRegistryInput,
+    )
 
 
 @workflow.defn(name=NODE_WORKFLOW_TYPE)
@@ -56,7 +63,13 @@ class NodeRegistryWorkflow:
     @workflow.run
     async def run(self, inp: NodeRegistryInput) -> None:
         lost_after = valid_seconds(inp.lost_after_seconds)
+        # Histories from before the inventory was kept in the memo replay as they ran.
+        memo = workflow.patched("inventory-memo")
         while not (self._left is not None or workflow.info().is_continue_as_new_suggested()):
+            if memo:
+                # Placement reads it from the visibility store: no query to this workflow, which
+                # a control worker busy with thousands of registrations would answer late.
+                workflow.upsert_memo({INVENTORY_MEMO: self.inventory()})
             try:
                 await workflow.wait_condition(
                     functools.partial(self._woken, self._announcements),
