@@ -90,7 +90,8 @@ async def test_thirty_models_on_room_for_three_come_to_rest(
                         assert m["rest_reason"].startswith("not preloaded: no free room on any node"), m
                         assert m["analysis"] and m["runtime"] == "embedded"
                         assert m["load_count"] == 0 and m["booked_bytes"] is None
-                    assert running.node.ledger.booked("cpu") == 3 * booking
+                    # Booked at the estimate, or at what each measured after its warm-up if more.
+                    assert 3 * booking <= running.node.ledger.booked("cpu") <= capacity
                     before = {n: await _activities(client, n) for n in names}
                     for activities in before.values():
                         assert ActivityName.EVICT_MODELS not in activities
@@ -116,7 +117,7 @@ async def test_thirty_models_on_room_for_three_come_to_rest(
                     assert m["runtime"] == "embedded"
                     assert m["phase"] == (Phase.LOADED if name in loaded else Phase.UNLOADED)
                     if name in loaded:
-                        assert m["booked_bytes"] == booking and m["node"] == settings.node.id
+                        assert m["booked_bytes"] >= booking and m["node"] == settings.node.id
                 page = (await http.get("/models", params={"limit": 7, "phase": Phase.UNLOADED})).json()
                 assert len(page["models"]) == 7 and page["next_page_token"]
                 assert {m["phase"] for m in page["models"]} == {Phase.UNLOADED}

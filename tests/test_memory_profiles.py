@@ -44,7 +44,8 @@ async def test_measured_memory_is_kept_and_booked_next_time(
         first = (await http.get(f"/models/{name}")).json()
         estimate, measured = first["memory_estimate_bytes"], first["measured_memory_bytes"]
         assert measured and measured > 50 * 2**20, "a Python process with torch holds far more than 50 MiB"
-        assert first["booked_bytes"] == estimate, "the first load books the estimate"
+        # The first load books the estimate; past it, what the model holds after its warm-up.
+        assert first["booked_bytes"] == max(estimate, first["peak_memory_bytes"])
         print(f"\ntiny GPT-2, embedded on CPU: estimated {estimate / 2**20:.0f} MiB, measured "
               f"{measured / 2**20:.0f} MiB ({(estimate - measured) / measured:+.0%})")  # fmt: skip
         metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
