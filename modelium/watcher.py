@@ -21,7 +21,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -63,6 +75,15 @@ def fingerprint(directory: Path) -> tuple[str, int]:
     """A digest of every file's relative path, size and mtime; and the number of files."""
     digest, files, _, _ = _scan(directory)
     return digest, files
+
+
+# What changes a model folder. Opening and reading files is left out of the inotify mask: every
+# analysis and load reads the folder, and at thousands of models those events overflowed the
+# kernel's queue (and each read made the folder be looked at again).
+_CHANGES = (
+    FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, DirModifiedEvent, FileDeletedEvent,
+    DirDeletedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent,
+)  # fmt: skip
 
 
 @dataclass
@@ -140,7 +161,7 @@ class ModelFolderWatcher:
     def _observer(self, polling: bool) -> BaseObserver:
         observer: BaseObserver = PollingObserver(timeout=self._poll_interval) if polling else Observer()
         for root in self._dirs:
-            observer.schedule(_Handler(root, self._mark), str(root), recursive=True)
+            observer.schedule(_Handler(root, self._mark), str(root), recursive=True, event_filter=list(_CHANGES))
         return observer
 
     def _start_observer(self) -> BaseObserver:
