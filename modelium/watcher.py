@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # Folders looked at and handed over at once.
 HANDOVER_CONCURRENCY = 32
+# Every this often the watched directories are listed again, for events the kernel dropped.
+RESCAN_SECONDS = 10.0
 
 OnReady = Callable[[ModelSource], Awaitable[None]]
 OnRemoved = Callable[[str], Awaitable[None]]
@@ -123,6 +125,7 @@ class ModelFolderWatcher:
         settle_seconds: float = 3.0,
         polling: bool = False,
         poll_interval: float = 1.0,
+        rescan_seconds: float = RESCAN_SECONDS,
     ) -> None:
         self._dirs = [Path(d).resolve() for d in directories]
         self._on_ready = on_ready
@@ -130,6 +133,7 @@ class ModelFolderWatcher:
         self._settle = settle_seconds
         self._polling = polling
         self._poll_interval = poll_interval
+        self._rescan_seconds = rescan_seconds
         self._entries: dict[str, _Entry] = {}
         # The entries still to be looked at (a subset of _entries).
         self._pending: dict[str, _Entry] = {}
@@ -206,7 +210,12 @@ class ModelFolderWatcher:
                 for child in root.iterdir():
                     self._mark(root, child.name)
             tick = min(max(self._settle / 4, 0.05), 0.25)
+            rescanned = time.monotonic()
             while not stop.is_set():
+                if time.monotonic() - rescanned >= self._rescan_seconds:
+                    rescanned = time.monotonic()
+                    known = {entry.path for entry in self._entries.values()}
+                    await asyncio.to_thread(self._rescan, known)
                 await self._tick()
                 self._scanned.set()
                 try:
@@ -216,6 +225,23 @@ class ModelFolderWatcher:
         finally:
             observer.stop()
             await asyncio.to_thread(observer.join, 5)
+
+    def _rescan(self, known: set[Path]) -> None:
+        """List the watched directories again: events can be lost (the kernel's inotify queue
+        overflows when thousands of folders arrive at once), and a folder nobody saw arrive, or
+        leave, must not stay unseen. One listing of names, no walk: cheap at 10,000 folders."""
+        present = set()
+        for root in self._dirs:
+            try:
+                children = list(root.iterdir())
+            except OSError:
+                continue
+            present.update(children)
+            for child in children:
+                if child not in known and child not in self._warned and not child.name.startswith("."):
+                    self._mark(root, child.name)
+        for path in known - present:
+            self._mark(path.parent, path.name)
 
     async def _tick(self) -> None:
         now = time.monotonic()

@@ -175,3 +175,29 @@ async def test_watcher_falls_back_to_polling_when_inotify_limits_are_reached(
             await wait_for(lambda: rec.ready, timeout=15, what="a folder seen by polling")
     assert rec.ready[0][1].name == "late"
     assert "fs.inotify.max_user_instances" in caplog.text and "Polling every" in caplog.text
+
+
+async def test_folders_whose_events_were_lost_are_found_by_the_rescan(
+    tmp_path: Path, demo_models: dict[str, Path]
+) -> None:
+    """The kernel drops events when its inotify queue overflows (thousands of folders at once).
+    Here the observer reports nothing at all (polling once an hour): a folder that arrives, and
+    one that leaves, are still seen, by listing the watched directory again."""
+    root = tmp_path / "incoming"
+    root.mkdir()
+    rec = Recorder()
+    watcher = ModelFolderWatcher([root], rec.on_ready, rec.on_removed, settle_seconds=0.2, polling=True,
+                                 poll_interval=3600, rescan_seconds=0.5)  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher.run(stop))
+    try:
+        await asyncio.wait_for(watcher.wait_scanned(), 10)
+        shutil.copytree(demo_models["text-generation"], root / "unseen")
+        await wait_for(lambda: rec.ready, timeout=15, what="a folder found by the rescan")
+        assert rec.ready[0][1].name == "unseen"
+        shutil.rmtree(root / "unseen")
+        await wait_for(lambda: rec.removed, timeout=15, what="a removal found by the rescan")
+        assert rec.removed == ["unseen"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
