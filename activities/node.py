@@ -125,23 +125,23 @@ class NodeActivities:
             gauge.labels(node=self._node, gpu="cpu", kind="used").set(used)
 
     def measure(self, request: LoadRequest, pid: int | None) -> int | None:
-        """What the loaded model really takes: its processes' GPU memory (NVML) on a GPU, their
-        resident memory on CPU. Kept as the model's profile for its next load."""
+        """What the loaded model really takes (see `_holds`). The load's first peak keeps it as
+        the model's profile for its next load."""
         if pid is None:
             return None
-        pids = process_tree(pid)
-        if request.booking.device.startswith("cuda") and self._gpu is not None:
-            measured = sum(self._gpu.process_memory(pids).values())
-        else:
-            measured = resident_bytes(pids)
+        measured = self._holds(pid, request.booking.device)
         if not measured:
             return None
         self._metrics.model_memory.labels(model=request.model, kind="measured").set(measured)
-        if self._profiles is not None:
-            estimate = self._estimates.get(request.model, request.booking.bytes)
-            self._profiles.put(MemoryProfile(request.model, request.runtime, request.booking.device, measured,
-                                             estimate, time.time()))  # fmt: skip
         return measured
+
+    def _holds(self, pid: int, device: str) -> int:
+        """Memory a runtime's process tree holds: its GPU memory (NVML) on a GPU, its resident
+        memory (mapped weights included) on the CPU."""
+        pids = process_tree(pid)
+        if device.startswith("cuda") and self._gpu is not None:
+            return sum(self._gpu.process_memory(pids).values())
+        return resident_bytes(pids)
 
     def track_peaks(self) -> list[MemoryPeak]:
         """Measure every loaded model again and keep its peak: memory grows after the first
@@ -152,12 +152,7 @@ class NodeActivities:
         for model, held in list(self._held.items()):
             if not pid_alive(held.pid):
                 continue
-            pids = process_tree(held.pid)
-            if held.device.startswith("cuda") and self._gpu is not None:
-                now = sum(self._gpu.process_memory(pids).values())
-            else:
-                now = resident_bytes(pids)
-            peak = self._new_peak(model, held, now)
+            peak = self._new_peak(model, held, self._holds(held.pid, held.device))
             if peak is not None:
                 changes.append(peak)
         return changes
