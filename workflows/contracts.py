@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -98,13 +99,8 @@ async def listed_state(execution: WorkflowExecution) -> ModelState | None:
     name = model_from_workflow_id(execution.id)
     if not name:
         return None
-    payload = execution.raw_info.memo.fields.get(STATE_MEMO)
-    if payload is not None:
-        if payload.metadata.get("encoding") == b"json/plain":
-            # 70x faster than the data converter's generic dataclass decoding, which at 10,000
-            # models was most of a listing's time.
-            return state_from_json(json.loads(payload.data))
-        state: ModelState = await execution.memo_value(STATE_MEMO, type_hint=ModelState)
+    state = await _memo(execution, STATE_MEMO, ModelState, state_from_json)
+    if state is not None:
         return state
     attrs = execution.typed_search_attributes
     return ModelState(
@@ -119,15 +115,28 @@ async def listed_state(execution: WorkflowExecution) -> ModelState | None:
 async def listed_inventory(execution: WorkflowExecution) -> NodeInventory | None:
     """A node's inventory as its ModeliumNode workflow keeps it in the visibility store; None
     for one started before it kept it there."""
-    payload = execution.raw_info.memo.fields.get(INVENTORY_MEMO)
+    return await _memo(execution, INVENTORY_MEMO, NodeInventory, inventory_from_json)
+
+
+async def _memo(
+    execution: WorkflowExecution, key: str, cls: type[_D], from_json: Callable[[dict[str, Any]], _D]
+) -> _D | None:
+    """The memo value under `key`, None if absent. JSON (the default converter's form) is read
+    with `from_json`: 70x faster than the data converter's generic dataclass decoding, which at
+    10,000 models was most of a listing's time."""
+    payload = execution.raw_info.memo.fields.get(key)
     if payload is None:
         return None
     if payload.metadata.get("encoding") == b"json/plain":
-        data = json.loads(payload.data)
-        data["devices"] = [_build(DeviceInventory, d) for d in data.get("devices") or []]
-        return _build(NodeInventory, data)
-    inventory: NodeInventory = await execution.memo_value(INVENTORY_MEMO, type_hint=NodeInventory)
-    return inventory
+        return from_json(json.loads(payload.data))
+    value: _D = await execution.memo_value(key, type_hint=cls)
+    return value
+
+
+def inventory_from_json(data: dict[str, Any]) -> NodeInventory:
+    fields = dict(data)
+    fields["devices"] = [_build(DeviceInventory, d) for d in fields.get("devices") or []]
+    return _build(NodeInventory, fields)
 
 
 def state_from_json(data: dict[str, Any]) -> ModelState:

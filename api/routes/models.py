@@ -57,7 +57,7 @@ async def list_models(
         if limit is None:
             raise BadRequest("page_token needs limit (the page size it was made with)", param="page_token")
         token = _read_token(page_token, phase)
-    if limit is None and token is None:
+    if limit is None:
         states = await gw.registry.all()
         if phase is not None:
             states = [s for s in states if s.phase == phase]
