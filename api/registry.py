@@ -11,22 +11,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import timedelta
+from collections.abc import Iterable
+from datetime import datetime, timedelta
 
-from temporalio.client import Client, WorkflowQueryFailedError
+from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus, WorkflowQueryFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.control_plane import ControlPlane, is_unreachable
 from api.errors import BadRequest, ControlPlaneUnavailable
 from modelium.names import workflow_id
 from modelium.types import ModelState, Phase
-from workflows.contracts import PHASE_KEY, listed_state, running_models_query
+from workflows.contracts import PHASE_KEY, UPDATED_KEY, listed_state, models_changed_query, running_models_query
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 log = logging.getLogger(__name__)
 
 NOT_LOADED_TTL = 0.2
 QUERY_TIMEOUT = timedelta(seconds=10)
+# How far before the latest change seen a listing asks again: covers a visibility store that
+# makes a write visible after later ones (its writes are asynchronous).
+CHANGES_OVERLAP = timedelta(seconds=60)
+# A full listing is read again in the background this often while models are being listed: it
+# catches summaries written without their time (by workflows older than that attribute).
+FULL_LISTING_SECONDS = 600.0
 
 
 class ModelRegistry:
@@ -42,6 +49,7 @@ class ModelRegistry:
         self._last_request: dict[str, float] = {}
         # The loaded models as last listed (refresh_forever), for the idle gauge.
         self._listed_loaded: dict[str, ModelState] = {}
+        self._fleet = FleetIndex(client)
 
     async def get(self, model: str, *, fresh: bool = False, timeout: timedelta = QUERY_TIMEOUT) -> ModelState | None:
         """The model's state, or None when no such model exists (or it was removed)."""
@@ -181,8 +189,15 @@ class ModelRegistry:
         return state
 
     async def all(self) -> list[ModelState]:
-        """Every model's state, sorted by name, from the visibility store (one List call)."""
-        states, _ = await self.listed()
+        """Every model's state, sorted by name, from the visibility store: the first call reads
+        every summary, later ones only those written since (one List call each)."""
+        self._control.require("list models")
+        try:
+            states = [self._freshest(s) for s in await self._fleet.states()]
+        except RPCError as exc:
+            if is_unreachable(exc):
+                self._control.mark_down(exc.message)
+            raise ControlPlaneUnavailable(f"cannot list models: {exc.message}", retry_after=5) from exc
         present = {s.name for s in states}
         for gone in (set(self._cache) | set(self._last_loaded)) - present:
             self.invalidate(gone)
@@ -214,3 +229,90 @@ class ModelRegistry:
             if known:
                 out[name] = max(known)
         return out
+
+
+class FleetIndex:
+    """Every model's summary as the visibility store lists it, kept here between listings.
+
+    The first listing reads them all (10 pages at 10,000 models: seconds). Each later one asks
+    only for the runs whose summary was written, or which started or ended, since the latest
+    change it saw (less an overlap): one List call whose size is the churn, not the fleet. Times
+    compared are all the server's (workflow time, start and close times), so clocks here do not
+    matter. Every FULL_LISTING_SECONDS a full listing is read again in the background."""
+
+    def __init__(self, client: Client, overlap: timedelta = CHANGES_OVERLAP) -> None:
+        self._client = client
+        self._overlap = overlap
+        # How many runs the last List call returned (the whole fleet, or the changes).
+        self.last_read = 0
+        self._runs: dict[str, tuple[str, ModelState]] = {}  # workflow id -> (run id, summary)
+        self._latest: datetime | None = None
+        self._full_at = 0.0
+        self._lock = asyncio.Lock()
+        self._refresh: asyncio.Task[None] | None = None
+
+    async def states(self) -> list[ModelState]:
+        async with self._lock:
+            if self._latest is None:
+                await self._read_all()
+            else:
+                await self._read_changes(self._latest - self._overlap)
+                self._refresh_in_background()
+            return [state for _, state in self._runs.values()]
+
+    def _refresh_in_background(self) -> None:
+        if time.monotonic() - self._full_at < FULL_LISTING_SECONDS or self._refresh is not None:
+            return
+
+        async def refresh() -> None:
+            try:
+                async with self._lock:
+                    await self._read_all()
+            except RPCError as exc:
+                log.info("background model listing failed: %s", exc.message)
+            finally:
+                self._refresh = None
+
+        self._refresh = asyncio.create_task(refresh(), name="full-listing")
+
+    async def _read_all(self) -> None:
+        started = time.monotonic()
+        executions = [e async for e in self._client.list_workflows(running_models_query(), page_size=1000)]
+        runs = {}
+        for execution in executions:
+            state = await listed_state(execution)
+            if state is not None and state.phase != Phase.REMOVED:
+                runs[execution.id] = (execution.run_id or "", state)
+        self._runs = runs
+        self.last_read = len(executions)
+        self._see(executions)
+        self._full_at = started
+
+    async def _read_changes(self, since: datetime) -> None:
+        executions = [e async for e in self._client.list_workflows(models_changed_query(since), page_size=1000)]
+        running: dict[str, WorkflowExecution] = {}
+        ended: dict[str, str] = {}
+        for execution in executions:
+            if execution.status == WorkflowExecutionStatus.RUNNING:
+                running[execution.id] = execution
+            elif execution.status != WorkflowExecutionStatus.CONTINUED_AS_NEW:
+                ended[execution.id] = execution.run_id or ""
+        for wf_id, execution in running.items():
+            state = await listed_state(execution)
+            if state is None or state.phase == Phase.REMOVED:
+                self._runs.pop(wf_id, None)
+            else:
+                self._runs[wf_id] = (execution.run_id or "", state)
+        for wf_id, run_id in ended.items():
+            # A model whose workflow ended is gone, unless a newer run of it is known.
+            if wf_id not in running and wf_id in self._runs and self._runs[wf_id][0] == run_id:
+                del self._runs[wf_id]
+        self.last_read = len(executions)
+        self._see(executions)
+
+    def _see(self, executions: Iterable[WorkflowExecution]) -> None:
+        for execution in executions:
+            times = [execution.start_time, execution.close_time, execution.typed_search_attributes.get(UPDATED_KEY)]
+            for at in times:
+                if at is not None and (self._latest is None or at > self._latest):
+                    self._latest = at

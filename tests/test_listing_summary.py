@@ -1,14 +1,26 @@
 """The summary a model workflow keeps in its memo reads back as the same ModelState through the
-fast path the listing uses as through Temporal's data converter."""
+fast path the listing uses as through Temporal's data converter; the gateway's index of those
+summaries reads the fleet once, then only what changed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from datetime import timedelta
+from typing import Any
 
+from temporalio import workflow
+from temporalio.client import WorkflowHandle
 from temporalio.converter import DataConverter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
+from api.registry import FleetIndex
+from modelium.names import workflow_id
 from modelium.types import Booking, Decision, Endpoint, Eviction, ModelState
-from workflows.contracts import state_from_json
+from tests.conftest import wait_for
+from workers.temporal_server import temporal_binary
+from workflows.contracts import SEARCH_ATTRIBUTES, STATE_MEMO, UPDATED_KEY, WORKFLOW_TYPE, state_from_json
 
 
 async def test_fast_summary_decoding_matches_the_data_converter() -> None:
@@ -32,3 +44,95 @@ def test_fields_written_by_a_newer_version_are_skipped() -> None:
             "booking": {"model": "m", "node": "n", "device": "cpu", "bytes": 1, "shard": 2}}  # fmt: skip
     state = state_from_json(data)
     assert state.name == "m" and state.booking == Booking("m", "n", "cpu", 1)
+
+
+@workflow.defn(name=WORKFLOW_TYPE, sandboxed=False)  # the test module imports the gateway
+class SummaryWriter:
+    """Writes a summary the way ModelLifecycle does (memo and its time), on start and on each
+    `phase` signal; `again` continues it as new. It stands in for ModelLifecycle so that the
+    test controls exactly which summaries change: under test is the gateway's index."""
+
+    def __init__(self) -> None:
+        self._phase: str | None = None
+        self._again = False
+
+    @workflow.run
+    async def run(self, name: str, phase: str) -> None:
+        self._write(name, phase)
+        await workflow.wait_condition(lambda: self._again or self._phase is not None)
+        while not self._again:
+            if self._phase is not None:
+                self._write(name, self._phase)
+                self._phase = None
+            await workflow.wait_condition(lambda: self._again or self._phase is not None)
+        workflow.continue_as_new(args=[name, "unloaded"])
+
+    def _write(self, name: str, phase: str) -> None:
+        state = ModelState(name=name, path=f"/models/{name}", phase=phase, updated_at=workflow.now().timestamp())
+        workflow.upsert_memo({STATE_MEMO: state})
+        workflow.upsert_search_attributes([UPDATED_KEY.value_set(workflow.now())])
+
+    @workflow.signal
+    def phase(self, phase: str) -> None:
+        self._phase = phase
+
+    @workflow.signal
+    def again(self) -> None:
+        self._again = True
+
+
+async def test_fleet_index_reads_everything_once_then_only_changes() -> None:
+    """Real Temporal (its own dev server, so that the counts are this test's alone) and its
+    visibility store; FleetIndex as the gateway runs it, with an overlap of 1 s (60 s in the
+    gateway) so that the fleet is older than the overlap after a short wait."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(), search_attributes=SEARCH_ATTRIBUTES, ui=False
+    )
+    try:
+        client = env.client
+        names = [f"m{i:02d}" for i in range(12)]
+
+        async def start(name: str) -> WorkflowHandle[Any, Any]:
+            return await client.start_workflow(
+                SummaryWriter.run, args=[name, "unloaded"], id=workflow_id(name), task_queue="summaries"
+            )
+
+        async def listed_by(fleet: FleetIndex) -> dict[str, str]:
+            return {s.name: s.phase for s in await fleet.states()}
+
+        async def in_store(expected: dict[str, str]) -> None:
+            async def probe() -> bool:
+                return await listed_by(FleetIndex(client)) == expected  # a full read each time
+
+            await wait_for(probe, what=f"the store to list {expected}")
+
+        async with Worker(client, task_queue="summaries", workflows=[SummaryWriter]):
+            handles = {n: await start(n) for n in names[:11]}
+            await in_store({n: "unloaded" for n in names[:11]})
+            # The first 11 summaries become older than the overlap; the 12th is the latest.
+            await asyncio.sleep(1.2)
+            handles["m11"] = await start("m11")
+            await in_store({n: "unloaded" for n in names})
+
+            fleet = FleetIndex(client, overlap=timedelta(seconds=1))
+            assert await listed_by(fleet) == {n: "unloaded" for n in names}
+            assert fleet.last_read == 12, "the first listing reads every summary"
+            assert await listed_by(fleet) == {n: "unloaded" for n in names}
+            assert fleet.last_read == 1, f"listing an unchanged fleet read {fleet.last_read} runs, not the latest"
+
+            # One summary changes, one model is removed (its workflow ends), one is added, and
+            # one continues as new.
+            await handles["m03"].signal(SummaryWriter.phase, "loaded")
+            await handles["m05"].terminate("removed")
+            handles["m12"] = await start("m12")
+            await handles["m07"].signal(SummaryWriter.again)
+            expected = {n: "unloaded" for n in names if n != "m05"} | {"m03": "loaded", "m12": "unloaded"}
+            await in_store(expected)
+            assert await listed_by(fleet) == expected
+            # The latest of before (m11), the changed, the removed, the added, both runs of m07.
+            assert fleet.last_read <= 6, f"listing the changes read {fleet.last_read} runs"
+            for name, handle in handles.items():
+                if name != "m05":
+                    await client.get_workflow_handle(handle.id).terminate("test over")
+    finally:
+        await env.shutdown()

@@ -24,7 +24,7 @@ from modelium.names import workflow_id
 from modelium.types import Phase, UnloadKind, UnloadRequest
 from tests.conftest import copy_model, end_workflows_of, make_settings, running_modelium, unique, wait_for
 from workers.control import control_worker
-from workflows.contracts import ActivityName, EvictCommand
+from workflows.contracts import UPDATED_KEY, ActivityName, EvictCommand
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +85,10 @@ async def test_thirty_models_on_room_for_three_come_to_rest(
                     listed = await wait_for(at_rest, timeout=240, interval=1, what="30 models at rest, 3 loaded")
                     resting = [m for m in listed.values() if m["phase"] == Phase.UNLOADED]
                     assert len(resting) == 27
+                    for name in names:
+                        # When the summary was written: a gateway's later listings ask for those since.
+                        info = await client.get_workflow_handle(workflow_id(name)).describe()
+                        assert info.typed_search_attributes.get(UPDATED_KEY) is not None, name
                     for m in resting:
                         # Analyzed and decided, with the reason it rests: it costs nothing until asked.
                         assert m["rest_reason"].startswith("not preloaded: no free room on any node"), m

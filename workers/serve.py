@@ -77,6 +77,9 @@ async def temporal_client(
     )
     client = await embedded.start(settings.temporal.startup_timeout_seconds)
     try:
+        # Its --search-attribute flags register only on a new database: one made by an older
+        # version lacks the attributes added since, and an upsert of those would fail.
+        await ensure_search_attributes(client)
         yield client, embedded
     finally:
         await asyncio.to_thread(embedded.stop)

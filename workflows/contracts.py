@@ -9,6 +9,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from temporalio.common import SearchAttributeKey
@@ -68,7 +69,10 @@ MODEL_KEY = SearchAttributeKey.for_keyword("ModeliumModel")
 PHASE_KEY = SearchAttributeKey.for_keyword("ModeliumPhase")
 RUNTIME_KEY = SearchAttributeKey.for_keyword("ModeliumRuntime")
 NODE_KEY = SearchAttributeKey.for_keyword("ModeliumNode")
-SEARCH_ATTRIBUTES = (MODEL_KEY, PHASE_KEY, RUNTIME_KEY, NODE_KEY)
+# When the workflow last wrote its summary (STATE_MEMO): a gateway keeping every model's summary
+# asks only for those written since its last look.
+UPDATED_KEY = SearchAttributeKey.for_datetime("ModeliumUpdatedAt")
+SEARCH_ATTRIBUTES = (MODEL_KEY, PHASE_KEY, RUNTIME_KEY, NODE_KEY, UPDATED_KEY)
 # Memo key under which each ModelLifecycle keeps its `ModelState` in the visibility store: one
 # List call reads every model's summary, with no per-workflow query.
 STATE_MEMO = "state"
@@ -91,6 +95,13 @@ def running_models_query(**equals: str) -> str:
     clauses = [f'WorkflowType="{WORKFLOW_TYPE}"', 'ExecutionStatus="Running"']
     clauses += [f'{key}="{value}"' for key, value in equals.items()]
     return " AND ".join(clauses)
+
+
+def models_changed_query(since: datetime) -> str:
+    """Visibility query for the ModelLifecycle runs whose summary was written, or which started
+    or ended, at `since` or later (whatever their status: an ended run is a removed model)."""
+    at = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return f'WorkflowType="{WORKFLOW_TYPE}" AND ({UPDATED_KEY.name}>="{at}" OR StartTime>="{at}" OR CloseTime>="{at}")'
 
 
 async def listed_state(execution: WorkflowExecution) -> ModelState | None:

@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
         PHASE_KEY,
         RUNTIME_KEY,
         STATE_MEMO,
+        UPDATED_KEY,
         WORKFLOW_TYPE,
         ActivityName,
         CapacityFreed,
@@ -941,6 +942,9 @@ class ModelLifecycleWorkflow:
             return
         self._summary, self._summary_at = key, now
         workflow.upsert_memo({STATE_MEMO: st})
+        if workflow.patched("listed-since"):
+            # Lets a gateway that keeps every summary ask for those written since it last looked.
+            workflow.upsert_search_attributes([UPDATED_KEY.value_set(workflow.now())])
 
     def _details(self) -> str:
         """What the Temporal UI shows as this workflow's current details (Markdown)."""
