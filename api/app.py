@@ -27,7 +27,7 @@ from modelium.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-STATE_REFRESH_SECONDS = 5.0
+STATE_REFRESH_SECONDS = 15.0
 
 
 def temporal_address(settings: Settings) -> str:

@@ -1,7 +1,9 @@
 """Whether the gateway can reach Temporal right now, known without waiting on a request.
 
 While Temporal is down every call to it would wait out the client's retries (seconds) before it
-fails. A probe checks Temporal's health every `interval`; a failed call marks it down at once.
+fails. A probe checks Temporal's health every `up_interval` while it answers and every `interval`
+after a failed probe or while it is down (to see it back soon); any call that finds it
+unreachable marks it down at once, so a request does not wait for the next probe.
 While it is down, requests that need it fail at once with 503 and Retry-After, and loaded models
 keep being served from their last known endpoints (`api.registry`).
 """
@@ -36,9 +38,10 @@ def is_unreachable(exc: BaseException) -> bool:
 
 
 class ControlPlane:
-    def __init__(self, client: Client, interval: float = 1.0) -> None:
+    def __init__(self, client: Client, interval: float = 1.0, up_interval: float = 5.0) -> None:
         self._client = client
         self._interval = interval
+        self._up_interval = up_interval
         self._down_since: float | None = None
         self.last_error = ""
         self._task: asyncio.Task[None] | None = None
@@ -120,5 +123,5 @@ class ControlPlane:
 
     async def _probe_forever(self) -> None:
         while True:
-            await self.check()
-            await asyncio.sleep(self._interval)
+            answered = await self.check()
+            await asyncio.sleep(self._up_interval if answered else self._interval)
