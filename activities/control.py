@@ -70,15 +70,15 @@ async def no_residents() -> list[Resident]:
 
 
 class RegistryNodes:
-    """The node agents that announced themselves within `alive_seconds`, from their workflows."""
+    """The node agents not declared lost, from their workflows (each declares its node lost once
+    it missed `node.lost_after_seconds` of announcements, and marks it so in its memo)."""
 
     # Inventories are announced every few seconds anyway: decisions within this long of each
     # other share one read (a burst of thousands of registrations would query once each).
     FRESH_SECONDS = 0.5
 
-    def __init__(self, client: Client, alive_seconds: float) -> None:
+    def __init__(self, client: Client) -> None:
         self._client = client
-        self._alive_seconds = alive_seconds
         self._read: tuple[float, asyncio.Task[list[NodeInventory]]] | None = None
 
     async def __call__(self) -> list[NodeInventory]:
@@ -92,7 +92,6 @@ class RegistryNodes:
     async def _read_nodes(self) -> list[NodeInventory]:
         """From one List call: each node workflow keeps its inventory in its memo. One that does
         not (started by an older version) is asked by query."""
-        now = time.time()
         found: list[NodeInventory] = []
         unlisted: list[str] = []
         async for execution in self._client.list_workflows(running_nodes_query()):
@@ -114,7 +113,7 @@ class RegistryNodes:
 
         # All at once: one node workflow that cannot answer costs one timeout, not one each.
         found += [inv for inv in await asyncio.gather(*(one(i) for i in unlisted)) if inv is not None]
-        return [inv for inv in found if inv.lost is None and now - inv.announced_at <= self._alive_seconds]
+        return [inv for inv in found if inv.lost is None]
 
 
 class RegistryResidents:
@@ -198,14 +197,18 @@ class ControlActivities:
 
     @activity.defn(name=ActivityName.DECIDE_RUNTIME)
     async def decide_runtime(self, request: DecideRequest) -> Decision:
-        nodes = await self._nodes()
+        async def usable() -> list[NodeInventory]:
+            return [n for n in await self._nodes() if n.node not in request.avoid_nodes]
+
+        nodes = await usable()
         # At start-up the node agents' first announcements may not be read yet: a model found in
         # that moment waits for one a little rather than resting for want of a node.
         deadline = time.monotonic() + NODE_WAIT_SECONDS
         while not nodes and time.monotonic() < deadline:
-            activity.heartbeat("waiting for a node agent to announce itself")
+            if not activity.info().is_local:  # a local activity (the usual) has no heartbeat
+                activity.heartbeat("waiting for a node agent to announce itself")
             await asyncio.sleep(0.5)
-            nodes = await self._nodes()
+            nodes = await usable()
         policy = EvictionPolicy(
             now=time.time(),
             min_resident_seconds=self._eviction.min_resident_seconds,

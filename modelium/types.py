@@ -248,6 +248,9 @@ class DecideRequest:
     overrides: ModelOverrides | None = None
     # Only demand (a request, a manual load, a pin) may evict; a preload takes free room or none.
     may_evict: bool = True
+    # Nodes this model was just told are lost: not chosen again even if the listing of nodes
+    # read for this decision is from before they were marked lost.
+    avoid_nodes: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -9,6 +9,7 @@ memory budget is set to a few of these models' bookings.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from pathlib import Path
@@ -38,12 +39,16 @@ def _room_for(model: Path, n: int) -> tuple[int, int]:
 
 
 async def _activities(client: Client, name: str) -> list[str]:
-    """Every activity the model's workflow scheduled, in order (all its runs)."""
+    """Every activity the model's workflow ran, in order (all its runs): those scheduled on a
+    task queue, and the local ones (analysis, placement), which the history records as markers."""
     handle = client.get_workflow_handle(workflow_id(name))
     found = []
     async for event in handle.fetch_history_events():
         if event.HasField("activity_task_scheduled_event_attributes"):
             found.append(event.activity_task_scheduled_event_attributes.activity_type.name)
+        elif event.marker_recorded_event_attributes.marker_name == "core_local_activity":
+            data = event.marker_recorded_event_attributes.details["data"].payloads[0].data
+            found.append(json.loads(data)["activity_type"])
     return found
 
 
@@ -98,6 +103,7 @@ async def test_thirty_models_on_room_for_three_come_to_rest(
                     assert 3 * booking <= running.node.ledger.booked("cpu") <= capacity
                     before = {n: await _activities(client, n) for n in names}
                     for activities in before.values():
+                        assert ActivityName.DECIDE_RUNTIME in activities  # each decided once, as it arrived
                         assert ActivityName.EVICT_MODELS not in activities
 
                     # A further 60 s with nobody asking: no decision, booking or eviction anywhere.

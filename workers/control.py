@@ -17,7 +17,6 @@ from modelium.runtimes.embedded import NAME as EMBEDDED
 from modelium.runtimes.ray_serve import NAME as RAY_SERVE
 from modelium.runtimes.triton import NAME as TRITON
 from modelium.runtimes.vllm import NAME as VLLM
-from workers.node import LOST_AFTER_ANNOUNCEMENTS
 from workflows.contracts import running_models_query
 from workflows.lifecycle import ModelLifecycleWorkflow
 from workflows.nodes import NodeRegistryWorkflow
@@ -93,7 +92,7 @@ async def count_models(client: Client, settings: Settings) -> int:
 def control_worker(client: Client, settings: Settings, metrics: Metrics | None = None, *, models: int = 0) -> Worker:
     acts = ControlActivities(
         available_runtimes(settings),
-        RegistryNodes(client, alive_seconds=LOST_AFTER_ANNOUNCEMENTS * settings.node.announce_seconds),
+        RegistryNodes(client),
         residents=RegistryResidents(client),
         eviction=settings.orchestration.eviction,
         llm=settings.brain.llm,

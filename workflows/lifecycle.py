@@ -66,6 +66,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 _T = TypeVar("_T")
+_R = TypeVar("_R")
 _QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=3)
 _NODE_STEP = RetryPolicy(
     initial_interval=timedelta(seconds=2),
@@ -123,6 +124,8 @@ class ModelLifecycleWorkflow:
         self._upserted: tuple[str | None, str | None, str | None] | None = None
         # A node declared lost that this model was placed on (`node_lost`), until handled.
         self._lost_node: str | None = None
+        # The node just lost: the next decision does not choose it, whatever the listing says.
+        self._avoid_node: str | None = None
         self._lost_reason = ""
         # Demand, which alone may evict or wait for capacity: a manual load holds until the model
         # loads; requests' demands (id -> deadline) end when they time out or are withdrawn.
@@ -135,6 +138,7 @@ class ModelLifecycleWorkflow:
         self._summary: tuple[object, ...] | None = None
         self._summary_at = 0.0
         self._demand_driven = False
+        self._local_steps = False
         self._lost_races = 0
 
     # -- messages ------------------------------------------------------------------------------
@@ -408,6 +412,10 @@ class ModelLifecycleWorkflow:
         # Histories recorded before demand-driven placement replay as they ran: they preloaded
         # with eviction, woke every waiter, and kept no summary memo.
         self._demand_driven = workflow.patched("demand-driven")
+        # Analysis and placement run as local activities: each is milliseconds of work in this
+        # worker, and as task-queue activities they were two round trips through Temporal and two
+        # more workflow tasks per model (a third of a 1,000-model registration burst).
+        self._local_steps = workflow.patched("local-control-steps")
         self._set_phase(self._state.phase)
         while True:
             if self._lost_node is not None:
@@ -442,6 +450,7 @@ class ModelLifecycleWorkflow:
         """Write off what the model had on the lost node, and place it again if it was wanted."""
         node, reason, st = self._lost_node, self._lost_reason, self._state
         self._lost_node = None
+        self._avoid_node = node
         if st.booking is not None and st.booking.node == node:
             workflow.logger.warning("model %s: booking on lost node %s written off", st.name, node)
             st.booking = None
@@ -487,12 +496,12 @@ class ModelLifecycleWorkflow:
         try:
             if self._analysis is None:
                 self._set_phase(Phase.ANALYZING)
-                self._analysis = await workflow.execute_activity(
+                self._analysis = await self._control_step(
                     ActivityName.ANALYZE_MODEL,
                     ModelSource(self._state.name, self._state.path, self._state.fingerprint),
-                    result_type=ModelAnalysis,
-                    start_to_close_timeout=timedelta(minutes=2),
-                    retry_policy=replace(_QUICK, non_retryable_error_types=[ErrorType.BAD_MODEL_DIRECTORY]),
+                    ModelAnalysis,
+                    timedelta(minutes=2),
+                    replace(_QUICK, non_retryable_error_types=[ErrorType.BAD_MODEL_DIRECTORY]),
                 )
                 self._state.task = self._analysis.task
                 self._state.analysis_summary = self._analysis.summary()
@@ -504,14 +513,20 @@ class ModelLifecycleWorkflow:
             step = "decide"
             self._set_phase(Phase.DECIDING)
             demanded = self._demanded() or not self._demand_driven
-            decision = await workflow.execute_activity(
+            decision = await self._control_step(
                 ActivityName.DECIDE_RUNTIME,
-                DecideRequest(self._analysis, overrides=self._analysis.overrides, may_evict=demanded),
-                result_type=Decision,
-                start_to_close_timeout=timedelta(minutes=1),
-                retry_policy=replace(_QUICK, non_retryable_error_types=[ErrorType.NO_RUNTIME]),
+                DecideRequest(
+                    self._analysis,
+                    overrides=self._analysis.overrides,
+                    may_evict=demanded,
+                    avoid_nodes=[self._avoid_node] if self._avoid_node else [],
+                ),
+                Decision,
+                timedelta(minutes=1),
+                replace(_QUICK, non_retryable_error_types=[ErrorType.NO_RUNTIME]),
             )
             self._state.decision = decision
+            self._avoid_node = None
             self._state.runtime, self._state.node = decision.runtime, decision.node
             self._state.device = decision.device
             workflow.logger.info(
@@ -906,6 +921,19 @@ class ModelLifecycleWorkflow:
         if wake_waiters and workflow.patched("notify-waiting-on-release"):
             # Models waiting for capacity decide again now rather than at their next backoff.
             await self._notify_waiting(CapacityFreed(freed.node, self._state.name, freed.bytes))
+
+    async def _control_step(
+        self, name: str, arg: object, result_type: type[_R], timeout: timedelta, retry: RetryPolicy
+    ) -> _R:
+        """Run a control activity (analysis, placement): local to this worker, or (histories from
+        before) on the control task queue."""
+        if self._local_steps:
+            return await workflow.execute_local_activity(
+                name, arg, result_type=result_type, start_to_close_timeout=timeout, retry_policy=retry
+            )
+        return await workflow.execute_activity(
+            name, arg, result_type=result_type, start_to_close_timeout=timeout, retry_policy=retry
+        )
 
     async def _continue_as_new(self) -> None:
         await workflow.wait_condition(workflow.all_handlers_finished)
