@@ -132,10 +132,10 @@ def run(n: int, workdir: Path, template: Path, capacity: int, idle_seconds: floa
         full = [timed_get(http, f"{served.url}/models")[0] for _ in range(7)]
         page = [timed_get(http, f"{served.url}/models", limit=100)[0] for _ in range(15)]
         body = {"model": hot, "prompt": "Hello", "max_tokens": 1}
-        for _ in range(5):
+        for _ in range(20):
             http.post(f"{served.url}/v1/completions", json=body)
         latencies = []
-        for _ in range(50):
+        for _ in range(200):
             t0 = time.perf_counter()
             answer = http.post(f"{served.url}/v1/completions", json=body)
             latencies.append(time.perf_counter() - t0)
