@@ -99,7 +99,15 @@ class ControlPlane:
     async def check(self) -> bool:
         """Ask Temporal now; the answer also updates `available`. Returns whether it answered."""
         try:
-            await self._client.service_client.check_health(timeout=PROBE_TIMEOUT)
+            started = time.monotonic()
+            try:
+                await self._client.service_client.check_health(timeout=PROBE_TIMEOUT)
+            except RPCError as exc:
+                if is_unreachable(exc) or time.monotonic() - started > 1.0:
+                    raise
+                # Failed at once but not refused: the first call after a server dies fails on its
+                # dropped connection ("transport error"); asked again, a dead server refuses.
+                await self._client.service_client.check_health(timeout=PROBE_TIMEOUT)
         except Exception as exc:
             if is_unreachable(exc):
                 self.mark_down(str(exc) or type(exc).__name__)
