@@ -235,10 +235,12 @@ class FleetIndex:
     """Every model's summary as the visibility store lists it, kept here between listings.
 
     The first listing reads them all (10 pages at 10,000 models: seconds). Each later one asks
-    only for the runs whose summary was written, or which started or ended, since the latest
-    change it saw (less an overlap): one List call whose size is the churn, not the fleet. Times
-    compared are all the server's (workflow time, start and close times), so clocks here do not
-    matter. Every FULL_LISTING_SECONDS a full listing is read again in the background."""
+    only for the runs whose summary was written since the latest one it saw (less an overlap):
+    one List call whose size is the churn, not the fleet. A new model, or a new run of one,
+    writes its summary as it starts; a removed one writes `removed` as it ends. The times
+    compared are all the workflows' (the server's clock), so clocks here do not matter. What
+    writes no summary (a workflow terminated by hand, one from before the summary's time was
+    kept) is caught by the full listing read again every FULL_LISTING_SECONDS in the background."""
 
     def __init__(self, client: Client, overlap: timedelta = CHANGES_OVERLAP) -> None:
         self._client = client
@@ -312,7 +314,7 @@ class FleetIndex:
 
     def _see(self, executions: Iterable[WorkflowExecution]) -> None:
         for execution in executions:
-            times = [execution.start_time, execution.close_time, execution.typed_search_attributes.get(UPDATED_KEY)]
-            for at in times:
-                if at is not None and (self._latest is None or at > self._latest):
-                    self._latest = at
+            # Runs from before the summary's time was kept: their start time, until they write one.
+            at = execution.typed_search_attributes.get(UPDATED_KEY) or execution.start_time
+            if self._latest is None or at > self._latest:
+                self._latest = at

@@ -114,8 +114,16 @@ def run(n: int, workdir: Path, template: Path, capacity: int, idle_seconds: floa
         started = time.monotonic()
         link_models(template, served.incoming, n)
         linked = time.monotonic() - started
+        refused = 0
         while True:
-            _, response = timed_get(http, f"{served.url}/models")
+            response = http.get(f"{served.url}/models")
+            if response.status_code != 200:
+                # Counted and printed: a busy control plane may answer 503 (retry) meanwhile.
+                refused += 1
+                print(f"N={n}: GET /models answered {response.status_code} while registering: "
+                      f"{response.text[:200]}", flush=True)  # fmt: skip
+                time.sleep(5.0)
+                continue
             models = response.json()["models"]
             phases = [m["phase"] for m in models]
             # At rest: every model listed, none on its way anywhere. (Those preloaded first may
@@ -173,6 +181,7 @@ def run(n: int, workdir: Path, template: Path, capacity: int, idle_seconds: floa
             "idle_cpu_temporal_s_per_min": temporal_idle * 60 / idle_seconds,
             "idle_loads_per_min": loads * 60 / idle_seconds,
             "idle_evictions_per_min": evictions * 60 / idle_seconds,
+            "list_refused_while_registering": refused,
         }
 
 

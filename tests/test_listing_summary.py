@@ -49,7 +49,7 @@ def test_fields_written_by_a_newer_version_are_skipped() -> None:
 @workflow.defn(name=WORKFLOW_TYPE, sandboxed=False)  # the test module imports the gateway
 class SummaryWriter:
     """Writes a summary the way ModelLifecycle does (memo and its time), on start and on each
-    `phase` signal; `again` continues it as new. It stands in for ModelLifecycle so that the
+    `phase` signal, and ends once `removed`; `again` continues it as new. It stands in for ModelLifecycle so that the
     test controls exactly which summaries change: under test is the gateway's index."""
 
     def __init__(self) -> None:
@@ -59,13 +59,15 @@ class SummaryWriter:
     @workflow.run
     async def run(self, name: str, phase: str) -> None:
         self._write(name, phase)
-        await workflow.wait_condition(lambda: self._again or self._phase is not None)
-        while not self._again:
-            if self._phase is not None:
-                self._write(name, self._phase)
-                self._phase = None
+        while True:
             await workflow.wait_condition(lambda: self._again or self._phase is not None)
-        workflow.continue_as_new(args=[name, "unloaded"])
+            if self._again:
+                workflow.continue_as_new(args=[name, "unloaded"])
+            assert self._phase is not None
+            self._write(name, self._phase)
+            if self._phase == "removed":
+                return  # as ModelLifecycle ends once removed
+            self._phase = None
 
     def _write(self, name: str, phase: str) -> None:
         state = ModelState(name=name, path=f"/models/{name}", phase=phase, updated_at=workflow.now().timestamp())
@@ -123,16 +125,21 @@ async def test_fleet_index_reads_everything_once_then_only_changes() -> None:
             # One summary changes, one model is removed (its workflow ends), one is added, and
             # one continues as new.
             await handles["m03"].signal(SummaryWriter.phase, "loaded")
-            await handles["m05"].terminate("removed")
+            await handles["m05"].signal(SummaryWriter.phase, "removed")
             handles["m12"] = await start("m12")
             await handles["m07"].signal(SummaryWriter.again)
             expected = {n: "unloaded" for n in names if n != "m05"} | {"m03": "loaded", "m12": "unloaded"}
             await in_store(expected)
             assert await listed_by(fleet) == expected
-            # The latest of before (m11), the changed, the removed, the added, both runs of m07.
-            assert fleet.last_read <= 6, f"listing the changes read {fleet.last_read} runs"
+            # The latest of before (m11), the changed, the removed, the added, the new run of m07.
+            assert fleet.last_read <= 5, f"listing the changes read {fleet.last_read} runs"
+
+            # A workflow terminated by hand writes no summary: the next full read drops it.
+            await handles["m09"].terminate("by hand")
+            del expected["m09"]
+            await in_store(expected)
             for name, handle in handles.items():
-                if name != "m05":
+                if name not in ("m05", "m09"):
                     await client.get_workflow_handle(handle.id).terminate("test over")
     finally:
         await env.shutdown()
