@@ -141,6 +141,8 @@ class ModelFolderWatcher:
         self._lock = threading.Lock()
         self._scanned = asyncio.Event()
         self._warned: set[Path] = set()
+        # Each watched directory's modification time when _rescan last listed it.
+        self._listed_mtime: dict[Path, int] = {}
 
     @property
     def directories(self) -> list[Path]:
@@ -229,19 +231,29 @@ class ModelFolderWatcher:
     def _rescan(self, known: set[Path]) -> None:
         """List the watched directories again: events can be lost (the kernel's inotify queue
         overflows when thousands of folders arrive at once), and a folder nobody saw arrive, or
-        leave, must not stay unseen. One listing of names, no walk: cheap at 10,000 folders."""
-        present = set()
+        leave, must not stay unseen. A directory whose modification time is the same as at its
+        last listing had no folder added, removed or renamed: it is not listed again (at 10,000
+        folders a listing costs about 20 ms, every 10 s)."""
+        by_root: dict[Path, set[str]] | None = None
         for root in self._dirs:
             try:
-                children = list(root.iterdir())
+                mtime = root.stat().st_mtime_ns
+                if self._listed_mtime.get(root) == mtime:
+                    continue
+                names = os.listdir(root)
             except OSError:
                 continue
-            present.update(children)
-            for child in children:
-                if child not in known and child not in self._warned and not child.name.startswith("."):
-                    self._mark(root, child.name)
-        for path in known - present:
-            self._mark(path.parent, path.name)
+            self._listed_mtime[root] = mtime
+            if by_root is None:
+                by_root = {}
+                for path in known:
+                    by_root.setdefault(path.parent, set()).add(path.name)
+            seen = by_root.get(root, set())
+            for name in set(names) - seen:
+                if not name.startswith(".") and root / name not in self._warned:
+                    self._mark(root, name)
+            for name in seen - set(names):
+                self._mark(root, name)
 
     async def _tick(self) -> None:
         now = time.monotonic()
