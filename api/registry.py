@@ -267,9 +267,10 @@ class FleetIndex:
             return
 
         async def refresh() -> None:
+            # Without the lock: listings go on meanwhile. A change they applied that this read
+            # (begun earlier) misses is within the overlap, so the next listing reads it again.
             try:
-                async with self._lock:
-                    await self._read_all()
+                await self._read_all()
             except RPCError as exc:
                 log.info("background model listing failed: %s", exc.message)
             finally:
@@ -278,6 +279,7 @@ class FleetIndex:
         self._refresh = asyncio.create_task(refresh(), name="full-listing")
 
     async def _read_all(self) -> None:
+        """Every running model's summary; the index is replaced at the end, in one step."""
         started = time.monotonic()
         executions = [e async for e in self._client.list_workflows(running_models_query(), page_size=1000)]
         runs = {}
