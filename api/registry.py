@@ -172,10 +172,14 @@ class ModelRegistry:
         except RPCError as exc:
             if page_token is not None and exc.status == RPCStatusCode.INVALID_ARGUMENT:
                 raise BadRequest(f"page_token was not accepted: {exc.message}", param="page_token") from None
-            if is_unreachable(exc):
-                self._control.mark_down(exc.message)
-            raise ControlPlaneUnavailable(f"cannot list models: {exc.message}", retry_after=5) from exc
+            raise self._list_failed(exc) from exc
         return found, token
+
+    def _list_failed(self, exc: RPCError) -> ControlPlaneUnavailable:
+        """The error a failed List call answers with (and Temporal marked down if unreachable)."""
+        if is_unreachable(exc):
+            self._control.mark_down(exc.message)
+        return ControlPlaneUnavailable(f"cannot list models: {exc.message}", retry_after=5)
 
     def _freshest(self, state: ModelState) -> ModelState:
         """The listed summary, with what this gateway knows to be newer: the last request it
@@ -195,9 +199,7 @@ class ModelRegistry:
         try:
             states = [self._freshest(s) for s in await self._fleet.states()]
         except RPCError as exc:
-            if is_unreachable(exc):
-                self._control.mark_down(exc.message)
-            raise ControlPlaneUnavailable(f"cannot list models: {exc.message}", retry_after=5) from exc
+            raise self._list_failed(exc) from exc
         present = {s.name for s in states}
         for gone in (set(self._cache) | set(self._last_loaded)) - present:
             self.invalidate(gone)

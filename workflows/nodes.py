@@ -72,7 +72,7 @@ class NodeRegistryWorkflow:
         memo = workflow.patched("inventory-memo")
         if memo and workflow.patched("quiet-announce"):
             await self._watch(lost_after or 0.0)
-        while not (self._left is not None or workflow.info().is_continue_as_new_suggested()):
+        while not self._ending():
             if memo:
                 # Placement reads it from the visibility store: no query to this workflow, which
                 # a control worker busy with thousands of registrations would answer late.
@@ -119,7 +119,7 @@ class NodeRegistryWorkflow:
         return self._ending() or _differs(written, self.inventory())
 
     def _woken(self, seen: int) -> bool:
-        return self._announcements != seen or self._left is not None or workflow.info().is_continue_as_new_suggested()
+        return self._announcements != seen or self._ending()
 
     async def _declare_lost(self, silent: float, *, list_first: bool = False) -> None:
         """Mark the node lost and tell its models. `list_first`: the memo says so before they
