@@ -19,6 +19,7 @@ from api.deps import Gateway
 from api.limits import BodyLimit, HeadAsGet
 from api.registry import ModelRegistry
 from api.routes import health, inference, models, openai
+from api.temporal_client import connect_temporal
 from api.upstream import UpstreamPool
 from api.usage import UsageBatcher
 from modelium import __version__
@@ -28,10 +29,6 @@ from modelium.metrics import Metrics
 log = logging.getLogger(__name__)
 
 STATE_REFRESH_SECONDS = 15.0
-
-
-def temporal_address(settings: Settings) -> str:
-    return settings.temporal.address or f"127.0.0.1:{settings.temporal.port}"
 
 
 def create_app(
@@ -46,7 +43,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gw_settings = settings.gateway
-        temporal = client or await Client.connect(temporal_address(settings), namespace=settings.temporal.namespace)
+        temporal = client or await connect_temporal(settings)
         own_metrics = metrics or Metrics()
         control = ControlPlane(temporal)
         control.start()

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from modelium.names import CONTROL_TASK_QUEUE, sanitize_node_id, validate_model_name
 from modelium.types import MAX_DURATION_SECONDS, MIN_IDLE_SECONDS
@@ -185,9 +194,35 @@ class Metrics(_Section):
     port: int = Field(default=9090, ge=0, le=65535)
 
 
+class TemporalTls(_Section):
+    """TLS to a Temporal cluster: mTLS (a client certificate and its key, the cluster's CA) or
+    Temporal Cloud (the system's roots, with `temporal.api_key`). Files are PEM."""
+
+    # None: on when any file below or temporal.api_key is set.
+    enabled: bool | None = None
+    # The CA that signed the server's certificate; None: the system's roots.
+    ca_cert: FilePath | None = None
+    client_cert: FilePath | None = None
+    client_key: FilePath | None = None
+    # The name the server's certificate is checked against, when it is not the address's host.
+    server_name: str | None = Field(default=None, min_length=1, max_length=253)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TemporalTls:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together (mTLS needs both)")
+        files = self.ca_cert or self.client_cert or self.server_name
+        if self.enabled is False and files:
+            raise ValueError("enabled is false, but certificates or server_name are set")
+        return self
+
+
 class Temporal(_Section):
     # None: start an embedded dev server (SQLite under state_dir). Otherwise host:port of a cluster.
     address: str | None = None
+    tls: TemporalTls = Field(default_factory=TemporalTls)
+    # Sent as a bearer token on every call (Temporal Cloud API keys); never printed.
+    api_key: SecretStr | None = None
     namespace: str = "default"
     # The task queue of control workers; node agents each use modelium-node-<node id>.
     control_task_queue: str = CONTROL_TASK_QUEUE
@@ -199,6 +234,21 @@ class Temporal(_Section):
     # None: sized from the number of models, at most 4,000; one not cached replays its history
     # (milliseconds) on its next signal or query.
     max_cached_workflows: int | None = Field(default=None, ge=10, le=1_000_000)
+
+    @property
+    def uses_tls(self) -> bool:
+        if self.tls.enabled is not None:
+            return self.tls.enabled
+        return bool(self.tls.ca_cert or self.tls.client_cert or self.tls.server_name or self.api_key)
+
+    @model_validator(mode="after")
+    def _remote_only(self) -> Temporal:
+        if self.address is None and (self.uses_tls or self.api_key):
+            raise ValueError(
+                "tls and api_key are for a Temporal cluster: set temporal.address too "
+                "(the embedded dev server listens on loopback without them)"
+            )
+        return self
 
 
 class ApiKey(_Section):

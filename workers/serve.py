@@ -20,7 +20,8 @@ import uvicorn
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from api.app import create_app, temporal_address
+from api.app import create_app
+from api.temporal_client import connect_temporal
 from modelium.config import Settings
 from modelium.gpu import GpuReader
 from modelium.metrics import Metrics
@@ -64,7 +65,7 @@ async def temporal_client(
     """Connect to `temporal.address`; or, when it is unset, start the embedded dev server (only
     `serve` may: the single-part commands connect to the one `serve` or a cluster runs)."""
     if settings.temporal.address or not embedded_ok:
-        client = await Client.connect(temporal_address(settings), namespace=settings.temporal.namespace)
+        client = await connect_temporal(settings)
         await ensure_search_attributes(client)
         yield client, None
         return
