@@ -36,25 +36,29 @@ def create_app(
     *,
     client: Client | None = None,
     metrics: Metrics | None = None,
+    control: ControlPlane | None = None,
 ) -> FastAPI:
-    """Build the gateway. `client` and `metrics` are shared with the caller when given
-    (`modelium serve` runs everything in one process); otherwise the lifespan makes its own."""
+    """Build the gateway. `client`, `metrics` and `control` (the probe of Temporal, started by its
+    owner) are shared with the caller when given (`modelium serve` runs everything in one
+    process); otherwise the lifespan makes its own."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gw_settings = settings.gateway
         temporal = client or await connect_temporal(settings)
         own_metrics = metrics or Metrics()
-        control = ControlPlane(temporal)
-        control.start()
-        registry = ModelRegistry(temporal, gw_settings.endpoint_cache_seconds, control)
+        probe = control or ControlPlane(temporal, gauge=own_metrics.temporal_up)
+        if control is None:
+            probe.start()
+        registry = ModelRegistry(temporal, gw_settings.endpoint_cache_seconds, probe)
         own_metrics.track_idle(registry.last_use)
+        own_metrics.track_phases(registry.phase_counts)
         usage = UsageBatcher(temporal, gw_settings.usage_flush_seconds, settings.state_dir / "gateway" / "usage")
         usage.start()
         refresher = asyncio.create_task(registry.refresh_forever(STATE_REFRESH_SECONDS), name="state-refresh")
         upstream = UpstreamPool(timeout=gw_settings.request_timeout_seconds)
         cold = ColdStarts(
-            temporal, registry, own_metrics, control,
+            temporal, registry, own_metrics, probe,
             timeout=gw_settings.cold_start_timeout_seconds, max_waiting=gw_settings.max_waiting_requests,
         )  # fmt: skip
         app.state.gateway = Gateway(
@@ -66,7 +70,7 @@ def create_app(
             metrics=own_metrics,
             cold=cold,
             keys=keys,
-            control=control,
+            control=probe,
         )
         try:
             yield
@@ -76,7 +80,8 @@ def create_app(
                 await refresher
             await usage.stop()
             await upstream.aclose()
-            await control.stop()
+            if control is None:
+                await probe.stop()
 
     keys = KeyRing(settings.gateway.api_keys)
     if not keys.enabled and not _is_loopback(settings.gateway.host):

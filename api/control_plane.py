@@ -18,6 +18,7 @@ from collections.abc import Awaitable
 from datetime import timedelta
 from typing import TypeVar
 
+from prometheus_client import Gauge
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -43,8 +44,14 @@ def _timed_out(exc: RPCError) -> bool:
 
 
 class ControlPlane:
-    def __init__(self, client: Client, interval: float = 1.0, up_interval: float = 5.0) -> None:
+    def __init__(
+        self, client: Client, interval: float = 1.0, up_interval: float = 5.0, gauge: Gauge | None = None
+    ) -> None:
         self._client = client
+        # modelium_temporal_up: 1 while Temporal answers (the client just connected), else 0.
+        self._gauge = gauge
+        if gauge is not None:
+            gauge.set(1)
         self._interval = interval
         self._up_interval = up_interval
         self._down_since: float | None = None
@@ -90,6 +97,8 @@ class ControlPlane:
         if self._down_since is None:
             self._down_since = time.monotonic()
             self._went_down.set()
+            if self._gauge is not None:
+                self._gauge.set(0)
             log.warning("Temporal is unreachable (%s); loaded models are served from their last known endpoints",
                         error)  # fmt: skip
         self.last_error = error
@@ -99,6 +108,8 @@ class ControlPlane:
             log.warning("Temporal is reachable again after %.1fs", time.monotonic() - self._down_since)
             self._down_since = None
             self._went_down.clear()
+            if self._gauge is not None:
+                self._gauge.set(1)
             self.last_error = ""
 
     async def check(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
@@ -49,6 +50,7 @@ class ModelRegistry:
         self._last_request: dict[str, float] = {}
         # The loaded models as last listed (refresh_forever), for the idle gauge.
         self._listed_loaded: dict[str, ModelState] = {}
+        self._phases: Counter[str] = Counter()
         self._fleet = FleetIndex(client)
 
     async def get(self, model: str, *, fresh: bool = False, timeout: timedelta = QUERY_TIMEOUT) -> ModelState | None:
@@ -206,15 +208,23 @@ class ModelRegistry:
         return sorted(states, key=lambda s: s.name)
 
     async def refresh_forever(self, interval: float) -> None:
-        """Keep the loaded models' summaries fresh for the idle gauge, with one List call of the
-        loaded models (a number bounded by memory, not by how many models exist)."""
+        """Keep the summaries behind the gauges fresh (idle seconds of loaded models, models by
+        phase) with one List call each time: the first reads every summary, later ones only those
+        written since (the fleet index GET /models keeps too)."""
         while True:
-            try:
-                states, _ = await self.listed(phase=Phase.LOADED)
-                self._listed_loaded = {s.name: s for s in states}
-            except ControlPlaneUnavailable as exc:
-                log.debug("state refresh skipped: %s", exc.message)
+            if self._control.available:
+                try:
+                    states = await self._fleet.states(full_refresh=False)
+                except RPCError as exc:
+                    log.debug("state refresh skipped: %s", exc.message)
+                else:
+                    self._listed_loaded = {s.name: s for s in states if s.phase == Phase.LOADED}
+                    self._phases = Counter(str(s.phase) for s in states)
             await asyncio.sleep(interval)
+
+    def phase_counts(self) -> dict[str, int]:
+        """Models by phase as last listed (empty until the first listing), for `modelium_models`."""
+        return dict(self._phases)
 
     def last_use(self) -> dict[str, float]:
         """Loaded models -> last use, for the idle-seconds gauge."""
@@ -255,13 +265,16 @@ class FleetIndex:
         self._lock = asyncio.Lock()
         self._refresh: asyncio.Task[None] | None = None
 
-    async def states(self) -> list[ModelState]:
+    async def states(self, *, full_refresh: bool = True) -> list[ModelState]:
+        """`full_refresh`: also start the periodic full read when it is due (listings for people
+        do; the gauges' refresh does not, so an idle gateway never reads the whole fleet again)."""
         async with self._lock:
             if self._latest is None:
                 await self._read_all()
             else:
                 await self._read_changes(self._latest - self._overlap)
-                self._refresh_in_background()
+                if full_refresh:
+                    self._refresh_in_background()
             return [state for _, state in self._runs.values()]
 
     def _refresh_in_background(self) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -15,6 +20,20 @@ log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Probes and scrapes every few seconds are not worth a log line each."""
+
 
 # model -> (last use, epoch seconds) for the models this process sees as loaded.
 IdleSource = Callable[[], dict[str, float]]
@@ -33,6 +52,21 @@ class _IdleCollector(Collector):
         now = time.time()
         for model, last_use in sorted(self._source().items()):
             family.add_metric([model], max(0.0, now - last_use))
+        yield family
+
+
+# phase -> how many models are in it, as this process last listed them (empty: not listed yet).
+PhaseSource = Callable[[], dict[str, int]]
+
+
+class _PhaseCollector(Collector):
+    def __init__(self, source: PhaseSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily("modelium_models", "Registered models by lifecycle phase", labels=["phase"])
+        for phase, count in sorted(self._source().items()):
+            family.add_metric([phase], count)
         yield family
 
 
@@ -77,7 +111,11 @@ class Metrics:
         self.evictions = Counter(
             "modelium_evictions", "Idle models unloaded to make room for another", ["node"], registry=r
         )
+        self.temporal_up = Gauge(
+            "modelium_temporal_up", "Whether this process reaches Temporal now (1) or not (0)", registry=r
+        )
         self._idle_collector: _IdleCollector | None = None
+        self._phase_collector: _PhaseCollector | None = None
 
     def track_idle(self, source: IdleSource) -> None:
         """Report `modelium_model_idle_seconds` from `source` at every scrape."""
@@ -86,8 +124,30 @@ class Metrics:
         self._idle_collector = _IdleCollector(source)
         self.registry.register(self._idle_collector)
 
-    def serve(self, host: str, port: int) -> Any:
-        """Expose /metrics on host:port in a background thread; returns the HTTP server."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def track_phases(self, source: PhaseSource) -> None:
+        """Report `modelium_models{phase}` from `source` at every scrape."""
+        if self._phase_collector is not None:
+            self.registry.unregister(self._phase_collector)
+        self._phase_collector = _PhaseCollector(source)
+        self.registry.register(self._phase_collector)
+
+    def serve(self, host: str, port: int, ready: Callable[[], str | None] | None = None) -> Any:
+        """Expose /metrics, and /health and /ready for probes, on host:port in a background thread;
+        returns the HTTP server. `ready` says why the process is not ready (None: it is)."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path in ("/health", "/ready"):
+                reason = ready() if ready is not None and path == "/ready" else None
+                status = "200 OK" if reason is None else "503 Service Unavailable"
+                body = json.dumps({"status": "ok"} if reason is None else {"status": "unavailable", "detail": reason})
+                start_response(status, [("Content-Type", "application/json")])
+                return [body.encode()]
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+        server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
+        server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         log.info("metrics on http://%s:%s/metrics", host, server.server_port)
         return server

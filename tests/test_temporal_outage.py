@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from modelium.runtimes.process import free_port, pid_alive
-from tests.conftest import copy_model, make_settings, serving_model, unique, wait_for, wait_phase
+from tests.conftest import copy_model, make_settings, metric_value, serving_model, unique, wait_for, wait_phase
 from tests.test_cli_serve import _children_of_state, _start, _stop, _wait
 from tests.test_node_restart import _serving
 from workers.temporal_server import EmbeddedTemporal
@@ -44,6 +44,19 @@ async def test_gateway_serves_loaded_models_and_fails_fast_while_temporal_is_dow
             assert (await http.post(f"/models/{resting}/unload", json={})).status_code == 200
             body = {"prompt": "Hi", "max_tokens": 2}
             assert (await http.post(f"/predict/{loaded}", json=body)).status_code == 200
+            # The metrics port answers the probes of a container (workers have no gateway), and
+            # the gauges say Temporal is up and how many models are in each phase.
+            probes = httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.metrics_port}", timeout=10)
+            assert (await probes.get("/health")).status_code == 200
+            assert (await probes.get("/ready")).status_code == 200
+
+            async def gauges(**expected: float) -> str | None:
+                text = (await probes.get("/metrics")).text
+                found = {k: metric_value(text, "modelium_models", phase=k) for k in expected if k != "up"}
+                found["up"] = metric_value(text, "modelium_temporal_up")
+                return text if found == expected else None
+
+            await wait_for(lambda: gauges(up=1, loaded=1, unloaded=1), timeout=40, what="the phase gauges")
 
             assert temporal.pid is not None
             os.killpg(temporal.pid, signal.SIGKILL)
@@ -51,6 +64,9 @@ async def test_gateway_serves_loaded_models_and_fails_fast_while_temporal_is_dow
                 lambda: _status(http.get("/ready"), 503), timeout=10, what="/ready to say Temporal is down"
             )
             assert "Temporal not reachable" in ready.json()["detail"]
+            down = await wait_for(lambda: _status(probes.get("/ready"), 503), timeout=10, what="metrics /ready 503")
+            assert "Temporal not reachable" in down.json()["detail"]
+            assert metric_value((await probes.get("/metrics")).text, "modelium_temporal_up") == 0
             # The loaded model answers from its last known endpoint, every time.
             for _ in range(10):
                 answer = await http.post(f"/predict/{loaded}", json=body)
@@ -69,6 +85,9 @@ async def test_gateway_serves_loaded_models_and_fails_fast_while_temporal_is_dow
             # Temporal back on the same database: ready again without any restart of the gateway.
             await temporal.start()
             await wait_for(lambda: _status(http.get("/ready"), 200), timeout=30, what="/ready again")
+            await wait_for(lambda: _status(probes.get("/ready"), 200), timeout=30, what="metrics /ready again")
+            assert metric_value((await probes.get("/metrics")).text, "modelium_temporal_up") == 1
+            await probes.aclose()
             answer = await wait_for(
                 lambda: _status(http.post(f"/predict/{resting}", json=body), 200), timeout=120,
                 what=f"{resting} loaded again once Temporal is back",

@@ -21,6 +21,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from api.app import create_app
+from api.control_plane import ControlPlane
 from api.temporal_client import connect_temporal
 from modelium.config import Settings
 from modelium.gpu import GpuReader
@@ -125,9 +126,20 @@ async def serve(
         running = Running(client=client, metrics=metrics, temporal=embedded)
         if gateway:
             _check_port(settings.gateway.host, settings.gateway.port, "gateway.port")
+        # One probe of Temporal per process: the gateway's /ready, the metrics port's /ready (the
+        # probe of a worker or watcher container) and modelium_temporal_up all read it.
+        control_plane = ControlPlane(client, gauge=metrics.temporal_up)
+        control_plane.start()
+        stack.push_async_callback(control_plane.stop)
         if settings.metrics.enabled:
             _check_port(settings.metrics.host, settings.metrics.port, "metrics.port")
-            server = metrics.serve(settings.metrics.host, settings.metrics.port)
+
+            def not_ready() -> str | None:
+                if control_plane.available:
+                    return None
+                return f"Temporal not reachable: {control_plane.last_error}"
+
+            server = metrics.serve(settings.metrics.host, settings.metrics.port, ready=not_ready)
             stack.callback(server.shutdown)
             running.metrics_port = server.server_port
         # Long-lived parts: if one ends on its own, everything stops. One-shot jobs may finish.
@@ -177,7 +189,7 @@ async def serve(
             stack.push_async_callback(agent.worker.shutdown)
             one_shot.append(asyncio.create_task(reconcile_node(client, agent), name="reconcile"))
         if gateway:
-            app = create_app(settings, client=client, metrics=metrics)
+            app = create_app(settings, client=client, metrics=metrics, control=control_plane)
             config = uvicorn.Config(
                 app,
                 host=settings.gateway.host,
