@@ -309,9 +309,12 @@ class Node(_Section):
     @classmethod
     def _valid_id(cls, value: str) -> str:
         cleaned = sanitize_node_id(value)
-        if cleaned != value:
+        # Dots are let through (a Kubernetes node name is a DNS name, and the chart passes it as
+        # the id); task queues and workflow ids spell them as '-', like the default from the hostname.
+        if cleaned != value.replace(".", "-"):
             raise ValueError(
-                f"node id {value!r} may only hold lowercase letters, digits, '-' and '_' (for example {cleaned!r})"
+                f"node id {value!r} may only hold lowercase letters, digits, '-', '_' and '.' "
+                f"(for example {cleaned!r})"
             )
         return value
 

@@ -7,4 +7,6 @@ bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+# deploy/ checked offline: compose files, Dockerfile, Helm chart, Kubernetes schemas.
+bash scripts/check-deploy.sh
 exec .venv/bin/python -m pytest "$@"

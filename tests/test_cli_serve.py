@@ -16,6 +16,7 @@ import yaml
 
 from modelium.runtimes.process import free_port, pid_alive
 from tests.conftest import copy_model
+from tests.test_deploy import dashboard_metrics, exported_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +82,9 @@ def test_serve_one_command_ctrl_c_and_restart(tmp_path: Path, demo_models: dict[
             120, "first answer", proc, log,
         )  # fmt: skip
         assert answer["runtime"] == "embedded"
+        # Every metric the Grafana dashboard (deploy/grafana/modelium.json) asks for is exported.
+        exported = exported_metrics(httpx.get(f"http://127.0.0.1:{mp}/metrics").text)
+        assert dashboard_metrics() - exported == set(), sorted(exported)
         pid = httpx.get(f"{base}/models/tiny").json()["endpoint"]["pid"]
         assert pid_alive(pid)
         # Search attributes are kept current: the Temporal CLI finds the loaded model.
