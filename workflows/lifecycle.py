@@ -133,6 +133,8 @@ class ModelLifecycleWorkflow:
         self._demands: dict[str, float] = {}
         # Times the model went back to rest for want of demand or room (ends waiting updates).
         self._rests = 0
+        # Times it was taken down (ends a waiting `ensure_unloaded` even if it loads again at once).
+        self._taken_down = 0
         # The wake-up this waiter got, passed on down the queue if it still does not fit.
         self._woken: CapacityFreed | None = None
         self._summary: tuple[object, ...] | None = None
@@ -384,9 +386,12 @@ class ModelLifecycleWorkflow:
 
     @workflow.update
     async def ensure_unloaded(self, request: EnsureUnloadedRequest | None = None) -> ModelState:
-        """Unload the model (and unpin it); return its state once nothing of it is running."""
+        """Unload the model (and unpin it); return its state once nothing of it is running, or
+        once it was taken down (a request that arrives meanwhile may load it again at once: then
+        the unload happened, and the state says what came after it)."""
+        taken_down = self._taken_down
         self.unload(UnloadCommand((request or EnsureUnloadedRequest()).reason))
-        await workflow.wait_condition(self._nothing_running)
+        await workflow.wait_condition(lambda: self._nothing_running() or self._taken_down > taken_down)
         return self._state
 
     def _history_full(self) -> bool:
@@ -891,6 +896,7 @@ class ModelLifecycleWorkflow:
         self._state.unload_reason = reason
         workflow.logger.info("model %s -> %s: %s", self._state.name, final_phase, reason)
         self._set_phase(final_phase)
+        self._taken_down += 1
 
     async def _release_booking(self, *, wake_waiters: bool = True) -> None:
         """Give the booking back. `wake_waiters`: the first models waiting for capacity decide
