@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
+import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -89,6 +91,20 @@ def demo_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "text-generation": write_demo_model(root / "gpt2"),
         "text-classification": write_demo_model(root / "bert-cls", task="text-classification"),
     }
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """Stop Modelium processes as a service manager would: SIGTERM to all, then wait for each
+    (SIGKILL for one that does not stop within a minute)."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def copy_model(src: Path, dest: Path) -> Path:

@@ -29,7 +29,7 @@ from temporalio.testing import WorkflowEnvironment
 from modelium.names import node_workflow_id, workflow_id
 from modelium.runtimes.process import free_port, pid_alive
 from modelium.types import NodeInventory
-from tests.conftest import copy_model, end_workflows_of, unique
+from tests.conftest import copy_model, end_workflows_of, stop_processes, unique
 from tests.test_cli_serve import _wait
 from tests.test_node_restart import _serving
 from workflows.nodes import NodeRegistryWorkflow
@@ -74,14 +74,7 @@ class Parts:
         return self.tmp / f"{name}.log"
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.procs.values())
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from modelium.runtimes.process import free_port
-from tests.conftest import copy_model, end_workflows_of, unique
+from tests.conftest import copy_model, end_workflows_of, stop_processes, unique
 from tests.test_deploy import compose, objects
 
 pytestmark = pytest.mark.slow
@@ -103,14 +103,7 @@ class Topology:
         raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.procs.values())
 
 
 @pytest.fixture
