@@ -304,6 +304,20 @@ class Node(_Section):
     lost_after_seconds: float = Field(default=15.0, ge=1.0, le=3600.0)
     # How often the node agent looks for runtime processes that exited on their own.
     process_check_seconds: float = Field(default=2.0, gt=0.0, le=300.0)
+    # The address this node's runtime servers listen on. Loopback serves only gateways on this
+    # machine; a gateway elsewhere (another container, pod or machine) needs 0.0.0.0 and
+    # `advertise_host`, the name or address it reaches this node by.
+    runtime_host: str = Field(default="127.0.0.1", min_length=1)
+    advertise_host: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _reachable(self) -> Node:
+        if self.runtime_host in ("0.0.0.0", "::") and self.advertise_host is None:
+            raise ValueError(
+                f"runtime_host {self.runtime_host} listens on every interface: set node.advertise_host "
+                "to the name or address gateways reach this node by (in Kubernetes, the pod's IP)"
+            )
+        return self
 
     @field_validator("id")
     @classmethod
@@ -313,8 +327,7 @@ class Node(_Section):
         # the id); task queues and workflow ids spell them as '-', like the default from the hostname.
         if cleaned != value.replace(".", "-"):
             raise ValueError(
-                f"node id {value!r} may only hold lowercase letters, digits, '-', '_' and '.' "
-                f"(for example {cleaned!r})"
+                f"node id {value!r} may only hold lowercase letters, digits, '-', '_' and '.' (for example {cleaned!r})"
             )
         return value
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from modelium.config import Settings, load_settings
+from modelium.config import ConfigError, Settings, load_settings
 from scripts.render_chart import objects
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +103,11 @@ def test_gpu_node_agents_ask_for_gpus_and_take_the_node_name() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
     env = {e["name"]: e for e in container["env"]}
     assert env["MODELIUM_NODE__ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    # Gateways in other pods reach the runtimes at the pod's IP.
+    assert env["MODELIUM_NODE__RUNTIME_HOST"]["value"] == "0.0.0.0"
+    assert env["MODELIUM_NODE__ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    with pytest.raises(ConfigError, match="set node.advertise_host"):
+        load_settings(None, environ={"MODELIUM_NODE__RUNTIME_HOST": "0.0.0.0"})
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/models"]["readOnly"] is True and "/dev/shm" in mounts
     # The default values are for a cluster without GPUs: no GPU limit, no runtime class.

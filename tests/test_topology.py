@@ -58,10 +58,14 @@ class Topology:
             "/var/lib/modelium": str(self.tmp / name / "state"),
             "[/models]": f"[{self.tmp / 'models'}]",
             "0.0.0.0": "127.0.0.1",
+            # The node container's name, by which gateways reach its runtimes: another name of
+            # this machine than the one it listens on, so the endpoint shows which one it gave.
+            "modelium-node": "localhost",
         }
         env: dict[str, str] = {}
         for key, value in self.services[service]["environment"].items():
-            value = mapped.get(value, value)
+            # Runtimes listen on every interface, as in the container (requests still go to loopback).
+            value = value if key == "MODELIUM_NODE__RUNTIME_HOST" else mapped.get(value, value)
             if key == "MODELIUM_METRICS__PORT":
                 value = str(ports["metrics"])
             elif key == "MODELIUM_GATEWAY__PORT":
@@ -176,4 +180,6 @@ def test_two_of_each_survive_a_killed_control_worker_and_gateway(
     print(f"{len(statuses)} requests through gateway-2, all 200; {len(statuses) - killed_at} after the kills")
     info = httpx.get(f"{t.url('gateway-2')}/models/{model}").json()
     assert info["phase"] == "loaded" and info["load_count"] >= 2, info
+    # The endpoint names the node's advertised host, not the address its runtimes listen on.
+    assert info["endpoint"]["url"].startswith("http://localhost:"), info["endpoint"]
     assert unloaded.json()["unload_reason"].startswith("unload requested through the API"), unloaded.text

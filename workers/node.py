@@ -162,18 +162,31 @@ def node_agent(client: Client, settings: Settings, metrics: Metrics, gpu: GpuRea
     # Every GPU by its total memory, and the CPU's budget for models served on CPU.
     capacities = {"cpu": budget, **{g.device: g.total_bytes for g in reader.gpus()}}
     ledger = Ledger(node_dir / "bookings.json", node_id, capacities)
+    # Runtimes listen on node.runtime_host; their endpoints name node.advertise_host, if set.
+    host, advertise = settings.node.runtime_host, settings.node.advertise_host
+    # vLLM follows node.runtime_host unless vllm.host is set.
+    vllm = (
+        settings.vllm if "host" in settings.vllm.model_fields_set else settings.vllm.model_copy(update={"host": host})
+    )
     adapters: dict[str, RuntimeAdapter] = {
         EMBEDDED: EmbeddedRuntimeAdapter(
-            node_id, node_dir / "logs", settings.runtimes.embedded, state_dir=node_dir / "runtimes" / EMBEDDED
+            node_id,
+            node_dir / "logs",
+            settings.runtimes.embedded,
+            state_dir=node_dir / "runtimes" / EMBEDDED,
+            host=host,
+            advertise=advertise,
         )  # fmt: skip
     }
     if settings.triton.enabled:
-        adapters[TRITON] = TritonRuntimeAdapter(node_id, node_dir / "triton", node_dir / "logs", settings.triton)
+        adapters[TRITON] = TritonRuntimeAdapter(node_id, node_dir / "triton", node_dir / "logs", settings.triton,
+                                                host=host, advertise=advertise)  # fmt: skip
     if settings.ray_serve.enabled:
-        adapters[RAY_SERVE] = RayServeRuntimeAdapter(node_id, node_dir / "ray", node_dir / "logs", settings.ray_serve)
+        adapters[RAY_SERVE] = RayServeRuntimeAdapter(node_id, node_dir / "ray", node_dir / "logs", settings.ray_serve,
+                                                     host=host, advertise=advertise)  # fmt: skip
     if settings.vllm.enabled:
-        adapters[VLLM] = VllmRuntimeAdapter(node_id, node_dir / "logs", settings.vllm, capacities, reader,
-                                            state_dir=node_dir / "runtimes" / VLLM)  # fmt: skip
+        adapters[VLLM] = VllmRuntimeAdapter(node_id, node_dir / "logs", vllm, capacities, reader,
+                                            state_dir=node_dir / "runtimes" / VLLM, advertise=advertise)  # fmt: skip
     profiles = MemoryProfiles(node_dir / "memory-profiles.json")
     acts = NodeActivities(node_id, ledger, adapters, metrics, reader, profiles)
     acts.refresh_device_gauges()

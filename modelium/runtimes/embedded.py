@@ -31,10 +31,11 @@ class EmbeddedRuntimeAdapter(ProcessRuntime):
         host: str = "127.0.0.1",
         python: str = sys.executable,
         state_dir: Path | None = None,
+        advertise: str | None = None,
     ) -> None:
         self._config = config or EmbeddedConfig()
-        super().__init__(node, log_dir, host=host, load_timeout_seconds=self._config.load_timeout_seconds,
-                         state_dir=state_dir)  # fmt: skip
+        super().__init__(node, log_dir, host=host, advertise=advertise,
+                         load_timeout_seconds=self._config.load_timeout_seconds, state_dir=state_dir)  # fmt: skip
         self._python = python
 
     def _device(self, booked: str) -> str:

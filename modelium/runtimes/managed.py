@@ -37,12 +37,15 @@ class ProcessRuntime(ABC):
         log_dir: Path,
         *,
         host: str = "127.0.0.1",
+        advertise: str | None = None,
         load_timeout_seconds: float = 600.0,
         state_dir: Path | None = None,
     ) -> None:
         self._node = node
         self._log_dir = log_dir
+        # Runtimes listen on `host`; their endpoints name `advertise` (how gateways reach this node).
         self._host = host
+        self._advertise = advertise or host
         self._load_timeout = load_timeout_seconds
         self._procs: dict[str, tuple[ManagedProcess, Endpoint]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -113,7 +116,8 @@ class ProcessRuntime(ABC):
             except OSError as exc:
                 raise RuntimeStartError(f"{self.name} could not be started ({proc.argv[0]}): {exc}",
                                         retryable=False) from None  # fmt: skip
-            endpoint = Endpoint(f"http://{self._host}:{port}", self.protocol(request), self.name, self._node, proc.pid)
+            endpoint = Endpoint(f"http://{self._advertise}:{port}", self.protocol(request), self.name, self._node,
+                                proc.pid)  # fmt: skip
             # Recorded before it is healthy: a node agent killed while this model loads must not
             # leave it behind.
             self._procs[request.model] = (proc, endpoint)

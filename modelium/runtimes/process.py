@@ -19,6 +19,11 @@ from modelium.runtimes.base import RuntimeStartError
 log = logging.getLogger(__name__)
 
 
+def loopback_for(host: str) -> str:
+    """The address to reach a server on this machine that listens on `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))

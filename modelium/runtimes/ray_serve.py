@@ -20,7 +20,7 @@ import httpx
 
 from modelium.config import RayServe as RayServeConfig
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
-from modelium.runtimes.process import free_port
+from modelium.runtimes.process import free_port, loopback_for
 from modelium.runtimes.records import RuntimeRecords
 from modelium.runtimes.shared_server import SharedServer, answers
 from modelium.types import Endpoint, LoadRequest, Protocol
@@ -36,11 +36,21 @@ class RayServeRuntimeAdapter:
     name = NAME
 
     def __init__(
-        self, node: str, state_dir: Path, log_dir: Path, config: RayServeConfig, host: str = "127.0.0.1"
+        self,
+        node: str,
+        state_dir: Path,
+        log_dir: Path,
+        config: RayServeConfig,
+        host: str = "127.0.0.1",
+        advertise: str | None = None,
     ) -> None:
         self._node = node
         self._config = config
+        # The local cluster listens on `host`; gateways are given `advertise`.
         self._host = host
+        self._advertise = advertise or host
+        # Where this node itself reaches the local cluster (never the wildcard address).
+        self._local = loopback_for(host)
         self._head = SharedServer(_HEAD, RuntimeRecords(state_dir / "records"), log_dir / "ray-head.log", NAME, node,
                                   Protocol.MODELIUM_JSON)  # fmt: skip
         self._dashboard: str | None = config.address.rstrip("/") if config.address else None
@@ -70,12 +80,12 @@ class RayServeRuntimeAdapter:
         gcs, dashboard = free_port(self._host), free_port(self._host)
         argv = [
             str(ray), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-            f"--dashboard-host={self._host}", f"--node-ip-address={self._host}", "--disable-usage-stats",
+            f"--dashboard-host={self._host}", f"--node-ip-address={self._local}", "--disable-usage-stats",
         ]  # fmt: skip
         if self._config.num_cpus is not None:
             argv.append(f"--num-cpus={self._config.num_cpus}")
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        url = f"http://{self._host}:{dashboard}"
+        url = f"http://{self._local}:{dashboard}"
         await self._head.start(argv, url, f"{url}/api/serve/applications/", self._config.start_timeout_seconds,
                                progress, env=env)  # fmt: skip
         self._dashboard = url
@@ -130,8 +140,8 @@ class RayServeRuntimeAdapter:
                 self._apps.pop(request.model, None)
                 await self._declare_quietly()
                 raise
-            endpoint = Endpoint(f"http://{self._host}:{self._config.http_port}/{request.model}", Protocol.MODELIUM_JSON,
-                                NAME, self._node, self._head.pid)  # fmt: skip
+            url = f"http://{self._advertise}:{self._config.http_port}/{request.model}"
+            endpoint = Endpoint(url, Protocol.MODELIUM_JSON, NAME, self._node, self._head.pid)
             self._endpoints[request.model] = endpoint
             return endpoint
 
@@ -212,7 +222,7 @@ class RayServeRuntimeAdapter:
             config = app.get("deployed_app_config") or {}
             if app.get("status") == "RUNNING" and config.get("import_path") == IMPORT_PATH:
                 self._apps[name] = config
-                self._endpoints[name] = Endpoint(f"http://{self._host}:{self._config.http_port}/{name}",
+                self._endpoints[name] = Endpoint(f"http://{self._advertise}:{self._config.http_port}/{name}",
                                                  Protocol.MODELIUM_JSON, NAME, self._node, self._head.pid)  # fmt: skip
                 adopted.append(name)
         return adopted

@@ -31,7 +31,7 @@ import httpx
 
 from modelium.config import Triton as TritonConfig
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
-from modelium.runtimes.process import free_port
+from modelium.runtimes.process import free_port, loopback_for
 from modelium.runtimes.records import RuntimeRecords
 from modelium.runtimes.shared_server import SharedServer, answers
 from modelium.types import Endpoint, LoadRequest, ModelFormat, Protocol
@@ -192,12 +192,22 @@ class TritonRuntimeAdapter:
     name = NAME
 
     def __init__(
-        self, node: str, state_dir: Path, log_dir: Path, config: TritonConfig, host: str = "127.0.0.1"
+        self,
+        node: str,
+        state_dir: Path,
+        log_dir: Path,
+        config: TritonConfig,
+        host: str = "127.0.0.1",
+        advertise: str | None = None,
     ) -> None:
         self._node = node
         self._config = config
         self._repository = config.model_repository or state_dir / "repository"
+        # The started server listens on `host`; gateways are given `advertise`.
         self._host = host
+        self._advertise = advertise or host
+        # Where this node itself reaches the started server (never the wildcard address).
+        self._local = loopback_for(host)
         self._server = SharedServer(_SERVER, RuntimeRecords(state_dir / "records"), log_dir / "tritonserver.log",
                                     NAME, node, Protocol.KSERVE_V2)  # fmt: skip
         self._url: str | None = config.url.rstrip("/") if config.url else None
@@ -205,6 +215,13 @@ class TritonRuntimeAdapter:
         self._lock = asyncio.Lock()
 
     # -- the server ----------------------------------------------------------------------------
+    def _public_url(self) -> str:
+        """The server's URL as gateways reach it: triton.url as given, or the started server's
+        port on this node's advertised address."""
+        if self._config.url or self._url is None or self._advertise == self._local:
+            return self._url or ""
+        return self._url.replace(f"//{self._local}:", f"//{self._advertise}:", 1)
+
     def _client(self) -> Any:
         import tritonclient.http.aio as triton_http
 
@@ -238,7 +255,7 @@ class TritonRuntimeAdapter:
         backends = prepare_backends(binary)
         if backends is not None:
             argv.append(f"--backend-directory={backends}")
-        url = f"http://{self._host}:{http_port}"
+        url = f"http://{self._local}:{http_port}"
         await self._server.start(argv, url, f"{url}/v2/health/live", self._config.start_timeout_seconds, progress)
         self._url = url
 
@@ -273,7 +290,7 @@ class TritonRuntimeAdapter:
             finally:
                 await client.close()
             assert self._url is not None
-            endpoint = Endpoint(self._url, Protocol.KSERVE_V2, NAME, self._node, self._server.pid)
+            endpoint = Endpoint(self._public_url(), Protocol.KSERVE_V2, NAME, self._node, self._server.pid)
             self._models[request.model] = endpoint
             return endpoint
 
@@ -324,7 +341,8 @@ class TritonRuntimeAdapter:
         for item in index:
             name = item.get("name")
             if name and (self._repository / name).is_dir():
-                self._models[name] = Endpoint(self._url or "", Protocol.KSERVE_V2, NAME, self._node, self._server.pid)
+                self._models[name] = Endpoint(self._public_url(), Protocol.KSERVE_V2, NAME, self._node,
+                                              self._server.pid)  # fmt: skip
                 adopted.append(name)
         return adopted
 

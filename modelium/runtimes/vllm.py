@@ -40,9 +40,10 @@ class VllmRuntimeAdapter(ProcessRuntime):
         gpu: GpuReader | None = None,
         state_dir: Path | None = None,
         memory_freed_timeout: float = 60.0,
+        advertise: str | None = None,
     ) -> None:
-        super().__init__(node, log_dir, host=config.host, load_timeout_seconds=config.load_timeout_seconds,
-                         state_dir=state_dir)  # fmt: skip
+        super().__init__(node, log_dir, host=config.host, advertise=advertise,
+                         load_timeout_seconds=config.load_timeout_seconds, state_dir=state_dir)  # fmt: skip
         self._config = config
         self._capacities = dict(capacities)
         self._gpu = gpu
