@@ -106,6 +106,11 @@ def test_gpu_node_agents_ask_for_gpus_and_take_the_node_name() -> None:
     # Gateways in other pods reach the runtimes at the pod's IP.
     assert env["MODELIUM_NODE__RUNTIME_HOST"]["value"] == "0.0.0.0"
     assert env["MODELIUM_NODE__ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    (policy,) = [o for o in objects({}) if o["kind"] == "NetworkPolicy"]
+    allowed = [
+        p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in policy["spec"]["ingress"][0]["from"]
+    ]
+    assert sorted(allowed) == ["gateway", "node"] and policy["spec"]["ingress"][1] == {"ports": [{"port": "metrics"}]}
     with pytest.raises(ConfigError, match="set node.advertise_host"):
         load_settings(None, environ={"MODELIUM_NODE__RUNTIME_HOST": "0.0.0.0"})
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
