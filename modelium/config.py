@@ -9,6 +9,7 @@ parsed as YAML scalars/lists, so `MODELIUM_VLLM__ENABLED=true` is a boolean and
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -293,6 +294,9 @@ class Gateway(_Section):
         return keys
 
 
+_NODE_ID = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,251}[a-z0-9])?")
+
+
 class Node(_Section):
     id: str = Field(default_factory=lambda: sanitize_node_id(socket.gethostname()))
     # Memory that models may book on a node without a GPU. None: half of this machine's RAM.
@@ -322,12 +326,13 @@ class Node(_Section):
     @field_validator("id")
     @classmethod
     def _valid_id(cls, value: str) -> str:
-        cleaned = sanitize_node_id(value)
-        # Dots are let through (a Kubernetes node name is a DNS name, and the chart passes it as
-        # the id); task queues and workflow ids spell them as '-', like the default from the hostname.
-        if cleaned != value.replace(".", "-"):
+        # Dots are let through: a Kubernetes node name is a DNS name (up to 253 characters), and
+        # the chart passes it as the id. Task queues and workflow ids spell it sanitized (dots as
+        # '-', at most 48 characters), like the default made from the hostname.
+        if not _NODE_ID.fullmatch(value):
             raise ValueError(
-                f"node id {value!r} may only hold lowercase letters, digits, '-', '_' and '.' (for example {cleaned!r})"
+                f"node id {value!r} may only hold lowercase letters, digits, '-', '_' and '.', and must "
+                f"start and end with a letter or digit (for example {sanitize_node_id(value)!r})"
             )
         return value
 
