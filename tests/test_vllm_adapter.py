@@ -21,6 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from modelium.config import Vllm
 from modelium.gpu import GpuInfo
+from modelium.names import workflow_id
 from modelium.runtimes.base import RuntimeStartError
 from modelium.runtimes.process import free_port, pid_alive
 from modelium.runtimes.vllm import VllmRuntimeAdapter
@@ -128,6 +129,11 @@ async def test_vllm_through_modelium_streams_and_unloads(
             info = await wait_phase(http, name, "loaded", timeout=180)
             # A decoder LLM on a node with GPUs and vLLM enabled: vLLM on a GPU.
             assert (info["runtime"], info["device"]) == ("vllm", "cuda:0"), info
+            # Its load may take vLLM's own load_timeout_seconds (900 s), not the embedded runtime's.
+            handle = temporal_env.client.get_workflow_handle(workflow_id(name))
+            loads = [e.activity_task_scheduled_event_attributes async for e in handle.fetch_history_events()
+                     if e.activity_task_scheduled_event_attributes.activity_type.name == "load_model"]  # fmt: skip
+            assert loads[0].start_to_close_timeout.ToSeconds() == settings.vllm.load_timeout_seconds + 60 == 960
             [seen] = _records(record)
             assert seen["cuda_visible_devices"] == "0"
             body = {"model": name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,

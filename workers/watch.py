@@ -61,6 +61,7 @@ class WorkflowBridge:
                 source=source,
                 idle_seconds=self._settings.idle_seconds,
                 load_timeout_seconds=self._settings.runtimes.embedded.load_timeout_seconds,
+                load_timeouts=self._settings.load_timeouts(),
                 max_restarts=self._settings.orchestration.policies.max_restarts,
                 restart_backoff_seconds=self._settings.orchestration.policies.restart_backoff_seconds,
                 preload=self._settings.orchestration.preload,

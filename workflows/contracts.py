@@ -181,7 +181,10 @@ def _build(cls: type[_D], data: dict[str, Any]) -> _D:
 class LifecycleInput:
     source: ModelSource
     idle_seconds: float = 300.0
+    # How long a load may take: the chosen runtime's own setting (runtime name -> seconds), else
+    # `load_timeout_seconds` (histories from before the per-runtime table carry only that).
     load_timeout_seconds: float = 600.0
+    load_timeouts: dict[str, float] = field(default_factory=dict)
     max_restarts: int = 3
     restart_backoff_seconds: float = 2.0
     preload: str = Preload.FIT

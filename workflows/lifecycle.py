@@ -592,7 +592,7 @@ class ModelLifecycleWorkflow:
                     ),  # fmt: skip
                     result_type=LoadResult,
                     task_queue=queue,
-                    start_to_close_timeout=timedelta(seconds=self._input.load_timeout_seconds + 60),
+                    start_to_close_timeout=timedelta(seconds=self._load_timeout(decision.runtime) + 60),
                     # Loads heartbeat every 0.25 s; a node agent that died mid-load is noticed in 10 s.
                     heartbeat_timeout=timedelta(seconds=10),
                     retry_policy=_NODE_STEP,
@@ -650,6 +650,11 @@ class ModelLifecycleWorkflow:
         self._lost_races = 0
         self._bringups += 1
         self._set_phase(Phase.LOADED)
+
+    def _load_timeout(self, runtime: str) -> float:
+        """The chosen runtime's own load timeout (a vLLM load may take 900 s, an embedded one 600 s)."""
+        seconds = self._input.load_timeouts.get(runtime, self._input.load_timeout_seconds)
+        return seconds if valid_seconds(seconds) else self._input.load_timeout_seconds
 
     def _rest(self, reason: str) -> None:
         """Go back to `unloaded` and cost nothing until demanded: no timer, no decision."""
