@@ -14,6 +14,7 @@ import httpx
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
+from modelium.ledger import Ledger
 from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_for
 
 pytestmark = pytest.mark.slow
@@ -51,10 +52,13 @@ async def test_models_land_where_they_fit(
             assert where == {small.node.id: 1, large.node.id: 3}, where
             for info in infos:
                 assert "fits it best" in str(info["decision_reason"])
-            # Bookings never pass a node's budget.
-            for settings in (small, large):
-                ledger = settings.state_dir / "nodes" / settings.node.id / "bookings.json"
-                assert ledger.is_file()
+            # Each node's ledger, as its file says: the models placed there, within its budget.
+            for settings, budget in ((small, 560 * MIB), (large, 1700 * MIB)):
+                path = settings.state_dir / "nodes" / settings.node.id / "bookings.json"
+                bookings = Ledger(path, settings.node.id, {"cpu": budget}).bookings()
+                assert sorted(b.model for b in bookings) == sorted(
+                    str(i["name"]) for i in infos if i["node"] == settings.node.id)  # fmt: skip
+                assert 0 < sum(b.bytes for b in bookings) <= budget, (settings.node.id, bookings)
             assert running.node is not None
             assert running.node.ledger.booked("cpu") <= 560 * MIB
             answers = await asyncio.gather(

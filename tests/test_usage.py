@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
@@ -31,14 +32,16 @@ async def _workflow(client: Client) -> tuple[str, WorkflowHandle]:
     return name, handle
 
 
-async def _usage_signals(handle: WorkflowHandle) -> list[int]:
-    counts = []
+async def _usage_signals(handle: WorkflowHandle) -> list[dict[str, Any]]:
+    """What each `record_usage` signal in the history carries (its one payload, a UsageReport)."""
+    reports = []
     async for event in handle.fetch_history_events():
         if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
             attrs = event.workflow_execution_signaled_event_attributes
             if attrs.signal_name == "record_usage":
-                counts.append(len(attrs.input.payloads))
-    return counts
+                (payload,) = attrs.input.payloads
+                reports.append(json.loads(payload.data))
+    return reports
 
 
 async def test_coalesced_into_one_signal_per_interval(temporal_env: WorkflowEnvironment) -> None:
@@ -48,7 +51,8 @@ async def test_coalesced_into_one_signal_per_interval(temporal_env: WorkflowEnvi
         batcher.record(name, "acme" if i % 5 else "beta")
     await batcher.flush()
     assert batcher.signals_sent == 1
-    assert len(await _usage_signals(handle)) == 1
+    # One signal, carrying all 500 requests, split by organization as they came.
+    assert await _usage_signals(handle) == [{"count": 500, "by_organization": {"acme": 400, "beta": 100}}]
     await handle.terminate("test over")
 
 
@@ -60,7 +64,7 @@ async def test_zero_interval_sends_one_signal_per_request(temporal_env: Workflow
         batcher.record(name, "acme")
     await batcher.stop()
     assert batcher.signals_sent == 7
-    assert len(await _usage_signals(handle)) == 7
+    assert await _usage_signals(handle) == [{"count": 1, "by_organization": {"acme": 1}}] * 7
     await handle.terminate("test over")
 
 
