@@ -26,7 +26,7 @@ from modelium.analyzer import analyze_directory  # noqa: E402
 from modelium.demo import write_demo_model  # noqa: E402
 from modelium.gpu import process_tree, resident_bytes  # noqa: E402
 from modelium.runtimes.embedded import EmbeddedRuntimeAdapter  # noqa: E402
-from modelium.types import Booking, LoadRequest, Protocol  # noqa: E402
+from modelium.types import Booking, EndpointProtocol, LoadRequest  # noqa: E402
 
 MIB = 2**20
 # (name, task, layers, width): GPT-2s of about 1 M, 10 M, 100 M and 1 B parameters
@@ -67,7 +67,7 @@ async def measure(root: Path, device: str, only: set[str]) -> list[tuple[str, in
             peak = warmed
             async with httpx.AsyncClient(base_url=endpoint.url, timeout=600) as http:
                 for _ in range(3):
-                    if endpoint.protocol == Protocol.OPENAI:
+                    if endpoint.protocol == EndpointProtocol.OPENAI:
                         body = {"model": name, "prompt": "Hello there, how are you", "max_tokens": 16}
                         (await http.post("/v1/completions", json=body)).raise_for_status()
                     else:

@@ -64,7 +64,8 @@ _TASK_MAPPINGS = (
 )
 TABLES_SCHEMA = 2
 
-MODALITY = {
+# Keyed by task name (a `Task`, or a name read from the cached transformers tables).
+MODALITY: dict[str, Modality] = {
     Task.TEXT_GENERATION: Modality.TEXT, Task.TEXT2TEXT_GENERATION: Modality.TEXT,
     Task.TEXT_CLASSIFICATION: Modality.TEXT, Task.TOKEN_CLASSIFICATION: Modality.TEXT,
     Task.FILL_MASK: Modality.TEXT, Task.FEATURE_EXTRACTION: Modality.TEXT,
@@ -216,11 +217,11 @@ def _weights(directory: Path) -> tuple[list[Path], int | None, str | None]:
     )
 
 
-def _task_for(architecture: str) -> str | None:
+def _task_for(architecture: str) -> Task | None:
     known = _known_architectures()
     if architecture in known:
         # A bare backbone (BertModel) serves embeddings; heads say their own task.
-        return known[architecture]
+        return Task(known[architecture])
     return None
 
 
@@ -478,7 +479,7 @@ def _analyze_triton(directory: Path, name: str) -> ModelAnalysis:
 
 
 def _custom(
-    directory: Path, name: str, fmt: str, kind: str, main_file: str, weight_bytes: int, details: dict[str, str]
+    directory: Path, name: str, fmt: ModelFormat, kind: str, main_file: str, weight_bytes: int, details: dict[str, str]
 ) -> ModelAnalysis:
     estimates = {runtime: int(weight_bytes * (1 + p.weight_slack)) + p.overhead_bytes
                  for runtime, p in memory.PROFILES.items()}  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 # Bounds on numbers that come from outside (API, configuration, a model's own settings file, a
 # signal sent from the Temporal UI). Every duration is finite and at most a year, so that timers
@@ -31,7 +32,7 @@ def valid_seconds(value: object, least: float = 0.0) -> float | None:
     return float(value)
 
 
-class Phase:
+class Phase(StrEnum):
     DISCOVERED = "discovered"
     ANALYZING = "analyzing"
     DECIDING = "deciding"
@@ -49,15 +50,12 @@ class Phase:
     FAILED = "failed"
     REMOVED = "removed"
 
-    ALL = frozenset({DISCOVERED, ANALYZING, DECIDING, RESERVING, LOADING, WAITING_FOR_CAPACITY, EVICTING,
-                     RESTARTING, LOADED, UNLOADING, UNLOADED, FAILED})  # fmt: skip
-    # Phases in which the model answers requests.
-    SERVING = frozenset({LOADED})
-    # Phases in which the model is on its way to serving.
-    STARTING = frozenset({DISCOVERED, ANALYZING, DECIDING, EVICTING, RESERVING, LOADING, WAITING_FOR_CAPACITY})
+
+# The phases a registered model can be listed in (a removed one is no longer listed).
+LISTED_PHASES = frozenset(p for p in Phase if p != Phase.REMOVED)
 
 
-class Task:
+class Task(StrEnum):
     TEXT_GENERATION = "text-generation"
     TEXT_CLASSIFICATION = "text-classification"
     FEATURE_EXTRACTION = "feature-extraction"
@@ -73,7 +71,7 @@ class Task:
     CUSTOM = "custom"
 
 
-class Modality:
+class Modality(StrEnum):
     TEXT = "text"
     VISION = "vision"
     AUDIO = "audio"
@@ -81,20 +79,24 @@ class Modality:
     UNKNOWN = "unknown"
 
 
-class ModelFormat:
+class ModelFormat(StrEnum):
     HUGGINGFACE = "huggingface"
     ONNX = "onnx"
     TRITON = "triton"
     GGUF = "gguf"
 
 
-class Protocol:
+class EndpointProtocol(StrEnum):
+    """What an endpoint speaks (named so as not to shadow `typing.Protocol`)."""
+
     # OpenAI-compatible /v1/completions (+ /v1/chat/completions) and /health.
     OPENAI = "openai"
     # Modelium's own JSON: POST /predict {"inputs": ...} -> {"output": ...}.
     MODELIUM_JSON = "modelium-json"
     # KServe v2 (Triton): POST /v2/models/<name>/infer with named tensors.
     KSERVE_V2 = "kserve-v2"
+    # Temporal's frontend (the record of the embedded server a `serve` started).
+    GRPC = "grpc"
 
 
 @dataclass
@@ -110,11 +112,11 @@ class ModelSource:
 class ModelAnalysis:
     name: str
     path: str
-    format: str
+    format: ModelFormat
     architecture: str
     model_type: str
-    task: str
-    modality: str
+    task: Task
+    modality: Modality
     weight_files: list[str] = field(default_factory=list)
     weight_bytes: int = 0
     parameter_count: int | None = None
@@ -160,7 +162,7 @@ class Eviction:
     pid: int | None = None
 
 
-class DecisionSource:
+class DecisionSource(StrEnum):
     RULES = "rules"
     LLM = "llm"
 
@@ -171,7 +173,7 @@ class Decision:
     node: str
     device: str
     reason: str
-    source: str = DecisionSource.RULES
+    source: DecisionSource = DecisionSource.RULES
     # What the chosen runtime needs on each chosen device (the analyzer's estimate for it).
     memory_bytes: int = 0
     # Every device the model spans (tensor parallel); empty means just `device`.
@@ -292,7 +294,7 @@ class ConfirmFreedRequest:
 @dataclass
 class Endpoint:
     url: str
-    protocol: str
+    protocol: EndpointProtocol
     runtime: str
     node: str
     pid: int | None = None
@@ -303,11 +305,11 @@ class LoadRequest:
     model: str
     path: str
     runtime: str
-    task: str
+    task: Task
     booking: Booking
     # What the analyzer found the model to be (`ModelFormat`): a runtime that writes the model in
     # its own form (Triton's repository) goes by it rather than reading the folder again.
-    format: str = ModelFormat.HUGGINGFACE
+    format: ModelFormat = ModelFormat.HUGGINGFACE
 
 
 @dataclass
@@ -320,7 +322,7 @@ class LoadResult:
     booked_bytes: int | None = None
 
 
-class UnloadKind:
+class UnloadKind(StrEnum):
     """Why a model was unloaded, as a bounded set (a metric label)."""
 
     IDLE = "idle"
@@ -336,7 +338,7 @@ class UnloadRequest:
     model: str
     runtime: str
     reason: str
-    kind: str = UnloadKind.REQUESTED
+    kind: UnloadKind = UnloadKind.REQUESTED
 
 
 @dataclass
@@ -352,12 +354,12 @@ class ModelState:
     name: str
     path: str
     fingerprint: str = ""
-    phase: str = Phase.DISCOVERED
+    phase: Phase = Phase.DISCOVERED
     runtime: str | None = None
     node: str | None = None
     device: str | None = None
     endpoint: Endpoint | None = None
-    task: str | None = None
+    task: Task | None = None
     analysis_summary: str | None = None
     memory_estimate_bytes: int | None = None
     decision: Decision | None = None

@@ -24,7 +24,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from modelium.runtimes.process import ManagedProcess, process_argv, process_start_ticks
 from modelium.runtimes.records import RuntimeRecords
-from modelium.types import Endpoint
+from modelium.types import Endpoint, EndpointProtocol
 from workflows.contracts import SEARCH_ATTRIBUTES
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,9 @@ class EmbeddedTemporal:
         self._proc.start()
         assert self._proc.pid is not None
         # Recorded at spawn, before it answers: a `serve` killed from here on leaves a record.
-        self._records.save(self.RECORD, self._proc, Endpoint(self.address, "grpc", "temporal", "", self._proc.pid))
+        self._records.save(
+            self.RECORD, self._proc, Endpoint(self.address, EndpointProtocol.GRPC, "temporal", "", self._proc.pid)
+        )
 
     async def _connect(self, timeout: float) -> Client:
         deadline = time.monotonic() + timeout

@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from temporalio.common import SearchAttributeKey
@@ -18,19 +19,23 @@ from modelium.names import model_from_workflow_id
 from modelium.types import (
     Booking,
     Decision,
+    DecisionSource,
     DeviceInventory,
     Endpoint,
+    EndpointProtocol,
     Eviction,
     ModelSource,
     ModelState,
     NodeInventory,
     Phase,
+    Task,
 )
 
 if TYPE_CHECKING:
     from temporalio.client import WorkflowExecution
 
 _D = TypeVar("_D")
+_E = TypeVar("_E", bound=StrEnum)
 
 
 class ActivityName:
@@ -47,7 +52,7 @@ class ActivityName:
     NOTIFY_NODE_LOST = "notify_node_lost"
 
 
-class ErrorType:
+class ErrorType(StrEnum):
     """`ApplicationError.type` values the workflow reacts to."""
 
     BAD_MODEL_DIRECTORY = "ModelDirectoryError"
@@ -80,7 +85,7 @@ STATE_MEMO = "state"
 INVENTORY_MEMO = "inventory"
 
 
-class Preload:
+class Preload(StrEnum):
     """`orchestration.preload`: what a discovered model does before anyone asks for it."""
 
     # Loaded at once when it fits without evicting anything; otherwise it rests until demanded.
@@ -119,7 +124,7 @@ async def listed_state(execution: WorkflowExecution) -> ModelState | None:
     return ModelState(
         name=name,
         path="",
-        phase=attrs.get(PHASE_KEY) or Phase.DISCOVERED,
+        phase=Phase(attrs.get(PHASE_KEY) or Phase.DISCOVERED),
         runtime=attrs.get(RUNTIME_KEY),
         node=attrs.get(NODE_KEY),
     )
@@ -156,15 +161,30 @@ def state_from_json(data: dict[str, Any]) -> ModelState:
     """A ModelState from its JSON form (as the default data converter writes dataclasses). Keys
     this version does not know (written by a newer one) are skipped."""
     fields = dict(data)
+    fields["phase"] = _member(Phase, fields.get("phase", Phase.DISCOVERED))
+    if fields.get("task") is not None:
+        fields["task"] = _member(Task, fields["task"])
     if fields.get("endpoint"):
-        fields["endpoint"] = _build(Endpoint, fields["endpoint"])
+        endpoint = dict(fields["endpoint"])
+        endpoint["protocol"] = _member(EndpointProtocol, endpoint.get("protocol"))
+        fields["endpoint"] = _build(Endpoint, endpoint)
     if fields.get("booking"):
         fields["booking"] = _build(Booking, fields["booking"])
     if fields.get("decision"):
         decision = dict(fields["decision"])
         decision["evict"] = [_build(Eviction, e) for e in decision.get("evict") or []]
+        decision["source"] = _member(DecisionSource, decision.get("source", DecisionSource.RULES))
         fields["decision"] = _build(Decision, decision)
     return _build(ModelState, fields)
+
+
+def _member(enum: type[_E], value: Any) -> Any:
+    """`value` as a member of `enum`, as the data converter would decode it; a value this version
+    does not know (written by a newer one) is kept as it is rather than failing the listing."""
+    try:
+        return enum(value)
+    except ValueError:
+        return value
 
 
 _FIELDS: dict[type, frozenset[str]] = {}

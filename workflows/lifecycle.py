@@ -877,7 +877,9 @@ class ModelLifecycleWorkflow:
         self._want_loaded = True
         self._set_phase(Phase.DISCOVERED)
 
-    async def _take_down(self, final_phase: str, reason: str, kind: str, *, unload: bool | None = None) -> None:
+    async def _take_down(
+        self, final_phase: Phase, reason: str, kind: UnloadKind, *, unload: bool | None = None
+    ) -> None:
         """Unload (if loaded, or `unload`) and release the booking, then enter `final_phase`."""
         if unload if unload is not None else self._state.phase == Phase.LOADED:
             self._set_phase(Phase.UNLOADING)
@@ -950,7 +952,7 @@ class ModelLifecycleWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(replace(self._input, state=self._state))
 
-    def _set_phase(self, phase: str) -> None:
+    def _set_phase(self, phase: Phase) -> None:
         self._state.phase = phase
         self._state.updated_at = workflow.now().timestamp()
         workflow.set_current_details(self._details())

@@ -11,17 +11,17 @@ from api.deps import GatewayDep, PrincipalDep
 from api.errors import BadRequest, GatewayError
 from api.schemas import PredictRequest, PredictResponse, Usage
 from api.serving import Tally, post_json, serving_model
-from modelium.types import ModelState, Protocol, Task
+from modelium.types import EndpointProtocol, ModelState, Task
 
 router = APIRouter(tags=["inference"])
 
 
 def _upstream_request(state: ModelState, body: PredictRequest) -> tuple[str, dict[str, Any]]:
     assert state.endpoint is not None
-    if state.endpoint.protocol == Protocol.KSERVE_V2:
+    if state.endpoint.protocol == EndpointProtocol.KSERVE_V2:
         return kserve_request(state, body)
     params = body.model_dump(exclude_none=True, exclude={"prompt", "inputs"})
-    if state.endpoint.protocol == Protocol.OPENAI and state.task == Task.TEXT_GENERATION:
+    if state.endpoint.protocol == EndpointProtocol.OPENAI and state.task == Task.TEXT_GENERATION:
         prompt = body.prompt if body.prompt is not None else body.inputs
         if prompt is None:
             raise BadRequest("prompt is required for a text-generation model", param="prompt")

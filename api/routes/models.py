@@ -20,7 +20,7 @@ from api.errors import BadRequest, ControlPlaneUnavailable, ModelNotFound, Model
 from api.schemas import LoadModelRequest, ModelInfo, ModelList, UnloadModelRequest
 from api.serving import known_model
 from modelium.names import workflow_id
-from modelium.types import ModelState, Phase
+from modelium.types import LISTED_PHASES, ModelState, Phase
 from workflows.contracts import EnsureLoadedRequest, EnsureUnloadedRequest, LoadCommand, UnloadCommand
 from workflows.lifecycle import ModelLifecycleWorkflow
 
@@ -34,7 +34,7 @@ def _info(gw: Gateway, state: ModelState, principal: Principal) -> ModelInfo:
     return info if principal.admin else info.for_non_admin(principal.organization)
 
 
-_PHASES = tuple(sorted(Phase.ALL))
+_PHASES = tuple(sorted(LISTED_PHASES))
 
 
 @router.get("", response_model=ModelList)
@@ -50,7 +50,7 @@ async def list_models(
     name without `limit`; with it, one page in the store's order and a `next_page_token`.
     A key without the admin scope sees its own organization's counts, and no paths, endpoints
     or error details."""
-    if phase is not None and phase not in Phase.ALL:
+    if phase is not None and phase not in LISTED_PHASES:
         raise BadRequest(f"phase must be one of {', '.join(_PHASES)}, got {phase!r}", param="phase")
     token = None
     if page_token is not None:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 from modelium.config import EmbeddedRuntime as EmbeddedConfig
 from modelium.runtimes.managed import ProcessRuntime
-from modelium.types import LoadRequest, Protocol, Task
+from modelium.types import EndpointProtocol, LoadRequest, Task
 
 NAME = "embedded"
 
 
-def protocol_for(task: str) -> str:
-    return Protocol.OPENAI if task == Task.TEXT_GENERATION else Protocol.MODELIUM_JSON
+def protocol_for(task: str) -> EndpointProtocol:
+    return EndpointProtocol.OPENAI if task == Task.TEXT_GENERATION else EndpointProtocol.MODELIUM_JSON
 
 
 class EmbeddedRuntimeAdapter(ProcessRuntime):
@@ -61,5 +61,5 @@ class EmbeddedRuntimeAdapter(ProcessRuntime):
             return {"CUDA_VISIBLE_DEVICES": request.booking.device.split(":", 1)[1]}
         return {}
 
-    def protocol(self, request: LoadRequest) -> str:
+    def protocol(self, request: LoadRequest) -> EndpointProtocol:
         return protocol_for(request.task)

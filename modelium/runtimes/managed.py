@@ -20,7 +20,7 @@ from modelium.gpu import process_tree
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.process import ManagedProcess, free_port, process_argv, process_start_ticks
 from modelium.runtimes.records import RuntimeRecords
-from modelium.types import Endpoint, LoadRequest, Protocol
+from modelium.types import Endpoint, EndpointProtocol, LoadRequest
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ class ProcessRuntime(ABC):
         return {}
 
     @abstractmethod
-    def protocol(self, request: LoadRequest) -> str:
-        """The protocol the model's endpoint speaks (`modelium.types.Protocol`)."""
+    def protocol(self, request: LoadRequest) -> EndpointProtocol:
+        """The protocol the model's endpoint speaks."""
 
     def port(self) -> int:
         """A free port for the next model."""
@@ -182,9 +182,9 @@ class ProcessRuntime(ABC):
         """One smallest real request (one token, or one short input), so that memory measured
         afterwards includes what the first inference maps and allocates. False when this
         protocol has no request that needs no model-specific input."""
-        if endpoint.protocol == Protocol.OPENAI:
+        if endpoint.protocol == EndpointProtocol.OPENAI:
             url, body = f"{endpoint.url}/v1/completions", {"model": model, "prompt": "Hello", "max_tokens": 1}
-        elif endpoint.protocol == Protocol.MODELIUM_JSON:
+        elif endpoint.protocol == EndpointProtocol.MODELIUM_JSON:
             url, body = f"{endpoint.url}/predict", {"inputs": "Hello"}
         else:
             return False

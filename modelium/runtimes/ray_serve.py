@@ -23,7 +23,7 @@ from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.process import free_port, loopback_for
 from modelium.runtimes.records import RuntimeRecords
 from modelium.runtimes.shared_server import SharedServer, answers
-from modelium.types import Endpoint, LoadRequest, Protocol
+from modelium.types import Endpoint, EndpointProtocol, LoadRequest
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class RayServeRuntimeAdapter:
         # Where this node itself reaches the local cluster (never the wildcard address).
         self._local = loopback_for(host)
         self._head = SharedServer(_HEAD, RuntimeRecords(state_dir / "records"), log_dir / "ray-head.log", NAME, node,
-                                  Protocol.MODELIUM_JSON)  # fmt: skip
+                                  EndpointProtocol.MODELIUM_JSON)  # fmt: skip
         self._dashboard: str | None = config.address.rstrip("/") if config.address else None
         self._apps: dict[str, dict[str, Any]] = {}
         self._endpoints: dict[str, Endpoint] = {}
@@ -141,7 +141,7 @@ class RayServeRuntimeAdapter:
                 await self._declare_quietly()
                 raise
             url = f"http://{self._advertise}:{self._config.http_port}/{request.model}"
-            endpoint = Endpoint(url, Protocol.MODELIUM_JSON, NAME, self._node, self._head.pid)
+            endpoint = Endpoint(url, EndpointProtocol.MODELIUM_JSON, NAME, self._node, self._head.pid)
             self._endpoints[request.model] = endpoint
             return endpoint
 
@@ -222,7 +222,7 @@ class RayServeRuntimeAdapter:
             config = app.get("deployed_app_config") or {}
             if app.get("status") == "RUNNING" and config.get("import_path") == IMPORT_PATH:
                 self._apps[name] = config
-                self._endpoints[name] = Endpoint(f"http://{self._advertise}:{self._config.http_port}/{name}",
-                                                 Protocol.MODELIUM_JSON, NAME, self._node, self._head.pid)  # fmt: skip
+                url = f"http://{self._advertise}:{self._config.http_port}/{name}"
+                self._endpoints[name] = Endpoint(url, EndpointProtocol.MODELIUM_JSON, NAME, self._node, self._head.pid)
                 adopted.append(name)
         return adopted

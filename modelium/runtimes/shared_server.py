@@ -14,7 +14,7 @@ import httpx
 from modelium.runtimes.base import Progress
 from modelium.runtimes.process import ManagedProcess, process_argv, process_start_ticks
 from modelium.runtimes.records import RuntimeRecords
-from modelium.types import Endpoint
+from modelium.types import Endpoint, EndpointProtocol
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ async def answers(url: str, timeout: float = 10.0) -> bool:
 
 class SharedServer:
     def __init__(
-        self, key: str, records: RuntimeRecords, log_path: Path, runtime: str, node: str, protocol: str
+        self, key: str, records: RuntimeRecords, log_path: Path, runtime: str, node: str, protocol: EndpointProtocol
     ) -> None:
         self._key = key
         self._records = records

@@ -34,7 +34,7 @@ from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.process import free_port, loopback_for
 from modelium.runtimes.records import RuntimeRecords
 from modelium.runtimes.shared_server import SharedServer, answers
-from modelium.types import Endpoint, LoadRequest, ModelFormat, Protocol
+from modelium.types import Endpoint, EndpointProtocol, LoadRequest, ModelFormat
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 MODEL_DIR = {model_dir!r}
-TASK = {task!r}
+TASK = {str(task)!r}
 
 
 class TritonPythonModel:
@@ -209,7 +209,7 @@ class TritonRuntimeAdapter:
         # Where this node itself reaches the started server (never the wildcard address).
         self._local = loopback_for(host)
         self._server = SharedServer(_SERVER, RuntimeRecords(state_dir / "records"), log_dir / "tritonserver.log",
-                                    NAME, node, Protocol.KSERVE_V2)  # fmt: skip
+                                    NAME, node, EndpointProtocol.KSERVE_V2)  # fmt: skip
         self._url: str | None = config.url.rstrip("/") if config.url else None
         self._models: dict[str, Endpoint] = {}
         self._lock = asyncio.Lock()
@@ -290,7 +290,7 @@ class TritonRuntimeAdapter:
             finally:
                 await client.close()
             assert self._url is not None
-            endpoint = Endpoint(self._public_url(), Protocol.KSERVE_V2, NAME, self._node, self._server.pid)
+            endpoint = Endpoint(self._public_url(), EndpointProtocol.KSERVE_V2, NAME, self._node, self._server.pid)
             self._models[request.model] = endpoint
             return endpoint
 
@@ -341,7 +341,7 @@ class TritonRuntimeAdapter:
         for item in index:
             name = item.get("name")
             if name and (self._repository / name).is_dir():
-                self._models[name] = Endpoint(self._public_url(), Protocol.KSERVE_V2, NAME, self._node,
+                self._models[name] = Endpoint(self._public_url(), EndpointProtocol.KSERVE_V2, NAME, self._node,
                                               self._server.pid)  # fmt: skip
                 adopted.append(name)
         return adopted

@@ -21,7 +21,7 @@ from modelium.config import Vllm as VllmConfig
 from modelium.gpu import GpuReader, gpu_memory_held
 from modelium.runtimes.base import RuntimeStartError
 from modelium.runtimes.managed import ProcessRuntime, probe_openai
-from modelium.types import Endpoint, LoadRequest, Protocol
+from modelium.types import Endpoint, EndpointProtocol, LoadRequest
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ class VllmRuntimeAdapter(ProcessRuntime):
     def env(self, request: LoadRequest) -> dict[str, str]:
         return {"CUDA_VISIBLE_DEVICES": ",".join(d.split(":", 1)[1] for d in request.booking.all_devices)}
 
-    def protocol(self, request: LoadRequest) -> str:
-        return Protocol.OPENAI
+    def protocol(self, request: LoadRequest) -> EndpointProtocol:
+        return EndpointProtocol.OPENAI
 
     def port(self) -> int:
         """The first port of `vllm.port_range` that no model of this node holds and that is free."""
