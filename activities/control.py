@@ -22,16 +22,7 @@ from modelium.config import LlmBrain, ModelSettings
 from modelium.metrics import Metrics
 from modelium.names import workflow_id
 from modelium.overrides import read_overrides
-from modelium.types import (
-    DecideRequest,
-    Decision,
-    ModelAnalysis,
-    ModelSource,
-    ModelState,
-    NodeInventory,
-    Phase,
-    Resident,
-)
+from modelium.types import Decision, ModelAnalysis, ModelSource, ModelState, NodeInventory, Phase, Resident
 from workflows.contracts import (
     NODE_KEY,
     PHASE_KEY,
@@ -48,6 +39,7 @@ from workflows.contracts import (
     running_nodes_query,
 )
 from workflows.nodes import NodeRegistryWorkflow
+from workflows.steps import DecideRequest
 
 # Where the nodes' inventories and the loaded models come from: workflows in production, fixed
 # lists in tests.

@@ -17,16 +17,9 @@ from modelium.ledger import InsufficientCapacity, Ledger
 from modelium.metrics import Metrics
 from modelium.runtimes.base import RuntimeAdapter, RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.process import pid_alive
-from modelium.types import (
-    Booking,
-    ConfirmFreedRequest,
-    HealthRequest,
-    LoadRequest,
-    LoadResult,
-    ReserveRequest,
-    UnloadRequest,
-)
+from modelium.types import Booking, LoadRequest
 from workflows.contracts import ActivityName, ErrorType, MemoryPeak
+from workflows.steps import ConfirmFreedRequest, HealthRequest, LoadResult, ReserveRequest, UnloadRequest
 
 log = logging.getLogger(__name__)
 

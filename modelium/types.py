@@ -243,19 +243,6 @@ class Resident:
 
 
 @dataclass
-class DecideRequest:
-    analysis: ModelAnalysis
-    # Per-model runtime asked for by the user, if any.
-    runtime_override: str | None = None
-    overrides: ModelOverrides | None = None
-    # Only demand (a request, a manual load, a pin) may evict; a preload takes free room or none.
-    may_evict: bool = True
-    # Nodes this model was just told are lost: not chosen again even if the listing of nodes
-    # read for this decision is from before they were marked lost.
-    avoid_nodes: list[str] = field(default_factory=list)
-
-
-@dataclass
 class Booking:
     model: str
     node: str
@@ -268,27 +255,6 @@ class Booking:
     @property
     def all_devices(self) -> list[str]:
         return self.devices or [self.device]
-
-
-@dataclass
-class ReserveRequest:
-    model: str
-    device: str
-    # Bytes to book on each device.
-    bytes: int
-    # The runtime the model will run on: a measured profile for it replaces the estimate.
-    runtime: str = ""
-    # Every device to book (tensor parallel); empty means just `device`.
-    devices: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ConfirmFreedRequest:
-    """Evicted models' processes, whose memory must be back before the next load books it."""
-
-    device: str
-    pids: list[int]
-    timeout_seconds: float = 60.0
 
 
 @dataclass
@@ -312,16 +278,6 @@ class LoadRequest:
     format: ModelFormat = ModelFormat.HUGGINGFACE
 
 
-@dataclass
-class LoadResult:
-    endpoint: Endpoint
-    load_seconds: float
-    # What the model really took once loaded (GPU memory from NVML, or resident memory on CPU).
-    measured_bytes: int | None = None
-    # Its booking after the load: resized up to what it measured, when that was more.
-    booked_bytes: int | None = None
-
-
 class UnloadKind(StrEnum):
     """Why a model was unloaded, as a bounded set (a metric label)."""
 
@@ -331,20 +287,6 @@ class UnloadKind(StrEnum):
     FILES_CHANGED = "files_changed"
     UNHEALTHY = "unhealthy"
     EVICTED = "evicted"
-
-
-@dataclass
-class UnloadRequest:
-    model: str
-    runtime: str
-    reason: str
-    kind: UnloadKind = UnloadKind.REQUESTED
-
-
-@dataclass
-class HealthRequest:
-    model: str
-    runtime: str
 
 
 @dataclass

@@ -15,7 +15,7 @@ from activities.node import NodeActivities
 from modelium.gpu import GpuInfo
 from modelium.ledger import InsufficientCapacity, Ledger
 from modelium.metrics import Metrics
-from modelium.types import ConfirmFreedRequest
+from workflows.steps import ConfirmFreedRequest
 
 GIB = 2**30
 

@@ -12,31 +12,24 @@ from datetime import timedelta
 from typing import TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
-    from modelium.names import node_task_queue
     from modelium.types import (
         MAX_USAGE_PER_REPORT,
         MIN_IDLE_SECONDS,
         MIN_TIMER_SECONDS,
         Booking,
-        ConfirmFreedRequest,
-        DecideRequest,
         Decision,
-        HealthRequest,
         LoadRequest,
-        LoadResult,
         ModelAnalysis,
         ModelSource,
         ModelState,
         Phase,
-        ReserveRequest,
         UnloadKind,
-        UnloadRequest,
         valid_seconds,
     )
+    from workflows import steps
     from workflows.contracts import (
         NODE_KEY,
         PHASE_KEY,
@@ -44,14 +37,12 @@ with workflow.unsafe.imports_passed_through():
         STATE_MEMO,
         UPDATED_KEY,
         WORKFLOW_TYPE,
-        ActivityName,
         CapacityFreed,
         EnsureLoadedRequest,
         EnsureUnloadedRequest,
         ErrorType,
         EvictCommand,
         EvictRequest,
-        EvictResult,
         HealthReport,
         LifecycleInput,
         LoadCommand,
@@ -66,19 +57,8 @@ with workflow.unsafe.imports_passed_through():
     )
 
 _T = TypeVar("_T")
-_R = TypeVar("_R")
-_QUICK = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=3)
-_NODE_STEP = RetryPolicy(
-    initial_interval=timedelta(seconds=2),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=30),
-    maximum_attempts=3,
-    non_retryable_error_types=[ErrorType.INSUFFICIENT_CAPACITY],
-)
 # Crashes counted against `max_restarts` within this window.
 _CRASH_WINDOW_SECONDS = 600
-# A node agent that is down leaves node activities unstarted; past this they fail visibly.
-_NODE_SCHEDULE_TO_CLOSE = timedelta(minutes=10)
 # A waiter for capacity decides again after this long at most, in case a wake-up was lost.
 _CAPACITY_RECHECK_MAX = 30.0
 # A preload whose reservation lost a race decides again this many times before it rests.
@@ -501,12 +481,8 @@ class ModelLifecycleWorkflow:
         try:
             if self._analysis is None:
                 self._set_phase(Phase.ANALYZING)
-                self._analysis = await self._control_step(
-                    ActivityName.ANALYZE_MODEL,
-                    ModelSource(self._state.name, self._state.path, self._state.fingerprint),
-                    ModelAnalysis,
-                    timedelta(minutes=2),
-                    replace(_QUICK, non_retryable_error_types=[ErrorType.BAD_MODEL_DIRECTORY]),
+                self._analysis = await steps.analyze_model(
+                    ModelSource(self._state.name, self._state.path, self._state.fingerprint), local=self._local_steps
                 )
                 self._state.task = self._analysis.task
                 self._state.analysis_summary = self._analysis.summary()
@@ -518,17 +494,14 @@ class ModelLifecycleWorkflow:
             step = "decide"
             self._set_phase(Phase.DECIDING)
             demanded = self._demanded() or not self._demand_driven
-            decision = await self._control_step(
-                ActivityName.DECIDE_RUNTIME,
-                DecideRequest(
+            decision = await steps.decide_runtime(
+                steps.DecideRequest(
                     self._analysis,
                     overrides=self._analysis.overrides,
                     may_evict=demanded,
                     avoid_nodes=[self._avoid_node] if self._avoid_node else [],
                 ),
-                Decision,
-                timedelta(minutes=1),
-                replace(_QUICK, non_retryable_error_types=[ErrorType.NO_RUNTIME]),
+                local=self._local_steps,
             )
             self._state.decision = decision
             self._avoid_node = None
@@ -549,29 +522,23 @@ class ModelLifecycleWorkflow:
                 self._rest(f"not preloaded (orchestration.preload is none): a request or "
                            f"POST /models/{self._state.name}/load loads it")  # fmt: skip
                 return
-            queue = node_task_queue(decision.node)
             if decision.evict:
                 step = "evict"
-                await self._evict_for(decision, queue)
+                await self._evict_for(decision)
                 self._check_interrupt()
             step = "reserve"
             self._set_phase(Phase.RESERVING)
             booking: Booking = await self._on_node(
                 decision.node,
-                workflow.start_activity(
-                    ActivityName.RESERVE_GPU,
-                    ReserveRequest(
+                steps.reserve_gpu(
+                    steps.ReserveRequest(
                         self._state.name,
                         decision.device,
                         decision.memory_bytes or self._analysis.memory_estimate_bytes,
                         decision.runtime,
                         decision.devices,
                     ),
-                    result_type=Booking,
-                    task_queue=queue,
-                    start_to_close_timeout=timedelta(seconds=30),
-                    schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
-                    retry_policy=_NODE_STEP,
+                    decision.node,
                 ),
             )
             self._state.booking = booking
@@ -580,8 +547,7 @@ class ModelLifecycleWorkflow:
             self._set_phase(Phase.LOADING)
             result = await self._on_node(
                 decision.node,
-                workflow.start_activity(
-                    ActivityName.LOAD_MODEL,
+                steps.load_model(
                     LoadRequest(
                         self._state.name,
                         self._state.path,
@@ -589,13 +555,9 @@ class ModelLifecycleWorkflow:
                         self._analysis.task,
                         booking,
                         self._analysis.format,
-                    ),  # fmt: skip
-                    result_type=LoadResult,
-                    task_queue=queue,
-                    start_to_close_timeout=timedelta(seconds=self._load_timeout(decision.runtime) + 60),
-                    # Loads heartbeat every 0.25 s; a node agent that died mid-load is noticed in 10 s.
-                    heartbeat_timeout=timedelta(seconds=10),
-                    retry_policy=_NODE_STEP,
+                    ),
+                    decision.node,
+                    self._load_timeout(decision.runtime),
                 ),
                 # Histories recorded before loads were interruptible replay as they ran.
                 interruptible=workflow.patched("interruptible-load"),
@@ -679,40 +641,21 @@ class ModelLifecycleWorkflow:
 
     async def _notify_waiting(self, notice: CapacityFreed) -> None:
         try:
-            await workflow.execute_activity(
-                ActivityName.NOTIFY_WAITING,
-                notice,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=RetryPolicy(maximum_attempts=2),
-            )
+            await steps.notify_waiting(notice)
         except ActivityError as err:
             workflow.logger.info("could not wake models waiting for capacity: %s", _describe(err))
 
-    async def _evict_for(self, decision: Decision, queue: str) -> None:
+    async def _evict_for(self, decision: Decision) -> None:
         """Unload the idle models the brain chose, then confirm their memory came back on the
         node before this model books it. Raises NoCapacity when none could be evicted."""
         self._set_phase(Phase.EVICTING)
         names = ", ".join(v.model for v in decision.evict)
         workflow.logger.info("model %s evicts %s on %s", self._state.name, names, decision.node)
-        result = await workflow.execute_activity(
-            ActivityName.EVICT_MODELS,
-            EvictRequest(self._state.name, decision.evict),
-            result_type=EvictResult,
-            start_to_close_timeout=timedelta(minutes=5),
-            retry_policy=_QUICK,
-        )
+        result = await steps.evict_models(EvictRequest(self._state.name, decision.evict))
         if result.pids:
             await self._on_node(
                 decision.node,
-                workflow.start_activity(
-                    ActivityName.CONFIRM_FREED,
-                    ConfirmFreedRequest(decision.device, result.pids),
-                    task_queue=queue,
-                    start_to_close_timeout=timedelta(seconds=90),
-                    schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
-                    heartbeat_timeout=timedelta(seconds=20),
-                    retry_policy=_NODE_STEP,
-                ),
+                steps.confirm_memory_freed(steps.ConfirmFreedRequest(decision.device, result.pids), decision.node),
             )
         if not result.evicted:
             refused = "; ".join(f"{m}: {why}" for m, why in result.refused.items())
@@ -809,13 +752,8 @@ class ModelLifecycleWorkflow:
         try:
             await self._on_node(
                 self._state.node or "",
-                workflow.start_activity(
-                    ActivityName.CHECK_HEALTH,
-                    HealthRequest(self._state.name, self._state.runtime or ""),
-                    task_queue=node_task_queue(self._state.node or ""),
-                    start_to_close_timeout=timedelta(seconds=30),
-                    schedule_to_close_timeout=timedelta(minutes=2),
-                    retry_policy=RetryPolicy(maximum_attempts=1),
+                steps.check_health(
+                    steps.HealthRequest(self._state.name, self._state.runtime or ""), self._state.node or ""
                 ),
             )
         except _NodeLost:
@@ -886,12 +824,9 @@ class ModelLifecycleWorkflow:
             try:
                 await self._on_node(
                     self._state.node or "",
-                    workflow.start_activity(
-                        ActivityName.UNLOAD_MODEL,
-                        UnloadRequest(self._state.name, self._state.runtime or "", reason, kind),
-                        task_queue=node_task_queue(self._state.node or ""),
-                        start_to_close_timeout=timedelta(minutes=1),
-                        schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
+                    steps.unload_model(
+                        steps.UnloadRequest(self._state.name, self._state.runtime or "", reason, kind),
+                        self._state.node or "",
                     ),
                 )
             except _NodeLost:
@@ -914,13 +849,7 @@ class ModelLifecycleWorkflow:
         try:
             await self._on_node(
                 node,
-                workflow.start_activity(
-                    ActivityName.RELEASE_GPU,
-                    self._state.name,
-                    task_queue=node_task_queue(node),
-                    start_to_close_timeout=timedelta(seconds=30),
-                    schedule_to_close_timeout=_NODE_SCHEDULE_TO_CLOSE,
-                ),
+                steps.release_gpu(self._state.name, node),
             )
             freed, self._state.booking = self._state.booking, None
         except _NodeLost:
@@ -934,19 +863,6 @@ class ModelLifecycleWorkflow:
         if wake_waiters and workflow.patched("notify-waiting-on-release"):
             # Models waiting for capacity decide again now rather than at their next backoff.
             await self._notify_waiting(CapacityFreed(freed.node, self._state.name, freed.bytes))
-
-    async def _control_step(
-        self, name: str, arg: object, result_type: type[_R], timeout: timedelta, retry: RetryPolicy
-    ) -> _R:
-        """Run a control activity (analysis, placement): local to this worker, or (histories from
-        before) on the control task queue."""
-        if self._local_steps:
-            return await workflow.execute_local_activity(
-                name, arg, result_type=result_type, start_to_close_timeout=timeout, retry_policy=retry
-            )
-        return await workflow.execute_activity(
-            name, arg, result_type=result_type, start_to_close_timeout=timeout, retry_policy=retry
-        )
 
     async def _continue_as_new(self) -> None:
         await workflow.wait_condition(workflow.all_handlers_finished)

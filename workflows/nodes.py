@@ -17,14 +17,13 @@ from dataclasses import replace
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from modelium.types import NodeInventory, valid_seconds
+    from workflows import steps
     from workflows.contracts import (
         INVENTORY_MEMO,
         NODE_WORKFLOW_TYPE,
-        ActivityName,
         LeaveRequest,
         NodeLost,
         NodeRegistryInput,
@@ -129,12 +128,7 @@ class NodeRegistryWorkflow:
         workflow.logger.warning("node %s lost: %s; its models are placed again", node, self._lost)
         if list_first:
             workflow.upsert_memo({INVENTORY_MEMO: self.inventory()})
-        await workflow.execute_activity(
-            ActivityName.NOTIFY_NODE_LOST,
-            NodeLost(node, f"node {node} lost: {self._lost}"),
-            start_to_close_timeout=timedelta(minutes=2),
-            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
-        )
+        await steps.notify_node_lost(NodeLost(node, f"node {node} lost: {self._lost}"))
 
 
 def _differs(a: NodeInventory, b: NodeInventory) -> bool:
