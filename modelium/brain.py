@@ -7,6 +7,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from modelium import memory
+from modelium.runtimes import EMBEDDED, RAY_SERVE, TENSOR_PARALLEL, TRITON, VLLM
 from modelium.types import (
     Decision,
     DeviceInventory,
@@ -20,10 +21,6 @@ from modelium.types import (
     Task,
 )
 
-EMBEDDED = "embedded"
-VLLM = "vllm"
-TRITON = "triton"
-RAY_SERVE = "ray_serve"
 # What the embedded runtime serves (modelium.runtimes.embedded_server).
 EMBEDDED_TASKS = frozenset({Task.TEXT_GENERATION, Task.TEXT_CLASSIFICATION, Task.FEATURE_EXTRACTION})
 
@@ -86,8 +83,6 @@ def decide_rules(
     return Decision(runtime, node, device, reason, memory_bytes=need)
 
 
-# Runtimes that split one model over several GPUs of a node (tensor parallel).
-TENSOR_PARALLEL = frozenset({VLLM})
 TENSOR_PARALLEL_SIZES = (2, 4, 8)
 
 

@@ -389,15 +389,6 @@ class Settings(_Section):
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return upper
 
-    def load_timeouts(self) -> dict[str, float]:
-        """How long a load may take on each runtime that has its own setting (Triton's loads
-        take the embedded runtime's, as its server start has a timeout of its own)."""
-        return {
-            "embedded": self.runtimes.embedded.load_timeout_seconds,
-            "vllm": self.vllm.load_timeout_seconds,
-            "ray_serve": self.ray_serve.load_timeout_seconds,
-        }
-
     @property
     def watch_directories(self) -> list[Path]:
         return list(self.orchestration.model_discovery.watch_directories)

@@ -19,6 +19,7 @@ import httpx
 from modelium import memory
 from modelium.brain import NoRuntimeAvailable, choose_runtime
 from modelium.config import LlmBrain
+from modelium.runtimes import TENSOR_PARALLEL
 from modelium.types import Decision, DecisionSource, ModelAnalysis, NodeInventory
 
 SYSTEM_PROMPT = (
@@ -26,7 +27,7 @@ SYSTEM_PROMPT = (
     "Given a model's analysis and the nodes with their devices, free memory and runtimes, choose "
     "where the model runs. Answer with one JSON object and nothing else: "
     '{"runtime": "<runtime>", "node": "<node id>", "devices": ["<device>", ...], "reason": "<one sentence>"}. '
-    "Use several devices only for tensor parallel on vllm."
+    f"Use several devices only for tensor parallel on {' or '.join(sorted(TENSOR_PARALLEL))}."
 )
 
 
@@ -148,8 +149,10 @@ def validate(
         raise LlmAnswerRejected(f"{runtime} cannot serve this model there: {exc}") from None
     if ruled != runtime:
         raise LlmAnswerRejected(f"{runtime} cannot serve a {analysis.task} model")
-    if len(devices) > 1 and (runtime != "vllm" or not on_gpu):
-        raise LlmAnswerRejected(f"only vllm splits a model over several GPUs, not {runtime}")
+    if len(devices) > 1 and (runtime not in TENSOR_PARALLEL or not on_gpu):
+        raise LlmAnswerRejected(
+            f"only {', '.join(sorted(TENSOR_PARALLEL))} splits a model over several GPUs, not {runtime}"
+        )
     need = analysis.memory_estimates.get(runtime, analysis.memory_estimate_bytes)
     need = memory.per_shard(need, runtime, len(devices)) if len(devices) > 1 else need
     for name in devices:

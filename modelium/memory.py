@@ -15,26 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modelium.runtimes import EMBEDDED, RUNTIMES, RuntimeProfile
+
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 
-
-@dataclass(frozen=True)
-class RuntimeProfile:
-    overhead_bytes: int
-    weight_slack: float
-    # Sequences whose KV cache is resident at once.
-    concurrent_sequences: int
-
-
-# Overheads measured on the embedded runtime (a Python process with torch + transformers); the
-# others are the usual figures for their servers and are corrected by measured profiles.
-PROFILES: dict[str, RuntimeProfile] = {
-    "embedded": RuntimeProfile(overhead_bytes=400 * MIB, weight_slack=0.2, concurrent_sequences=1),
-    "vllm": RuntimeProfile(overhead_bytes=1536 * MIB, weight_slack=0.05, concurrent_sequences=16),
-    "triton": RuntimeProfile(overhead_bytes=300 * MIB, weight_slack=0.1, concurrent_sequences=4),
-    "ray_serve": RuntimeProfile(overhead_bytes=600 * MIB, weight_slack=0.2, concurrent_sequences=1),
-}
+# Each runtime's profile, from the runtime table (modelium.runtimes).
+PROFILES: dict[str, RuntimeProfile] = {name: facts.profile for name, facts in RUNTIMES.items()}
 
 
 @dataclass(frozen=True)
@@ -66,7 +53,7 @@ def estimate(
 ) -> int:
     """Bytes `runtime` will need to serve the model. The KV cache is sized for the model's own
     context, capped at `max_context_tokens` (what the gateway lets a request use)."""
-    profile = PROFILES.get(runtime, PROFILES["embedded"])
+    profile = PROFILES.get(runtime, PROFILES[EMBEDDED])
     context = min(model_context, max_context_tokens) if model_context else None
     weights = int(weight_bytes * (1 + profile.weight_slack))
     return weights + kv_cache_bytes(kv, context, profile.concurrent_sequences) + profile.overhead_bytes
@@ -75,5 +62,5 @@ def estimate(
 def per_shard(need: int, runtime: str, shards: int) -> int:
     """What each of `shards` GPUs needs when a model of `need` bytes is split tensor-parallel:
     weights and KV cache divide; every shard's process carries the whole runtime overhead."""
-    overhead = PROFILES.get(runtime, PROFILES["embedded"]).overhead_bytes
+    overhead = PROFILES.get(runtime, PROFILES[EMBEDDED]).overhead_bytes
     return -(-max(need - overhead, 0) // shards) + overhead

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+import typing
 
 import pytest
 
 from modelium import llm_brain, memory
 from modelium.brain import EvictionPolicy, NoCapacity, NoRuntimeAvailable, choose_runtime, place, retention_score
+from modelium.config import RuntimeName, Settings
+from modelium.runtimes import RUNTIMES, TENSOR_PARALLEL, enabled_runtimes, load_timeouts
 from modelium.types import (
     DeviceInventory,
     Modality,
@@ -230,3 +233,15 @@ def test_llm_answers_are_validated_against_what_is_available() -> None:
     with pytest.raises(llm_brain.LlmAnswerRejected, match="vllm cannot serve"):
         llm_brain.validate({"runtime": "vllm", "node": "a", "devices": ["cuda:1"]}, classifier, ["embedded", "vllm"],
                            nodes)  # fmt: skip
+
+
+def test_one_table_of_runtimes() -> None:
+    """The runtime table (modelium.runtimes) is what the config, the memory model, the brain and
+    the workers read: a runtime added there is known everywhere."""
+    assert set(typing.get_args(RuntimeName)) == set(RUNTIMES)
+    assert set(memory.PROFILES) == set(RUNTIMES)
+    everything = Settings.model_validate({"vllm": {"enabled": True}, "triton": {"enabled": True},
+                                          "ray_serve": {"enabled": True}})  # fmt: skip
+    assert enabled_runtimes(everything) == list(RUNTIMES) and enabled_runtimes(Settings()) == ["embedded"]
+    assert load_timeouts(everything) == {"embedded": 600.0, "vllm": 900.0, "ray_serve": 600.0}
+    assert TENSOR_PARALLEL == {"vllm"}

@@ -13,10 +13,7 @@ from temporalio.worker import Worker
 from activities.control import ControlActivities, RegistryNodes, RegistryResidents
 from modelium.config import Settings
 from modelium.metrics import Metrics
-from modelium.runtimes.embedded import NAME as EMBEDDED
-from modelium.runtimes.ray_serve import NAME as RAY_SERVE
-from modelium.runtimes.triton import NAME as TRITON
-from modelium.runtimes.vllm import NAME as VLLM
+from modelium.runtimes import enabled_runtimes
 from workflows.contracts import running_models_query
 from workflows.lifecycle import ModelLifecycleWorkflow
 from workflows.nodes import NodeRegistryWorkflow
@@ -25,16 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def available_runtimes(settings: Settings) -> list[str]:
-    """The runtimes models may be placed on: the embedded one, and those enabled that this build
-    has an adapter for (a node places a model only on a runtime it runs too)."""
-    runtimes = [EMBEDDED]
-    if settings.vllm.enabled:
-        runtimes.append(VLLM)
-    if settings.triton.enabled:
-        runtimes.append(TRITON)
-    if settings.ray_serve.enabled:
-        runtimes.append(RAY_SERVE)
-    return runtimes
+    """The runtimes models may be placed on: the embedded one, and those enabled (a node places
+    a model only on a runtime it runs too)."""
+    return enabled_runtimes(settings)
 
 
 @dataclass(frozen=True)

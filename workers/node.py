@@ -18,14 +18,11 @@ from modelium.gpu import GpuReader, MemoryProfiles, NvmlReader
 from modelium.ledger import Ledger, system_memory_bytes
 from modelium.metrics import Metrics
 from modelium.names import node_task_queue, node_workflow_id, workflow_id
+from modelium.runtimes import EMBEDDED, RAY_SERVE, TRITON, VLLM, enabled_runtimes
 from modelium.runtimes.base import RuntimeAdapter
-from modelium.runtimes.embedded import NAME as EMBEDDED
 from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
-from modelium.runtimes.ray_serve import NAME as RAY_SERVE
 from modelium.runtimes.ray_serve import RayServeRuntimeAdapter
-from modelium.runtimes.triton import NAME as TRITON
 from modelium.runtimes.triton import TritonRuntimeAdapter
-from modelium.runtimes.vllm import NAME as VLLM
 from modelium.runtimes.vllm import VllmRuntimeAdapter
 from modelium.types import DeviceInventory, ModelState, NodeInventory, Phase
 from workflows.contracts import (
@@ -168,6 +165,8 @@ def node_agent(client: Client, settings: Settings, metrics: Metrics, gpu: GpuRea
     vllm = (
         settings.vllm if "host" in settings.vllm.model_fields_set else settings.vllm.model_copy(update={"host": host})
     )
+    # The same runtimes the control worker offers (modelium.runtimes), each with its adapter.
+    enabled = set(enabled_runtimes(settings))
     adapters: dict[str, RuntimeAdapter] = {
         EMBEDDED: EmbeddedRuntimeAdapter(
             node_id,
@@ -178,13 +177,13 @@ def node_agent(client: Client, settings: Settings, metrics: Metrics, gpu: GpuRea
             advertise=advertise,
         )  # fmt: skip
     }
-    if settings.triton.enabled:
+    if TRITON in enabled:
         adapters[TRITON] = TritonRuntimeAdapter(node_id, node_dir / "triton", node_dir / "logs", settings.triton,
                                                 host=host, advertise=advertise)  # fmt: skip
-    if settings.ray_serve.enabled:
+    if RAY_SERVE in enabled:
         adapters[RAY_SERVE] = RayServeRuntimeAdapter(node_id, node_dir / "ray", node_dir / "logs", settings.ray_serve,
                                                      host=host, advertise=advertise)  # fmt: skip
-    if settings.vllm.enabled:
+    if VLLM in enabled:
         adapters[VLLM] = VllmRuntimeAdapter(node_id, node_dir / "logs", vllm, capacities, reader,
                                             state_dir=node_dir / "runtimes" / VLLM, advertise=advertise)  # fmt: skip
     profiles = MemoryProfiles(node_dir / "memory-profiles.json")

@@ -13,6 +13,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from modelium.config import Settings
 from modelium.names import workflow_id
+from modelium.runtimes import load_timeouts
 from modelium.types import ModelSource, Phase
 from modelium.watcher import ModelFolderWatcher
 from workflows.contracts import (
@@ -61,7 +62,7 @@ class WorkflowBridge:
                 source=source,
                 idle_seconds=self._settings.idle_seconds,
                 load_timeout_seconds=self._settings.runtimes.embedded.load_timeout_seconds,
-                load_timeouts=self._settings.load_timeouts(),
+                load_timeouts=load_timeouts(self._settings),
                 max_restarts=self._settings.orchestration.policies.max_restarts,
                 restart_backoff_seconds=self._settings.orchestration.policies.restart_backoff_seconds,
                 preload=self._settings.orchestration.preload,

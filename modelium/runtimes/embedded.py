@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 from modelium.config import EmbeddedRuntime as EmbeddedConfig
+from modelium.runtimes import EMBEDDED
 from modelium.runtimes.managed import ProcessRuntime
 from modelium.types import EndpointProtocol, LoadRequest, Task
 
-NAME = "embedded"
+NAME = EMBEDDED
 
 
 def protocol_for(task: str) -> EndpointProtocol:

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from modelium.config import RayServe as RayServeConfig
+from modelium.runtimes import RAY_SERVE
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.process import free_port, loopback_for
 from modelium.runtimes.records import RuntimeRecords
@@ -27,7 +28,7 @@ from modelium.types import Endpoint, EndpointProtocol, LoadRequest
 
 log = logging.getLogger(__name__)
 
-NAME = "ray_serve"
+NAME = RAY_SERVE
 _HEAD = "_ray_head"
 IMPORT_PATH = "modelium.runtimes.ray_app:build"
 

@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 
 from modelium.config import Triton as TritonConfig
+from modelium.runtimes import TRITON
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.process import free_port, loopback_for
 from modelium.runtimes.records import RuntimeRecords
@@ -38,7 +39,7 @@ from modelium.types import Endpoint, EndpointProtocol, LoadRequest, ModelFormat
 
 log = logging.getLogger(__name__)
 
-NAME = "triton"
+NAME = TRITON
 _SERVER = "_tritonserver"
 _PROLOGUE_MARK = "# -- added by Modelium: this node's packages for the python backend's isolated interpreter"
 

@@ -19,13 +19,14 @@ from pathlib import Path
 
 from modelium.config import Vllm as VllmConfig
 from modelium.gpu import GpuReader, gpu_memory_held
+from modelium.runtimes import VLLM
 from modelium.runtimes.base import RuntimeStartError
 from modelium.runtimes.managed import ProcessRuntime, probe_openai
 from modelium.types import Endpoint, EndpointProtocol, LoadRequest
 
 log = logging.getLogger(__name__)
 
-NAME = "vllm"
+NAME = VLLM
 
 
 class VllmRuntimeAdapter(ProcessRuntime):
