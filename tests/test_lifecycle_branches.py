@@ -1,0 +1,150 @@
+"""The lifecycle's branches in seconds: the real ModelLifecycle workflow on the session's Temporal,
+with its activities stubbed by functions of the same names (a workflow change is checked here
+without loading a model; the end-to-end tests run the real activities)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from temporalio import activity
+from temporalio.client import Client, WorkflowHandle
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from modelium.names import node_task_queue, workflow_id
+from modelium.types import (
+    Booking,
+    Decision,
+    Endpoint,
+    EndpointProtocol,
+    LoadRequest,
+    ModelAnalysis,
+    ModelSource,
+    Phase,
+    Task,
+)
+from tests.conftest import end_workflows_of, unique, wait_for
+from workflows.contracts import ActivityName, EnsureLoadedRequest, ErrorType, LifecycleInput, Preload
+from workflows.lifecycle import ModelLifecycleWorkflow
+from workflows.steps import DecideRequest, HealthRequest, LoadResult, ReserveRequest, UnloadRequest
+
+NODE = "stub-node"
+
+
+@dataclass
+class Stubs:
+    """What the stubbed activities answer, and what they were asked."""
+
+    bad_directory: bool = False
+    no_room: str | None = None
+    calls: list[str] = field(default_factory=list)
+
+    def activities(self) -> list[object]:
+        @activity.defn(name=ActivityName.ANALYZE_MODEL)
+        async def analyze_model(source: ModelSource) -> ModelAnalysis:
+            self.calls.append("analyze")
+            if self.bad_directory:
+                raise ApplicationError("config.json: not valid JSON", type=ErrorType.BAD_MODEL_DIRECTORY,
+                                       non_retryable=True)  # fmt: skip
+            return ModelAnalysis(source.name, source.path, "huggingface", "GPT2LMHeadModel", "gpt2",
+                                 Task.TEXT_GENERATION, "text", memory_estimate_bytes=2**20)  # fmt: skip
+
+        @activity.defn(name=ActivityName.DECIDE_RUNTIME)
+        async def decide_runtime(request: DecideRequest) -> Decision:
+            self.calls.append(f"decide may_evict={request.may_evict}")
+            return Decision("embedded", NODE, "cpu", "stub", memory_bytes=2**20, no_room=self.no_room)
+
+        @activity.defn(name=ActivityName.RESERVE_GPU)
+        async def reserve_gpu(request: ReserveRequest) -> Booking:
+            self.calls.append("reserve")
+            return Booking(request.model, NODE, request.device, request.bytes)
+
+        @activity.defn(name=ActivityName.LOAD_MODEL)
+        async def load_model(request: LoadRequest) -> LoadResult:
+            self.calls.append("load")
+            return LoadResult(Endpoint("http://127.0.0.1:9", EndpointProtocol.OPENAI, "embedded", NODE, 1), 0.1)
+
+        @activity.defn(name=ActivityName.UNLOAD_MODEL)
+        async def unload_model(request: UnloadRequest) -> None:
+            self.calls.append(f"unload {request.kind}")
+
+        @activity.defn(name=ActivityName.RELEASE_GPU)
+        async def release_gpu(model: str) -> None:
+            self.calls.append("release")
+
+        @activity.defn(name=ActivityName.CHECK_HEALTH)
+        async def check_health(request: HealthRequest) -> None:
+            self.calls.append("health")
+
+        @activity.defn(name=ActivityName.NOTIFY_WAITING)
+        async def notify_waiting(notice: object) -> int:
+            return 0
+
+        return [analyze_model, decide_runtime, reserve_gpu, load_model, unload_model, release_gpu, check_health,
+                notify_waiting]  # fmt: skip
+
+
+@pytest.fixture
+async def stubbed(temporal_env: WorkflowEnvironment) -> AsyncIterator[tuple[Client, Stubs, str]]:
+    client, stubs, queue = temporal_env.client, Stubs(), unique("control")
+    control = Worker(client, task_queue=queue, workflows=[ModelLifecycleWorkflow], activities=stubs.activities())
+    node = Worker(client, task_queue=node_task_queue(NODE), activities=stubs.activities())
+    async with control, node:
+        yield client, stubs, queue
+        await end_workflows_of(client, queue)
+
+
+async def _start(client: Client, queue: str, **inp: object) -> WorkflowHandle[ModelLifecycleWorkflow, object]:
+    name = unique("branch")
+    source = ModelSource(name, f"/models/{name}", "f1")
+    return await client.start_workflow(ModelLifecycleWorkflow.run, LifecycleInput(source, **inp),  # type: ignore[arg-type]
+                                       id=workflow_id(name), task_queue=queue)  # fmt: skip
+
+
+async def _phase(handle: WorkflowHandle[ModelLifecycleWorkflow, object], phase: Phase) -> object:
+    async def reached() -> object:
+        state = await handle.query(ModelLifecycleWorkflow.state)
+        return state if state.phase == phase else None
+
+    return await wait_for(reached, timeout=20, interval=0.05, what=f"phase {phase}")
+
+
+async def test_fits_loads_and_unloads_on_request(stubbed: tuple[Client, Stubs, str]) -> None:
+    client, stubs, queue = stubbed
+    handle = await _start(client, queue)
+    state = await _phase(handle, Phase.LOADED)
+    assert state.endpoint.url == "http://127.0.0.1:9" and state.load_count == 1  # type: ignore[attr-defined]
+    assert stubs.calls == ["analyze", "decide may_evict=False", "reserve", "load"]
+    await handle.execute_update(ModelLifecycleWorkflow.ensure_unloaded)
+    await _phase(handle, Phase.UNLOADED)
+    assert stubs.calls[-2:] == ["unload requested", "release"]
+
+
+async def test_a_bad_directory_fails_without_retries(stubbed: tuple[Client, Stubs, str]) -> None:
+    client, stubs, queue = stubbed
+    stubs.bad_directory = True
+    handle = await _start(client, queue)
+    state = await _phase(handle, Phase.FAILED)
+    assert "not valid JSON" in (state.last_error or "")  # type: ignore[attr-defined]
+    assert stubs.calls == ["analyze"]  # non-retryable: asked once, nothing booked
+
+
+async def test_no_room_rests_until_demand_then_may_evict(stubbed: tuple[Client, Stubs, str]) -> None:
+    client, stubs, queue = stubbed
+    stubs.no_room = "node stub-node is full"
+    handle = await _start(client, queue, preload=Preload.FIT)
+    state = await _phase(handle, Phase.UNLOADED)
+    assert "not preloaded: no free room" in (state.rest_reason or "")  # type: ignore[attr-defined]
+    assert stubs.calls == ["analyze", "decide may_evict=False"]
+    # A request is demand: it decides again, now allowed to evict, and loads.
+    stubs.no_room = None
+    demand = asyncio.create_task(
+        handle.execute_update(ModelLifecycleWorkflow.ensure_loaded, EnsureLoadedRequest("a request", wait_seconds=20))
+    )
+    loaded = await asyncio.wait_for(demand, timeout=30)
+    assert loaded.phase == Phase.LOADED
+    assert stubs.calls[2:] == ["decide may_evict=True", "reserve", "load"]
