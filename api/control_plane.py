@@ -65,6 +65,11 @@ class ControlPlane:
         return self._down_since is None
 
     @property
+    def unreachable_detail(self) -> str:
+        """What /ready says while Temporal does not answer (the gateway's and the metrics port's)."""
+        return f"Temporal not reachable: {self.last_error}"
+
+    @property
     def retry_after(self) -> float:
         return max(1.0, self._interval * 2)
 

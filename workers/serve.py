@@ -135,9 +135,7 @@ async def serve(
             _check_port(settings.metrics.host, settings.metrics.port, "metrics.port")
 
             def not_ready() -> str | None:
-                if control_plane.available:
-                    return None
-                return f"Temporal not reachable: {control_plane.last_error}"
+                return None if control_plane.available else control_plane.unreachable_detail
 
             server = metrics.serve(settings.metrics.host, settings.metrics.port, ready=not_ready)
             stack.callback(server.shutdown)

@@ -19,6 +19,6 @@ async def health() -> Health:
 async def ready(gw: GatewayDep) -> Health | JSONResponse:
     """Temporal is reachable, so models can be routed and managed (asked now, within a second)."""
     if not await gw.control.check():
-        body = Health(status="unavailable", detail=f"Temporal not reachable: {gw.control.last_error}")
+        body = Health(status="unavailable", detail=gw.control.unreachable_detail)
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
     return Health(status="ok")
