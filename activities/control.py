@@ -33,6 +33,7 @@ from workflows.contracts import (
     EvictRequest,
     EvictResult,
     NodeLost,
+    failure_message,
     listed_inventory,
     listed_state,
     running_models_query,
@@ -282,7 +283,7 @@ class ControlActivities:
             try:
                 await handle.execute_update(ModelLifecycleWorkflow.evict, command)
             except WorkflowUpdateFailedError as exc:
-                refused[victim.model] = str(exc.cause.message if hasattr(exc.cause, "message") else exc.cause)
+                refused[victim.model] = failure_message(exc)
                 return
             except RPCError as exc:
                 refused[victim.model] = exc.message

@@ -17,14 +17,13 @@ from collections import Counter
 from temporalio.client import Client, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.control_plane import ControlPlane, is_unreachable
+from api.control_plane import ControlPlane
 from api.errors import (
-    ControlPlaneUnavailable,
     GatewayError,
-    ModelNotFound,
     ModelNotReady,
     TooManyWaiting,
     public_detail,
+    temporal_error,
 )
 from api.registry import ModelRegistry
 from modelium.metrics import Metrics
@@ -144,19 +143,10 @@ class ColdStarts:
                 handle.execute_update(ModelLifecycleWorkflow.ensure_loaded, request),
                 f"load {name}",
             )
-        except WorkflowUpdateFailedError as exc:
-            cause = exc.cause
-            message = getattr(cause, "message", None) or str(cause)
-            raise ModelNotReady(f"model {name} could not be loaded: {public_detail(message)}", retry_after=30) from None
-        except WorkflowUpdateRPCTimeoutOrCancelledError:
-            raise ModelNotReady(f"model {name} is still loading; retry shortly", retry_after=5) from None
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND:
+        except (WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError, RPCError) as exc:
+            if isinstance(exc, RPCError) and exc.status == RPCStatusCode.NOT_FOUND:
                 self._registry.invalidate(name)
-                raise ModelNotFound(f"model {name!r} was removed", param="model") from None
-            if is_unreachable(exc):
-                self._control.mark_down(exc.message)
-            raise ControlPlaneUnavailable(f"cannot ask Temporal to load {name}: {exc.message}", retry_after=5) from None
+            raise temporal_error(exc, name, "load", on_unreachable=self._control.mark_down) from None
         self._registry.store(state)
         return state
 

@@ -22,7 +22,7 @@ from prometheus_client import Gauge
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.errors import ControlPlaneUnavailable
+from api.errors import ControlPlaneUnavailable, is_unreachable
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -31,11 +31,6 @@ _T = TypeVar("_T")
 # are. A refused connection (UNAVAILABLE) is proof at once.
 SLOW_PROBES_TO_DOWN = 3
 PROBE_TIMEOUT = timedelta(seconds=5)
-
-
-def is_unreachable(exc: BaseException) -> bool:
-    """Temporal itself cannot be reached (not: a call was slow, or wrong)."""
-    return isinstance(exc, RPCError) and exc.status == RPCStatusCode.UNAVAILABLE
 
 
 def _timed_out(exc: RPCError) -> bool:

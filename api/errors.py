@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -13,6 +14,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from temporalio.client import (
+    WorkflowQueryFailedError,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
+from temporalio.service import RPCError, RPCStatusCode
+
+from modelium.types import Phase
+from workflows.contracts import failure_message
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +125,44 @@ class GatewayTimeout(GatewayError):
 class ControlPlaneUnavailable(GatewayError):
     status = 503
     type = "control_plane_unavailable"
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Temporal itself cannot be reached (as opposed to answering with an error)."""
+    return isinstance(exc, RPCError) and exc.status == RPCStatusCode.UNAVAILABLE
+
+
+def temporal_error(
+    exc: BaseException, model: str, doing: str, *, on_unreachable: Callable[[str], None] | None = None
+) -> GatewayError:
+    """The one mapping from a failed call to a model's workflow to the gateway's answer.
+    `doing` says what was asked ("load", "read the state of"); `on_unreachable` hears Temporal's
+    message when Temporal could not be reached at all (the control plane marks itself down).
+
+    - the workflow failed the update: 503 with its reason (and `phase: failed`), retry in 30 s;
+    - the update outlived its RPC deadline: 503, the workflow goes on, retry in 5 s;
+    - the workflow did not answer a query: 503, retry in 5 s;
+    - no such workflow: 404, the model was removed;
+    - anything else Temporal answered, or Temporal unreachable: 503 control plane unavailable."""
+    if isinstance(exc, WorkflowUpdateFailedError):
+        return ModelNotReady(
+            f"could not {doing} {model}: {public_detail(failure_message(exc))}",
+            retry_after=30,
+            extra={"phase": Phase.FAILED},
+        )
+    if isinstance(exc, WorkflowUpdateRPCTimeoutOrCancelledError):
+        return ModelNotReady(f"{model} is still on its way ({doing}); retry shortly", retry_after=5)
+    if isinstance(exc, WorkflowQueryFailedError):
+        return ControlPlaneUnavailable(f"the workflow of {model} did not answer ({doing}): {exc}", retry_after=5)
+    if isinstance(exc, RPCError):
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return ModelNotFound(f"model {model!r} was removed", param="model")
+        if is_unreachable(exc) and on_unreachable is not None:
+            on_unreachable(exc.message)
+        return ControlPlaneUnavailable(
+            f"Temporal did not take the request to {doing} {model}: {exc.message}", retry_after=5
+        )
+    raise TypeError(f"not a Temporal error: {exc!r}")
 
 
 # Absolute paths (the state directory, site-packages, the model's folder) are not the client's

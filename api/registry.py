@@ -18,8 +18,8 @@ from datetime import datetime, timedelta
 from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus, WorkflowQueryFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.control_plane import ControlPlane, is_unreachable
-from api.errors import BadRequest, ControlPlaneUnavailable
+from api.control_plane import ControlPlane
+from api.errors import BadRequest, ControlPlaneUnavailable, is_unreachable, temporal_error
 from modelium.names import workflow_id
 from modelium.types import ModelState, Phase
 from workflows.contracts import PHASE_KEY, UPDATED_KEY, listed_state, models_changed_query, running_models_query
@@ -117,18 +117,10 @@ class ModelRegistry:
             state: ModelState = await self._control.guard(
                 handle.query(ModelLifecycleWorkflow.state, rpc_timeout=timeout), f"read the state of {model}"
             )
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND:
+        except (RPCError, WorkflowQueryFailedError) as exc:
+            if isinstance(exc, RPCError) and exc.status == RPCStatusCode.NOT_FOUND:
                 return None
-            if is_unreachable(exc):
-                self._control.mark_down(exc.message)
-            raise ControlPlaneUnavailable(
-                f"cannot read the state of {model} from Temporal: {exc.message}", retry_after=5
-            ) from exc
-        except WorkflowQueryFailedError as exc:
-            raise ControlPlaneUnavailable(
-                f"the workflow of {model} did not answer its state query: {exc}", retry_after=5
-            ) from exc
+            raise temporal_error(exc, model, "read the state of", on_unreachable=self._control.mark_down) from exc
         return None if state.phase == Phase.REMOVED else state
 
     def store(self, state: ModelState) -> None:

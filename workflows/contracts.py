@@ -32,7 +32,7 @@ from modelium.types import (
 )
 
 if TYPE_CHECKING:
-    from temporalio.client import WorkflowExecution
+    from temporalio.client import WorkflowExecution, WorkflowUpdateFailedError
 
 _D = TypeVar("_D")
 _E = TypeVar("_E", bound=StrEnum)
@@ -352,3 +352,8 @@ class NodeLost:
 @dataclass
 class LeaveRequest:
     reason: str = "node agent stopped"
+
+
+def failure_message(exc: WorkflowUpdateFailedError) -> str:
+    """What a workflow said when it refused or failed an update: its ApplicationError's message."""
+    return getattr(exc.cause, "message", None) or str(exc.cause)

@@ -12,15 +12,15 @@ from typing import Annotated, TypeVar
 from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse
 from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
 from api.auth import Principal, require_admin
 from api.deps import Gateway, GatewayDep, PrincipalDep
-from api.errors import BadRequest, ControlPlaneUnavailable, ModelNotFound, ModelNotReady
+from api.errors import BadRequest, temporal_error
 from api.schemas import LoadModelRequest, ModelInfo, ModelList, UnloadModelRequest
 from api.serving import known_model
 from modelium.names import workflow_id
-from modelium.types import LISTED_PHASES, ModelState, Phase
+from modelium.types import LISTED_PHASES, ModelState
 from workflows.contracts import EnsureLoadedRequest, EnsureUnloadedRequest, LoadCommand, UnloadCommand
 from workflows.lifecycle import ModelLifecycleWorkflow
 
@@ -116,11 +116,11 @@ async def load_model(
     reason = f"load requested through the API by {principal.name}"
     if not body.wait:
         command = LoadCommand(reason, body.pin, body.idle_timeout_seconds)
-        return await _accepted(gw, state, handle.signal(ModelLifecycleWorkflow.load, command), principal)
+        return await _accepted(gw, state, "load", handle.signal(ModelLifecycleWorkflow.load, command), principal)
     request = EnsureLoadedRequest(reason, body.pin, body.idle_timeout_seconds)
     timeout = body.timeout_seconds or gw.settings.gateway.cold_start_timeout_seconds
     update = handle.execute_update(ModelLifecycleWorkflow.ensure_loaded, request)
-    return await _settled(gw, state, update, timeout, principal)
+    return await _settled(gw, state, "load", update, timeout, principal)
 
 
 @router.post("/{name}/unload", response_model=ModelInfo, responses={202: {"model": ModelInfo}})
@@ -139,25 +139,27 @@ async def unload_model(
     reason = f"{body.reason} (by {principal.name})"
     if not body.wait:
         signal = handle.signal(ModelLifecycleWorkflow.unload, UnloadCommand(reason))
-        return await _accepted(gw, state, signal, principal)
+        return await _accepted(gw, state, "unload", signal, principal)
     update = handle.execute_update(ModelLifecycleWorkflow.ensure_unloaded, EnsureUnloadedRequest(reason))
-    return await _settled(gw, state, update, gw.settings.gateway.cold_start_timeout_seconds, principal)
+    return await _settled(gw, state, "unload", update, gw.settings.gateway.cold_start_timeout_seconds, principal)
 
 
-async def _accepted(gw: Gateway, state: ModelState, signal: Awaitable[None], principal: Principal) -> JSONResponse:
+async def _accepted(
+    gw: Gateway, state: ModelState, doing: str, signal: Awaitable[None], principal: Principal
+) -> JSONResponse:
     """202: the workflow has the request; `GET /models/{name}` shows how it goes."""
-    await _call(state.name, signal)
+    await _call(gw, state.name, doing, signal)
     gw.registry.invalidate(state.name)
     return JSONResponse(_info(gw, state, principal).model_dump(mode="json"), status_code=202)
 
 
 async def _settled(
-    gw: Gateway, before: ModelState, update: Awaitable[ModelState], timeout: float, principal: Principal
+    gw: Gateway, before: ModelState, doing: str, update: Awaitable[ModelState], timeout: float, principal: Principal
 ) -> ModelInfo | JSONResponse:
     """The model's state once the update is done; if that takes longer than `timeout`, 202 with
     the state it had (the workflow goes on with the request; `GET /models/{name}` follows it)."""
     try:
-        state = await asyncio.wait_for(_call(before.name, update), timeout)
+        state = await asyncio.wait_for(_call(gw, before.name, doing, update), timeout)
     except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
         gw.registry.invalidate(before.name)
         return JSONResponse(_info(gw, before, principal).model_dump(mode="json"), status_code=202)
@@ -165,15 +167,9 @@ async def _settled(
     return _info(gw, state, principal)
 
 
-async def _call(name: str, call: Awaitable[_T]) -> _T:
+async def _call(gw: Gateway, name: str, doing: str, call: Awaitable[_T]) -> _T:
     """Await a workflow call, turning Temporal's failures into the gateway's errors."""
     try:
         return await call
-    except WorkflowUpdateFailedError as exc:
-        message = getattr(exc.cause, "message", None) or str(exc.cause)
-        raise ModelNotReady(f"model {name}: {message}", retry_after=30, extra={"phase": Phase.FAILED}) from None
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.NOT_FOUND:
-            raise ModelNotFound(f"model {name!r} was removed", param="model") from None
-        raise ControlPlaneUnavailable(f"Temporal did not take the request for {name}: {exc.message}",
-                                      retry_after=5) from None  # fmt: skip
+    except (WorkflowUpdateFailedError, RPCError) as exc:
+        raise temporal_error(exc, name, doing, on_unreachable=gw.control.mark_down) from None
