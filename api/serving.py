@@ -4,11 +4,12 @@ if need be), send its runtime the request, and account for it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from starlette.requests import Request
@@ -93,9 +94,10 @@ async def serving_model(
 
 
 class Tally:
-    """One request's bookkeeping: Prometheus series and the usage signal."""
+    """One request's bookkeeping: Prometheus series and the usage signal. `status` is what the
+    request ends with (500 until the route says otherwise; 0 when a stream's end decides)."""
 
-    __slots__ = ("gw", "organization", "started", "model", "runtime")
+    __slots__ = ("gw", "organization", "started", "model", "runtime", "status")
 
     def __init__(self, gw: Gateway, principal: Principal) -> None:
         self.gw = gw
@@ -103,6 +105,7 @@ class Tally:
         self.started = time.perf_counter()
         self.model = "_unknown"  # a name from the request is a label only once it is known
         self.runtime = "none"
+        self.status = 500
 
     def routed(self, state: ModelState) -> None:
         self.model = state.name
@@ -119,6 +122,36 @@ class Tally:
             )
             self.gw.usage.record(self.model, self.organization)
             self.gw.registry.mark_used(self.model)
+
+
+@contextlib.contextmanager
+def tallied(gw: Gateway, principal: Principal) -> Iterator[Tally]:
+    """Count one inference request however it ends: with the status the route set, a gateway
+    error's status, or 500. A streamed answer (status 0) is counted by `relay` when it ends."""
+    tally = Tally(gw, principal)
+    try:
+        yield tally
+    except GatewayError as exc:
+        tally.status = exc.status
+        raise
+    finally:
+        if tally.status:
+            tally.finish(tally.status)
+
+
+async def answered(request: Request) -> int:
+    """200, or 499 when the client hung up while it waited and so did not get its answer (as for
+    a stream)."""
+    return 499 if await request.is_disconnected() else 200
+
+
+def check_max_tokens(gw: Gateway, body: object, *fields: str) -> None:
+    """Refuse a token budget over `gateway.max_tokens_limit`, naming the field."""
+    limit = gw.settings.gateway.max_tokens_limit
+    for field in fields:
+        value = getattr(body, field, None)
+        if value is not None and value > limit:
+            raise BadRequest(f"{field} must be at most {limit} (gateway.max_tokens_limit)", param=field)
 
 
 async def _unreachable(gw: Gateway, state: ModelState, exc: Exception) -> GatewayError:

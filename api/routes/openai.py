@@ -7,7 +7,7 @@ unparsed. `stream: true` answers are relayed chunk by chunk as server-sent event
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
@@ -15,9 +15,9 @@ from pydantic import BaseModel, ValidationError
 
 from api.auth import Principal
 from api.deps import Gateway, GatewayDep, PrincipalDep, RegistryDep
-from api.errors import BadRequest, GatewayError, InvalidRequest, describe_validation
+from api.errors import InvalidRequest, describe_validation
 from api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIModel, OpenAIModelList
-from api.serving import Tally, open_stream, post, relay, serving_model
+from api.serving import answered, check_max_tokens, open_stream, post, relay, serving_model, tallied
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -45,35 +45,22 @@ def _parse(raw: bytes, schema: type[_Body]) -> _Body:
 async def _proxy(
     request: Request, gw: Gateway, principal: Principal, schema: type[CompletionRequest | ChatCompletionRequest]
 ) -> Response:
-    tally = Tally(gw, principal)
-    status = 500
-    try:
+    with tallied(gw, principal) as tally:
         raw = await request.body()
         body = _parse(raw, schema)
-        limit = gw.settings.gateway.max_tokens_limit
-        for field in ("max_tokens", "max_completion_tokens"):
-            value: Any = getattr(body, field, None)
-            if value is not None and value > limit:
-                raise BadRequest(f"{field} must be at most {limit} (gateway.max_tokens_limit)", param=field)
+        check_max_tokens(gw, body, "max_tokens", "max_completion_tokens")
         state = await serving_model(gw, body.model, principal, tally, route=request.url.path)
         tally.routed(state)
         path = request.url.path
         if body.stream:
             upstream = await open_stream(gw, state, path, raw)
-            status = 0  # the stream's own end decides
+            tally.status = 0  # the stream's own end decides
             return StreamingResponse(
                 relay(gw, state, upstream, tally, request), media_type="text/event-stream", headers=_SSE_HEADERS
             )
         _, content = await post(gw, state, path, raw)
-        # A client that hung up while it waited did not get its answer: 499, as for a stream.
-        status = 499 if await request.is_disconnected() else 200
+        tally.status = await answered(request)
         return Response(content=content, media_type="application/json")
-    except GatewayError as exc:
-        status = exc.status
-        raise
-    finally:
-        if status:
-            tally.finish(status)
 
 
 @router.post(
