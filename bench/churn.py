@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import modelium_serve  # noqa: E402
 from bench.scale import link_models, metric_total  # noqa: E402
+from cli.demo import write_demo_model  # noqa: E402
 from modelium.analyzer import analyze_directory  # noqa: E402
-from modelium.demo import write_demo_model  # noqa: E402
 
 MODELS = 50
 ROOM_FOR = 5

@@ -26,7 +26,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import modelium_serve  # noqa: E402
 
-from modelium.demo import write_demo_model  # noqa: E402
+from cli.demo import write_demo_model  # noqa: E402
 
 
 def one_run(settle: float, staged: Path, workdir: Path, run: int) -> dict[str, float]:

@@ -34,7 +34,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import modelium_serve, wait_phase  # noqa: E402
 
-from modelium.demo import write_demo_model  # noqa: E402
+from cli.demo import write_demo_model  # noqa: E402
 
 MODEL = "bench-gpt2"
 

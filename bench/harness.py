@@ -47,7 +47,7 @@ def modelium_serve(workdir: Path, tag: str, **config: Any) -> Iterator[Served]:
     log = (workdir / f"serve-{tag}.log").open("wb")
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelium.cli", "--config", str(path), "serve"],
+        [sys.executable, "-m", "cli", "--config", str(path), "serve"],
         stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
     )  # fmt: skip
     url = f"http://127.0.0.1:{gw}"

@@ -22,8 +22,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cli.demo import write_demo_model  # noqa: E402
 from modelium.analyzer import analyze_directory  # noqa: E402
-from modelium.demo import write_demo_model  # noqa: E402
 from modelium.gpu import process_tree, resident_bytes  # noqa: E402
 from modelium.runtimes.embedded import EmbeddedRuntimeAdapter  # noqa: E402
 from modelium.types import Booking, EndpointProtocol, LoadRequest  # noqa: E402

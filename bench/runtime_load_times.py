@@ -26,8 +26,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cli.demo import write_demo_model  # noqa: E402
 from modelium.config import RayServe, Triton, Vllm  # noqa: E402
-from modelium.demo import write_demo_model  # noqa: E402
 from modelium.runtimes.embedded import EmbeddedRuntimeAdapter  # noqa: E402
 from modelium.runtimes.process import free_port  # noqa: E402
 from modelium.runtimes.ray_serve import RayServeRuntimeAdapter  # noqa: E402

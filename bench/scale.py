@@ -31,8 +31,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import Served, modelium_serve  # noqa: E402
+from cli.demo import write_demo_model  # noqa: E402
 from modelium.analyzer import analyze_directory  # noqa: E402
-from modelium.demo import write_demo_model  # noqa: E402
 from modelium.gpu import resident_bytes  # noqa: E402
 
 ROOM_FOR = 5

@@ -23,7 +23,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import modelium_serve, wait_phase  # noqa: E402
-from modelium.demo import write_demo_model  # noqa: E402
+from cli.demo import write_demo_model  # noqa: E402
 
 
 def _send(url: str, statuses: Counter[int], stop: threading.Event) -> None:

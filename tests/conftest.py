@@ -21,8 +21,8 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
+from cli.demo import write_demo_model
 from modelium.config import Settings
-from modelium.demo import write_demo_model
 from workers.serve import Running, serve
 from workers.temporal_server import temporal_binary
 from workflows.contracts import SEARCH_ATTRIBUTES

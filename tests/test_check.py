@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from modelium.check import check_embedded, check_ray_serve, check_triton, check_vllm, report
-from modelium.cli import main
+from cli.check import check_embedded, check_ray_serve, check_triton, check_vllm, report
+from cli.main import main
 from modelium.config import load_settings
 
 

@@ -29,7 +29,7 @@ def modelium(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MODELIUM_")}
-    return subprocess.run([sys.executable, "-m", "modelium.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
                           timeout=120, env={**clean, **(env or {})}, cwd=cwd)  # fmt: skip
 
 

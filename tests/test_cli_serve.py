@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 def _start(tmp_path: Path, config: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "modelium.cli", "--config", str(config), "serve"],
+        [sys.executable, "-m", "cli", "--config", str(config), "serve"],
         cwd=tmp_path,
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,

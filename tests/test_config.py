@@ -80,7 +80,7 @@ def test_missing_explicit_file(tmp_path: Path) -> None:
 
 
 def test_global_options_may_follow_the_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from modelium.cli import main
+    from cli.main import main
 
     cfg = tmp_path / "mine.yaml"
     cfg.write_text("gateway: {port: 18123}\n")
@@ -95,7 +95,7 @@ def test_cli_stops_with_the_key_named(tmp_path: Path) -> None:
     cfg = tmp_path / "modelium.yaml"
     cfg.write_text("metrics: {port: -1}\n")
     done = subprocess.run(
-        [sys.executable, "-m", "modelium.cli", "--config", str(cfg), "serve"],
+        [sys.executable, "-m", "cli", "--config", str(cfg), "serve"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 2
@@ -109,7 +109,7 @@ def test_shipped_deploy_config_is_valid() -> None:
 
 def test_keys_create_prints_a_key_and_its_digest(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "modelium.cli", "keys", "create", "--org", "acme", "--name", "ci", "--admin"],
+        [sys.executable, "-m", "cli", "keys", "create", "--org", "acme", "--name", "ci", "--admin"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -118,7 +118,7 @@ def test_keys_create_prints_a_key_and_its_digest(tmp_path: Path) -> None:
     entry = yaml.safe_load(entry_yaml)[0]
     assert entry == {"name": "ci", "organization": "acme", "sha256": digest(key), "scopes": ["admin"]}
     bad = subprocess.run(
-        [sys.executable, "-m", "modelium.cli", "keys", "create", "--org", "no spaces!", "--name", "x"],
+        [sys.executable, "-m", "cli", "keys", "create", "--org", "no spaces!", "--name", "x"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert bad.returncode == 2 and "--org" in bad.stderr

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from modelium import cli
+from cli import main as cli
 from modelium.names import workflow_id
 from modelium.types import ModelSource
 from tests.conftest import make_settings, running_modelium, serving_model, unique, wait_for

@@ -41,7 +41,7 @@ LOST_AFTER = 3.0  # seconds of silence
 
 
 class Parts:
-    """The processes of the topology, each `python -m modelium.cli ...` with one config."""
+    """The processes of the topology, each `python -m cli ...` with one config."""
 
     def __init__(self, tmp_path: Path, temporal: str) -> None:
         self.tmp = tmp_path
@@ -64,7 +64,7 @@ class Parts:
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = (self.tmp / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "modelium.cli", "--config", str(self.config), *args],
+            [sys.executable, "-m", "cli", "--config", str(self.config), *args],
             cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         self.procs[name] = proc

@@ -62,7 +62,7 @@ def _stop(agent: subprocess.Popen[bytes]) -> None:
 
 def _node_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "modelium.cli", "--config", str(config), "worker", "node"],
+        [sys.executable, "-m", "cli", "--config", str(config), "worker", "node"],
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

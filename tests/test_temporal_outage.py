@@ -136,7 +136,7 @@ def test_serve_restarts_its_temporal_and_survives_its_own_sigkill(tmp_path: Path
         # A second `serve` on the same folder while this one runs is refused, and touches nothing.
         before = _temporal_pid(state)
         second = subprocess.run(
-            [sys.executable, "-m", "modelium.cli", "--config", str(config), "serve"],
+            [sys.executable, "-m", "cli", "--config", str(config), "serve"],
             cwd=tmp_path, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert second.returncode == 1 and "another `modelium serve`" in second.stderr, second.stderr

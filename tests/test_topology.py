@@ -80,7 +80,7 @@ class Topology:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODELIUM_")}
         (self.tmp / name).mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "modelium.cli", *command],
+            [sys.executable, "-m", "cli", *command],
             cwd=self.tmp / name, stdout=(self.tmp / f"{name}.log").open("ab"), stderr=subprocess.STDOUT,
             env={**env, **self.environment(service, name), "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip

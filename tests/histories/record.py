@@ -15,7 +15,7 @@ from pathlib import Path
 from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
-from modelium.demo import write_demo_model
+from cli.demo import write_demo_model
 from modelium.names import workflow_id
 from modelium.types import ModelSource, Phase
 from modelium.watcher import fingerprint

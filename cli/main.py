@@ -1,8 +1,8 @@
-"""The `modelium` command.
+"""The `modelium` command: one subcommand per role (`serve`, `gateway`, `watch`, `worker ...`)
+and the operator's tools (`models`, `load`, `unload`, `keys`, `check`, `config`, `demo-model`).
 
-This is the one module of `modelium/` that reaches into the composition roots (`workers/`): it
-imports them lazily, inside the commands that need them, so the domain library itself never pulls
-Temporal or the gateway in.
+The composition roots (`workers/`) and heavy libraries are imported inside the commands that need
+them, so that `modelium keys create` or `modelium models` start in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
-    from modelium.demo import write_demo_model
+    from cli.demo import write_demo_model
 
     path = write_demo_model(args.directory, task=args.task)
     print(f"wrote a tiny {args.task} model to {path}")
@@ -128,7 +128,7 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_manage(args: argparse.Namespace) -> int:
-    from modelium import manage
+    from cli import manage
 
     return manage.main(args.command, _settings(args), args)
 
@@ -162,7 +162,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from modelium.check import report, run_checks
+    from cli.check import report, run_checks
 
     checks = run_checks(_settings(args))
     print(report(checks, args.verbose))
