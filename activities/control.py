@@ -133,11 +133,19 @@ class RegistryResidents:
         for s in await asyncio.gather(*(state(h) for h in handles)):
             if s is None or s.phase != Phase.LOADED or s.booking is None:
                 continue
-            found.append(Resident(
-                model=s.name, node=s.booking.node, devices=s.booking.all_devices, bytes=s.booking.bytes,
-                pinned=s.pinned, loaded_at=s.loaded_at or 0.0, last_used_at=s.last_used_at or s.loaded_at or 0.0,
-                load_seconds=s.load_seconds, pid=s.endpoint.pid if s.endpoint else None,
-            ))  # fmt: skip
+            found.append(
+                Resident(
+                    model=s.name,
+                    node=s.booking.node,
+                    devices=s.booking.all_devices,
+                    bytes=s.booking.bytes,
+                    pinned=s.pinned,
+                    loaded_at=s.loaded_at or 0.0,
+                    last_used_at=s.last_used_at or s.loaded_at or 0.0,
+                    load_seconds=s.load_seconds,
+                    pid=s.endpoint.pid if s.endpoint else None,
+                )
+            )
         return found
 
 
@@ -221,8 +229,15 @@ class ControlActivities:
                 if not policy.enabled:
                     raise
                 # Only now is it worth reading every loaded model's state: to choose whom to evict.
-                decision = place(analysis, self._runtimes, nodes, override, overrides=request.overrides,
-                                 residents=await self._residents(), policy=policy)  # fmt: skip
+                decision = place(
+                    analysis,
+                    self._runtimes,
+                    nodes,
+                    override,
+                    overrides=request.overrides,
+                    residents=await self._residents(),
+                    policy=policy,
+                )
         except NoRuntimeAvailable as exc:
             raise ApplicationError(str(exc), type=ErrorType.NO_RUNTIME, non_retryable=True) from None
         except ModelTooLarge as exc:
@@ -232,8 +247,9 @@ class ControlActivities:
             raise ApplicationError(
                 str(exc), type=ErrorType.NO_CAPACITY, non_retryable=True, category=ApplicationErrorCategory.BENIGN
             ) from None
-        overridden = request.overrides is not None and (request.overrides.runtime or request.overrides.devices
-                                                        or request.overrides.node)  # fmt: skip
+        overridden = request.overrides is not None and (
+            request.overrides.runtime or request.overrides.devices or request.overrides.node
+        )
         # The LLM proposes only where the rules found room without evicting and the user fixed
         # nothing; when its answer cannot be used, the rules' decision stands and says why.
         # (Nor for the brain's own model, when Modelium serves it: it cannot answer before it runs.)
@@ -259,8 +275,9 @@ class ControlActivities:
         live node, say), the NoCapacity stands."""
         emptied = [replace(n, devices=[replace(d, booked_bytes=0) for d in n.devices]) for n in nodes]
         try:
-            decision = place(request.analysis, self._runtimes, emptied, request.runtime_override,
-                             overrides=request.overrides)  # fmt: skip
+            decision = place(
+                request.analysis, self._runtimes, emptied, request.runtime_override, overrides=request.overrides
+            )
         except (NoCapacity, NoRuntimeAvailable):
             raise no_room from None
         decision.no_room = str(no_room)
@@ -327,8 +344,9 @@ class ControlActivities:
                 continue  # it ended meanwhile
             told += 1
             room -= need
-        activity.logger.info("%s freed room on %s: woke %d of %d waiting model(s)", notice.model, notice.node,
-                             told, len(waiters))  # fmt: skip
+        activity.logger.info(
+            "%s freed room on %s: woke %d of %d waiting model(s)", notice.model, notice.node, told, len(waiters)
+        )
         return told
 
     @activity.defn(name=ActivityName.NOTIFY_NODE_LOST)

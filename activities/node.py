@@ -87,9 +87,11 @@ class NodeActivities:
         except InsufficientCapacity as exc:
             # Two decisions raced for the same room; the workflow waits and decides again.
             raise ApplicationError(
-                str(exc), type=ErrorType.INSUFFICIENT_CAPACITY, non_retryable=True,
+                str(exc),
+                type=ErrorType.INSUFFICIENT_CAPACITY,
+                non_retryable=True,
                 category=ApplicationErrorCategory.BENIGN,
-            ) from None  # fmt: skip
+            ) from None
         self.refresh_device_gauges()
         self.bookings_changed.set()
         return booking
@@ -167,8 +169,12 @@ class NodeActivities:
             for device in over:
                 log.error(
                     "%s now holds %s, more than its booking: %s/%s is booked past its capacity; nothing more "
-                    "is placed there until memory is freed", model, _mib(now), self._node, device,
-                )  # fmt: skip
+                    "is placed there until memory is freed",
+                    model,
+                    _mib(now),
+                    self._node,
+                    device,
+                )
             self.refresh_device_gauges()
         return MemoryPeak(model, now, booking.bytes if booking else None, over)
 
@@ -231,9 +237,14 @@ class NodeActivities:
                 booked = peak.booked_bytes
                 self.bookings_changed.set()
         activity.logger.info(
-            "loaded %s in %.2fs at %s; it takes %s%s (booked %s)", request.model, seconds, endpoint.url,
-            _mib(measured), " after a warm-up request" if warmed else "", _mib(request.booking.bytes),
-        )  # fmt: skip
+            "loaded %s in %.2fs at %s; it takes %s%s (booked %s)",
+            request.model,
+            seconds,
+            endpoint.url,
+            _mib(measured),
+            " after a warm-up request" if warmed else "",
+            _mib(request.booking.bytes),
+        )
         return LoadResult(endpoint=endpoint, load_seconds=seconds, measured_bytes=measured, booked_bytes=booked)
 
     @activity.defn(name=ActivityName.UNLOAD_MODEL)
@@ -261,5 +272,11 @@ class NodeActivities:
             ) from None
 
     def all(self) -> list[Callable[..., Any]]:
-        return [self.reserve_gpu, self.release_gpu, self.load_model, self.unload_model,
-                self.check_health, self.confirm_memory_freed]  # fmt: skip
+        return [
+            self.reserve_gpu,
+            self.release_gpu,
+            self.load_model,
+            self.unload_model,
+            self.check_health,
+            self.confirm_memory_freed,
+        ]

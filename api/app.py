@@ -58,9 +58,13 @@ def create_app(
         refresher = asyncio.create_task(registry.refresh_forever(STATE_REFRESH_SECONDS), name="state-refresh")
         upstream = UpstreamPool(timeout=gw_settings.request_timeout_seconds)
         cold = ColdStarts(
-            temporal, registry, own_metrics, probe,
-            timeout=gw_settings.cold_start_timeout_seconds, max_waiting=gw_settings.max_waiting_requests,
-        )  # fmt: skip
+            temporal,
+            registry,
+            own_metrics,
+            probe,
+            timeout=gw_settings.cold_start_timeout_seconds,
+            max_waiting=gw_settings.max_waiting_requests,
+        )
         app.state.gateway = Gateway(
             settings=settings,
             temporal=temporal,

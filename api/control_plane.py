@@ -99,8 +99,7 @@ class ControlPlane:
             self._went_down.set()
             if self._gauge is not None:
                 self._gauge.set(0)
-            log.warning("Temporal is unreachable (%s); loaded models are served from their last known endpoints",
-                        error)  # fmt: skip
+            log.warning("Temporal is unreachable (%s); loaded models are served from their last known endpoints", error)
         self.last_error = error
 
     def mark_up(self) -> None:

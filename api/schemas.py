@@ -88,15 +88,17 @@ class ModelInfo(BaseModel):
         """What a key without the admin scope may read: no paths, endpoints or error details
         (one line and an error id instead), and its own organization's counts only."""
         own = self.requests_by_organization.get(organization, 0)
-        return self.model_copy(update={
-            "path": "",
-            "endpoint": None,
-            "last_error": public_detail(self.last_error) if self.last_error else None,
-            "unload_reason": one_line(self.unload_reason) if self.unload_reason else None,
-            "rest_reason": one_line(self.rest_reason) if self.rest_reason else None,
-            "request_count": own,
-            "requests_by_organization": {organization: own} if own else {},
-        })  # fmt: skip
+        return self.model_copy(
+            update={
+                "path": "",
+                "endpoint": None,
+                "last_error": public_detail(self.last_error) if self.last_error else None,
+                "unload_reason": one_line(self.unload_reason) if self.unload_reason else None,
+                "rest_reason": one_line(self.rest_reason) if self.rest_reason else None,
+                "request_count": own,
+                "requests_by_organization": {organization: own} if own else {},
+            }
+        )
 
     @classmethod
     def from_state(cls, s: ModelState) -> ModelInfo:
@@ -113,7 +115,7 @@ class ModelInfo(BaseModel):
             decision_source=s.decision.source if s.decision else None,
             endpoint=EndpointInfo(url=s.endpoint.url, protocol=s.endpoint.protocol, pid=s.endpoint.pid)
             if s.endpoint
-            else None,  # fmt: skip
+            else None,
             memory_estimate_bytes=s.memory_estimate_bytes,
             measured_memory_bytes=s.measured_memory_bytes,
             peak_memory_bytes=s.peak_memory_bytes,
@@ -151,9 +153,11 @@ class LoadModelRequest(BaseModel):
 
     pin: StrictBool | None = Field(default=None, description="true: never unload for being idle")
     idle_timeout_seconds: float | None = Field(
-        default=None, ge=MIN_IDLE_SECONDS, le=MAX_DURATION_SECONDS,
+        default=None,
+        ge=MIN_IDLE_SECONDS,
+        le=MAX_DURATION_SECONDS,
         description="this model's idle timeout (1 s to a year)",
-    )  # fmt: skip
+    )
     wait: StrictBool = Field(default=True, description="answer once the model serves (bounded by timeout_seconds)")
     timeout_seconds: float | None = Field(
         default=None, gt=0, le=MAX_DURATION_SECONDS, description="default: gateway.cold_start_timeout_seconds"

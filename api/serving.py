@@ -88,8 +88,11 @@ async def serving_model(
         raise failed_model(state)
     if state.phase == Phase.RESTARTING:
         wait = max(1, math.ceil((state.restart_at or 0) - time.time()))
-        raise ModelNotReady(f"model {name} is restarting: {public_detail(state.last_error or '')}",
-                            retry_after=wait, extra={"phase": state.phase})  # fmt: skip
+        raise ModelNotReady(
+            f"model {name} is restarting: {public_detail(state.last_error or '')}",
+            retry_after=wait,
+            extra={"phase": state.phase},
+        )
     return await gw.cold.wait_loaded(state)
 
 

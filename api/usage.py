@@ -68,8 +68,11 @@ class UsageBatcher:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rows), encoding="utf-8")
         os.replace(tmp, path)
-        log.warning("usage of %d requests could not be sent to Temporal; kept in %s for the next start",
-                    sum(self._counts.values()), path)  # fmt: skip
+        log.warning(
+            "usage of %d requests could not be sent to Temporal; kept in %s for the next start",
+            sum(self._counts.values()),
+            path,
+        )
         self._counts.clear()
 
     def _take_spooled(self) -> None:
@@ -123,8 +126,7 @@ class UsageBatcher:
         results = await asyncio.gather(*(self._send(m, r) for m, r in reports), return_exceptions=True)
         for (model, report), result in zip(reports, results, strict=True):
             if isinstance(result, BaseException):
-                log.warning("usage of %s (%d requests) not sent, kept for later: %s",
-                            model, report.count, result)  # fmt: skip
+                log.warning("usage of %s (%d requests) not sent, kept for later: %s", model, report.count, result)
                 for org, n in report.by_organization.items():
                     self._counts[(model, org)] += n
 

@@ -131,18 +131,25 @@ def main() -> None:
         booking = analyze_directory(template, "probe").memory_estimates["embedded"]
         capacity = ROOM_FOR * booking + booking // 2
         distinct = len(set(sequence))
-        print(f"{MODELS} models, room for {ROOM_FOR}; {args.requests} requests (Zipf s={ZIPF_S}, {distinct} distinct "
-              f"models asked), {args.clients} clients", flush=True)  # fmt: skip
+        print(
+            f"{MODELS} models, room for {ROOM_FOR}; {args.requests} requests (Zipf s={ZIPF_S}, {distinct} distinct "
+            f"models asked), {args.clients} clients",
+            flush=True,
+        )
         for policy in args.policies.split(","):
             rows[policy] = run(policy, workdir, template, capacity, sequence, args)
             print(f"{policy}: {rows[policy]}", flush=True)
     print()
-    print(f"{'policy':>7} {'hit rate':>9} {'waited':>7} {'cold p50':>9} {'cold p99':>9} {'hit p50':>8} "
-          f"{'evict/min':>10} {'failed':>7} {'minutes':>8}")  # fmt: skip
+    print(
+        f"{'policy':>7} {'hit rate':>9} {'waited':>7} {'cold p50':>9} {'cold p99':>9} {'hit p50':>8} "
+        f"{'evict/min':>10} {'failed':>7} {'minutes':>8}"
+    )
     for policy, r in rows.items():
-        print(f"{policy:>7} {r['hit_rate']:>9.1%} {r['waited_by_gateway']:>7.0f} {r['cold_p50']:>8.2f}s "
-              f"{r['cold_p99']:>8.2f}s {r['hit_p50_ms']:>6.1f}ms {r['evictions_per_min']:>10.1f} {r['failed']:>7} "
-              f"{r['minutes']:>8.1f}")  # fmt: skip
+        print(
+            f"{policy:>7} {r['hit_rate']:>9.1%} {r['waited_by_gateway']:>7.0f} {r['cold_p50']:>8.2f}s "
+            f"{r['cold_p99']:>8.2f}s {r['hit_p50_ms']:>6.1f}ms {r['evictions_per_min']:>10.1f} {r['failed']:>7} "
+            f"{r['minutes']:>8.1f}"
+        )
 
 
 if __name__ == "__main__":

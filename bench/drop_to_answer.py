@@ -30,8 +30,7 @@ from cli.demo import write_demo_model  # noqa: E402
 
 
 def one_run(settle: float, staged: Path, workdir: Path, run: int) -> dict[str, float]:
-    discovery = {"model_discovery": {"watch_directories": [str(workdir / f"incoming-{run}")],
-                                     "settle_seconds": settle}}  # fmt: skip
+    discovery = {"model_discovery": {"watch_directories": [str(workdir / f"incoming-{run}")], "settle_seconds": settle}}
     with modelium_serve(workdir, str(run), orchestration=discovery) as served:
         base = served.url
         with httpx.Client(timeout=120) as http:
@@ -41,16 +40,20 @@ def one_run(settle: float, staged: Path, workdir: Path, run: int) -> dict[str, f
             # Until the watcher hands the model over it is unknown (404); from then on the request
             # waits for the load and is answered.
             while True:
-                r = http.post(f"{base}/predict/bench-model",
-                              json={"prompt": "Hello", "max_tokens": 8})  # fmt: skip
+                r = http.post(f"{base}/predict/bench-model", json={"prompt": "Hello", "max_tokens": 8})
                 if r.status_code == 200:
                     break
                 time.sleep(0.05)
             total = time.monotonic() - t0
             info = http.get(f"{base}/models/bench-model").json()
     load = float(info["load_seconds"])
-    return {"startup": served.startup_seconds, "total": total, "settle": settle, "load": load,
-            "overhead": total - settle - load}  # fmt: skip
+    return {
+        "startup": served.startup_seconds,
+        "total": total,
+        "settle": settle,
+        "load": load,
+        "overhead": total - settle - load,
+    }
 
 
 def main() -> None:
@@ -65,11 +68,15 @@ def main() -> None:
     print(f"drop -> first answer, tiny GPT-2 on CPU, settle {args.settle:g}s, {args.runs} runs")
     print(f"{'run':>4} {'startup':>9} {'total':>8} {'settle':>8} {'load':>8} {'overhead':>9}")
     for i, r in enumerate(rows):
-        print(f"{i:>4} {r['startup']:>8.2f}s {r['total']:>7.2f}s {r['settle']:>7.2f}s "
-              f"{r['load']:>7.2f}s {r['overhead']:>8.2f}s")  # fmt: skip
+        print(
+            f"{i:>4} {r['startup']:>8.2f}s {r['total']:>7.2f}s {r['settle']:>7.2f}s "
+            f"{r['load']:>7.2f}s {r['overhead']:>8.2f}s"
+        )
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    print(f"{'med':>4} {med['startup']:>8.2f}s {med['total']:>7.2f}s {med['settle']:>7.2f}s "
-          f"{med['load']:>7.2f}s {med['overhead']:>8.2f}s")  # fmt: skip
+    print(
+        f"{'med':>4} {med['startup']:>8.2f}s {med['total']:>7.2f}s {med['settle']:>7.2f}s "
+        f"{med['load']:>7.2f}s {med['overhead']:>8.2f}s"
+    )
     print(
         f"runtime load / total: {med['load'] / med['total']:.0%}; "
         f"Modelium overhead (excl. settle) / total: {med['overhead'] / med['total']:.0%}"

@@ -52,8 +52,10 @@ class Connection:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
-        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
         self.writer.write(head + body)
         status = int((await self.reader.readline()).split()[1])
         length, chunked = 0, False
@@ -159,16 +161,22 @@ def main() -> None:
                 rows.append((clients, runs))
             colds = cold_start(served.url, args.cold_runs)
 
-    print(f"gateway overhead: POST /v1/completions, tiny GPT-2 on CPU, max_tokens {args.max_tokens}, "
-          f"{args.seconds:g}s per level")  # fmt: skip
-    print(f"{'clients':>7} | {'direct p50':>10} {'p99':>8} {'req/s':>7} | {'gateway p50':>11} {'p99':>8} "
-          f"{'req/s':>7} | {'added p50':>9} {'added p99':>9} {'throughput':>10} {'errors':>6}")  # fmt: skip
+    print(
+        f"gateway overhead: POST /v1/completions, tiny GPT-2 on CPU, max_tokens {args.max_tokens}, "
+        f"{args.seconds:g}s per level"
+    )
+    print(
+        f"{'clients':>7} | {'direct p50':>10} {'p99':>8} {'req/s':>7} | {'gateway p50':>11} {'p99':>8} "
+        f"{'req/s':>7} | {'added p50':>9} {'added p99':>9} {'throughput':>10} {'errors':>6}"
+    )
     for clients, runs in rows:
         d, g = runs[len(runs) // 2]
-        print(f"{clients:>7} | {d.pct(0.5) * 1e3:>8.2f}ms {d.pct(0.99) * 1e3:>6.2f}ms {d.throughput:>7.0f} | "
-              f"{g.pct(0.5) * 1e3:>9.2f}ms {g.pct(0.99) * 1e3:>6.2f}ms {g.throughput:>7.0f} | "
-              f"{(g.pct(0.5) - d.pct(0.5)) * 1e3:>7.2f}ms {(g.pct(0.99) - d.pct(0.99)) * 1e3:>7.2f}ms "
-              f"{g.throughput / d.throughput:>10.0%} {d.errors + g.errors:>6}")  # fmt: skip
+        print(
+            f"{clients:>7} | {d.pct(0.5) * 1e3:>8.2f}ms {d.pct(0.99) * 1e3:>6.2f}ms {d.throughput:>7.0f} | "
+            f"{g.pct(0.5) * 1e3:>9.2f}ms {g.pct(0.99) * 1e3:>6.2f}ms {g.throughput:>7.0f} | "
+            f"{(g.pct(0.5) - d.pct(0.5)) * 1e3:>7.2f}ms {(g.pct(0.99) - d.pct(0.99)) * 1e3:>7.2f}ms "
+            f"{g.throughput / d.throughput:>10.0%} {d.errors + g.errors:>6}"
+        )
     print("\nspread over the repeats (every run): added p50 in ms / throughput ratio")
     for clients, runs in rows:
         spread = ", ".join(f"{(g.pct(0.5) - d.pct(0.5)) * 1e3:.2f}/{g.throughput / d.throughput:.0%}" for d, g in runs)

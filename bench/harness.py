@@ -48,8 +48,10 @@ def modelium_serve(workdir: Path, tag: str, **config: Any) -> Iterator[Served]:
     started = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli", "--config", str(path), "serve"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
-    )  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+    )
     url = f"http://127.0.0.1:{gw}"
     try:
         with httpx.Client(timeout=30) as http:

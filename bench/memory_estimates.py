@@ -77,8 +77,11 @@ async def measure(root: Path, device: str, only: set[str]) -> list[tuple[str, in
             await adapter.stop(name)
             shutil.rmtree(path, ignore_errors=True)
         rows.append((name, analysis.parameter_count or 0, estimate, loaded, warmed, peak))
-        print(f"{name}: estimate {estimate / MIB:.0f} MiB, loaded {loaded / MIB:.0f}, warmed {warmed / MIB:.0f}, "
-              f"peak {peak / MIB:.0f}", flush=True)  # fmt: skip
+        print(
+            f"{name}: estimate {estimate / MIB:.0f} MiB, loaded {loaded / MIB:.0f}, warmed {warmed / MIB:.0f}, "
+            f"peak {peak / MIB:.0f}",
+            flush=True,
+        )
     return rows
 
 
@@ -89,17 +92,23 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = asyncio.run(measure(Path(tmp), args.device, set(filter(None, args.only.split(",")))))
-    print(f"\n{'model':<14} {'params':>13} {'estimate':>9} {'loaded':>8} {'warmed':>8} {'peak':>8} "
-          f"{'est. vs peak':>12} {'loaded vs peak':>14}")  # fmt: skip
+    print(
+        f"\n{'model':<14} {'params':>13} {'estimate':>9} {'loaded':>8} {'warmed':>8} {'peak':>8} "
+        f"{'est. vs peak':>12} {'loaded vs peak':>14}"
+    )
     errors = []
     for name, params, estimate, loaded, warmed, peak in rows:
         error = (estimate - peak) / peak
         errors.append(abs(error))
-        print(f"{name:<14} {params:>13,} {estimate / MIB:>7.0f}Mi {loaded / MIB:>6.0f}Mi {warmed / MIB:>6.0f}Mi "
-              f"{peak / MIB:>6.0f}Mi {error:>+12.0%} {(loaded - peak) / peak:>+14.0%}")  # fmt: skip
+        print(
+            f"{name:<14} {params:>13,} {estimate / MIB:>7.0f}Mi {loaded / MIB:>6.0f}Mi {warmed / MIB:>6.0f}Mi "
+            f"{peak / MIB:>6.0f}Mi {error:>+12.0%} {(loaded - peak) / peak:>+14.0%}"
+        )
     if errors:
-        print(f"\nestimate against the warmed peak: mean absolute error {sum(errors) / len(errors):.0%}, worst "
-              f"{max(errors):.0%} (positive: estimate above the peak)")  # fmt: skip
+        print(
+            f"\nestimate against the warmed peak: mean absolute error {sum(errors) / len(errors):.0%}, worst "
+            f"{max(errors):.0%} (positive: estimate above the peak)"
+        )
 
 
 if __name__ == "__main__":

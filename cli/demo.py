@@ -71,17 +71,27 @@ def write_demo_model(
     config: Any
     if task == "text-generation":
         config = GPT2Config(
-            vocab_size=vocab, n_positions=context, n_embd=width, n_layer=layers, n_head=2,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
-        )  # fmt: skip
+            vocab_size=vocab,
+            n_positions=context,
+            n_embd=width,
+            n_layer=layers,
+            n_head=2,
+            bos_token_id=tokenizer.bos_token_id,  # type: ignore[attr-defined]
+            eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
+        )
         model: object = GPT2LMHeadModel(config)
     else:
         config = BertConfig(
-            vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
-            intermediate_size=width * 2, max_position_embeddings=context,
-            id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
-        )  # fmt: skip
-        model = BertForSequenceClassification(config) if task == "text-classification" else (BertModel(config))
+            vocab_size=vocab,
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=width * 2,
+            max_position_embeddings=context,
+            id2label={0: "negative", 1: "positive"},
+            label2id={"negative": 0, "positive": 1},
+        )
+        model = BertForSequenceClassification(config) if task == "text-classification" else BertModel(config)
     if task == "text-generation":
         # A chat template, so /v1/chat/completions formats messages the way the model expects.
         tokenizer.chat_template = CHAT_TEMPLATE  # type: ignore[attr-defined]

@@ -69,8 +69,7 @@ def _run_parts(
             if running.node is not None:
                 from modelium.names import node_task_queue
 
-                lines.append(f"node agent  {running.node.node_id} "
-                             f"(task queue {node_task_queue(running.node.node_id)})")  # fmt: skip
+                lines.append(f"node agent  {running.node.node_id} (task queue {node_task_queue(running.node.node_id)})")
             if running.gateway_port:
                 host = settings.gateway.host
                 lines.append(f"gateway     http://{host}:{running.gateway_port}")
@@ -150,14 +149,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
     try:
         ApiKey.model_validate(entry)  # a bad --org or --name fails here, not at the next start
     except ValidationError as exc:
-        problems = "; ".join(f"--{'org' if e['loc'][0] == 'organization' else e['loc'][0]}: {e['msg']}"
-                             for e in exc.errors())  # fmt: skip
+        problems = "; ".join(
+            f"--{'org' if e['loc'][0] == 'organization' else e['loc'][0]}: {e['msg']}" for e in exc.errors()
+        )
         print(f"modelium keys create: {problems}", file=sys.stderr)
         return 2
     print(f"API key (shown once; the config keeps only its digest):\n  {key}\n")
     print("Add this to modelium.yaml under gateway.api_keys:")
-    print(f"  - name: {entry['name']}\n    organization: {entry['organization']}\n"
-          f"    sha256: {entry['sha256']}\n    scopes: {json.dumps(entry['scopes'])}")  # fmt: skip
+    print(
+        f"  - name: {entry['name']}\n    organization: {entry['organization']}\n"
+        f"    sha256: {entry['sha256']}\n    scopes: {json.dumps(entry['scopes'])}"
+    )
     return 0
 
 
@@ -269,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the effective configuration")
     config.set_defaults(func=cmd_config)
     _global_options_everywhere(parser)
-    return parser  # fmt: skip
+    return parser
 
 
 def _global_options_everywhere(parser: argparse.ArgumentParser) -> None:

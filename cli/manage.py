@@ -80,11 +80,19 @@ def format_models(models: list[dict[str, Any]]) -> str:
     rows = [header]
     for m in models:
         memory = m.get("booked_bytes") or m.get("memory_estimate_bytes")
-        rows.append((
-            m["name"], m["phase"], m.get("runtime") or "-", m.get("node") or "-", _mib(memory),
-            _ago(m.get("last_used_at")), str(m.get("request_count", 0)), "yes" if m.get("pinned") else "no",
-            f"{m.get('idle_timeout_seconds', 0):g}s",
-        ))  # fmt: skip
+        rows.append(
+            (
+                m["name"],
+                m["phase"],
+                m.get("runtime") or "-",
+                m.get("node") or "-",
+                _mib(memory),
+                _ago(m.get("last_used_at")),
+                str(m.get("request_count", 0)),
+                "yes" if m.get("pinned") else "no",
+                f"{m.get('idle_timeout_seconds', 0):g}s",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     problems = [f"  {m['name']}: {m['last_error']}" for m in models if m.get("phase") == "failed"]

@@ -66,16 +66,25 @@ TABLES_SCHEMA = 2
 
 # Keyed by task name (a `Task`, or a name read from the cached transformers tables).
 MODALITY: dict[str, Modality] = {
-    Task.TEXT_GENERATION: Modality.TEXT, Task.TEXT2TEXT_GENERATION: Modality.TEXT,
-    Task.TEXT_CLASSIFICATION: Modality.TEXT, Task.TOKEN_CLASSIFICATION: Modality.TEXT,
-    Task.FILL_MASK: Modality.TEXT, Task.FEATURE_EXTRACTION: Modality.TEXT,
-    Task.IMAGE_CLASSIFICATION: Modality.VISION, Task.AUTOMATIC_SPEECH_RECOGNITION: Modality.AUDIO,
-    Task.AUDIO_CLASSIFICATION: Modality.AUDIO, Task.ZERO_SHOT_IMAGE_CLASSIFICATION: Modality.MULTIMODAL,
+    Task.TEXT_GENERATION: Modality.TEXT,
+    Task.TEXT2TEXT_GENERATION: Modality.TEXT,
+    Task.TEXT_CLASSIFICATION: Modality.TEXT,
+    Task.TOKEN_CLASSIFICATION: Modality.TEXT,
+    Task.FILL_MASK: Modality.TEXT,
+    Task.FEATURE_EXTRACTION: Modality.TEXT,
+    Task.IMAGE_CLASSIFICATION: Modality.VISION,
+    Task.AUTOMATIC_SPEECH_RECOGNITION: Modality.AUDIO,
+    Task.AUDIO_CLASSIFICATION: Modality.AUDIO,
+    Task.ZERO_SHOT_IMAGE_CLASSIFICATION: Modality.MULTIMODAL,
     Task.IMAGE_TEXT_TO_TEXT: Modality.MULTIMODAL,
-}  # fmt: skip
+}
 # Tasks that generate token by token, and so keep a KV cache.
-GENERATIVE = {Task.TEXT_GENERATION, Task.TEXT2TEXT_GENERATION, Task.AUTOMATIC_SPEECH_RECOGNITION,
-              Task.IMAGE_TEXT_TO_TEXT}  # fmt: skip
+GENERATIVE = {
+    Task.TEXT_GENERATION,
+    Task.TEXT2TEXT_GENERATION,
+    Task.AUTOMATIC_SPEECH_RECOGNITION,
+    Task.IMAGE_TEXT_TO_TEXT,
+}
 
 
 def _tables_from_transformers() -> dict[str, Any]:
@@ -112,8 +121,11 @@ def _tables() -> dict[str, Any]:
         pass
     done = subprocess.run(
         [sys.executable, "-m", "modelium.analyzer", "--dump-transformers-tables"],
-        capture_output=True, text=True, check=False, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"could not read transformers' architecture tables:\n{done.stderr}")
     tables: dict[str, Any] = json.loads(done.stdout)
@@ -284,8 +296,9 @@ def _analyze_huggingface(directory: Path, name: str, max_context_tokens: int) ->
             f"{task} needs its input processor, and none was found (looked for {', '.join(_PROCESSOR_FILES)})"
         )
     text = _text_config(config)
-    context = _first_int(text, "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length",
-                         "max_target_positions")  # fmt: skip
+    context = _first_int(
+        text, "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "max_target_positions"
+    )
     if context is None and text is not config:
         context = _first_int(config, "max_position_embeddings", "max_target_positions")
     kv = _kv_shape(config, dtype) if task in GENERATIVE else None
@@ -440,16 +453,31 @@ def _analyze_gguf(directory: Path, name: str, files: list[Path], max_context_tok
         for runtime in memory.PROFILES
     }
     return ModelAnalysis(
-        name=name, path=str(directory.resolve()), format=ModelFormat.GGUF, architecture=arch,
-        model_type=arch, task=Task.TEXT_GENERATION, modality=Modality.TEXT, weight_files=[files[0].name],
-        weight_bytes=weight_bytes, parameter_count=header.parameter_count, dtype=None,
-        has_tokenizer="tokenizer.ggml.tokens" in meta, context_length=context,
-        memory_estimate_bytes=estimates["embedded"], has_chat_template="tokenizer.chat_template" in meta,
-        quantization=gguf_quantization(meta), kv_bytes_per_token=kv.bytes_per_token() if kv else None,
-        memory_estimates=estimates, license=_card_str(meta.get("general.license")),
-        details={"gguf_version": str(header.version), "tensors": str(header.tensor_count),
-                 "model_name": str(meta.get("general.name", ""))},
-    )  # fmt: skip
+        name=name,
+        path=str(directory.resolve()),
+        format=ModelFormat.GGUF,
+        architecture=arch,
+        model_type=arch,
+        task=Task.TEXT_GENERATION,
+        modality=Modality.TEXT,
+        weight_files=[files[0].name],
+        weight_bytes=weight_bytes,
+        parameter_count=header.parameter_count,
+        dtype=None,
+        has_tokenizer="tokenizer.ggml.tokens" in meta,
+        context_length=context,
+        memory_estimate_bytes=estimates["embedded"],
+        has_chat_template="tokenizer.chat_template" in meta,
+        quantization=gguf_quantization(meta),
+        kv_bytes_per_token=kv.bytes_per_token() if kv else None,
+        memory_estimates=estimates,
+        license=_card_str(meta.get("general.license")),
+        details={
+            "gguf_version": str(header.version),
+            "tensors": str(header.tensor_count),
+            "model_name": str(meta.get("general.name", "")),
+        },
+    )
 
 
 def _analyze_onnx(directory: Path, name: str, files: list[Path]) -> ModelAnalysis:
@@ -462,32 +490,62 @@ def _analyze_onnx(directory: Path, name: str, files: list[Path]) -> ModelAnalysi
     # Weights may sit beside the graph as external data files.
     weight_bytes = sum(p.stat().st_size for p in files[0].parent.iterdir() if p.is_file())
     return _custom(
-        directory, name, ModelFormat.ONNX, "onnx", files[0].name, weight_bytes,
-        {"inputs": ", ".join(info.inputs), "outputs": ", ".join(info.outputs), "opset": str(info.opset),
-         "producer": info.producer or "", "ir_version": str(info.ir_version)},
-    )  # fmt: skip
+        directory,
+        name,
+        ModelFormat.ONNX,
+        "onnx",
+        files[0].name,
+        weight_bytes,
+        {
+            "inputs": ", ".join(info.inputs),
+            "outputs": ", ".join(info.outputs),
+            "opset": str(info.opset),
+            "producer": info.producer or "",
+            "ir_version": str(info.ir_version),
+        },
+    )
 
 
 def _analyze_triton(directory: Path, name: str) -> ModelAnalysis:
     entry = read_triton_entry(directory)
     kind = entry.platform or entry.backend or "ensemble"
     return _custom(
-        directory, name, ModelFormat.TRITON, kind, "config.pbtxt", entry.weight_bytes,
-        {"platform": entry.platform or "", "backend": entry.backend or "", "versions": ", ".join(entry.versions),
-         "max_batch_size": str(entry.max_batch_size), "triton_name": entry.name or ""},
-    )  # fmt: skip
+        directory,
+        name,
+        ModelFormat.TRITON,
+        kind,
+        "config.pbtxt",
+        entry.weight_bytes,
+        {
+            "platform": entry.platform or "",
+            "backend": entry.backend or "",
+            "versions": ", ".join(entry.versions),
+            "max_batch_size": str(entry.max_batch_size),
+            "triton_name": entry.name or "",
+        },
+    )
 
 
 def _custom(
     directory: Path, name: str, fmt: ModelFormat, kind: str, main_file: str, weight_bytes: int, details: dict[str, str]
 ) -> ModelAnalysis:
-    estimates = {runtime: int(weight_bytes * (1 + p.weight_slack)) + p.overhead_bytes
-                 for runtime, p in memory.PROFILES.items()}  # fmt: skip
+    estimates = {
+        runtime: int(weight_bytes * (1 + p.weight_slack)) + p.overhead_bytes for runtime, p in memory.PROFILES.items()
+    }
     return ModelAnalysis(
-        name=name, path=str(directory.resolve()), format=fmt, architecture=kind, model_type=fmt,
-        task=Task.CUSTOM, modality=Modality.UNKNOWN, weight_files=[main_file], weight_bytes=weight_bytes,
-        memory_estimate_bytes=estimates["embedded"], memory_estimates=estimates, details=details,
-    )  # fmt: skip
+        name=name,
+        path=str(directory.resolve()),
+        format=fmt,
+        architecture=kind,
+        model_type=fmt,
+        task=Task.CUSTOM,
+        modality=Modality.UNKNOWN,
+        weight_files=[main_file],
+        weight_bytes=weight_bytes,
+        memory_estimate_bytes=estimates["embedded"],
+        memory_estimates=estimates,
+        details=details,
+    )
 
 
 if __name__ == "__main__":

@@ -162,18 +162,21 @@ def place(
     options, shortfalls, no_runtime = _options(analysis, enabled_runtimes, nodes, runtime_override, overrides)
     fitting = [o for o in options if o.fits()]
     if fitting:
-        best = min(fitting, key=lambda o: (not o.on_gpu, min(o.free(d) for d in o.devices) - o.need,
-                                           o.node.node, o.where()))  # fmt: skip
+        best = min(
+            fitting, key=lambda o: (not o.on_gpu, min(o.free(d) for d in o.devices) - o.need, o.node.node, o.where())
+        )
         left = min(best.free(d) for d in best.devices) - best.need
-        return _decision(best, f"{best.reason}; {best.where()} fits it best ({_gib(best.need)} needed, "
-                               f"{_gib(left)} left after)")  # fmt: skip
+        return _decision(
+            best, f"{best.reason}; {best.where()} fits it best ({_gib(best.need)} needed, {_gib(left)} left after)"
+        )
     if options and policy is not None and policy.enabled:
         chosen = _cheapest_eviction(options, residents, policy)
         if chosen is not None:
             option, victims = chosen
             names = ", ".join(v.model for v in victims)
-            decision = _decision(option, f"{option.reason}; {option.where()} after evicting {names} "
-                                         f"(least worth keeping)")  # fmt: skip
+            decision = _decision(
+                option, f"{option.reason}; {option.where()} after evicting {names} (least worth keeping)"
+            )
             decision.evict = victims
             return decision
     if shortfalls and not options:
@@ -258,8 +261,10 @@ def _tensor_parallel(
         fitting = sorted((g for g in gpus if free(g) >= shard), key=lambda g: (free(g), g.device))
         chosen = fitting[:size] if len(fitting) >= size else sorted(gpus, key=lambda g: (-free(g), g.device))[:size]
         chosen.sort(key=lambda g: g.device)
-        reason = (f"{analysis.name} needs {_gib(need)}, more than one GPU holds: {runtime} splits it "
-                  f"tensor-parallel over {size} GPUs ({_gib(shard)} each)")  # fmt: skip
+        reason = (
+            f"{analysis.name} needs {_gib(need)}, more than one GPU holds: {runtime} splits it "
+            f"tensor-parallel over {size} GPUs ({_gib(shard)} each)"
+        )
         return _Option(node, chosen, runtime, reason, shard)
     return None
 
@@ -310,9 +315,13 @@ def _evictable(resident: Resident, policy: EvictionPolicy) -> bool:
 def _decision(option: _Option, reason: str) -> Decision:
     devices = [d.device for d in option.devices]
     return Decision(
-        option.runtime, option.node.node, devices[0], reason, memory_bytes=option.need,
+        option.runtime,
+        option.node.node,
+        devices[0],
+        reason,
+        memory_bytes=option.need,
         devices=devices if len(devices) > 1 else [],
-    )  # fmt: skip
+    )
 
 
 def _gib(n: int) -> str:

@@ -70,8 +70,9 @@ class Ledger:
                         f"{model} needs {nbytes / 2**20:.0f} MiB on {self._node}/{dev}, but only "
                         f"{(capacity - others) / 2**20:.0f} MiB of {capacity / 2**20:.0f} MiB is free"
                     )
-            booking = Booking(model=model, node=self._node, device=wanted[0], bytes=nbytes,
-                              devices=wanted if len(wanted) > 1 else [])  # fmt: skip
+            booking = Booking(
+                model=model, node=self._node, device=wanted[0], bytes=nbytes, devices=wanted if len(wanted) > 1 else []
+            )
             self._bookings[model] = booking
             self._save_locked()
             return booking

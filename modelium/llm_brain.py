@@ -59,7 +59,7 @@ def prompt(analysis: ModelAnalysis, runtimes: Collection[str], nodes: Sequence[N
                         "name": d.name,
                         "free_bytes": d.total_bytes - d.booked_bytes,
                         "total_bytes": d.total_bytes,
-                    }  # fmt: skip
+                    }
                     for d in n.devices
                 ],
             }
@@ -164,6 +164,11 @@ def validate(
             )
     reason = str(answer.get("reason") or "no reason given")[:300]
     return Decision(
-        runtime, node_id, devices[0], f"LLM brain: {reason}", source=DecisionSource.LLM, memory_bytes=need,
+        runtime,
+        node_id,
+        devices[0],
+        f"LLM brain: {reason}",
+        source=DecisionSource.LLM,
+        memory_bytes=need,
         devices=list(devices) if len(devices) > 1 else [],
-    )  # fmt: skip
+    )

@@ -76,38 +76,55 @@ class Metrics:
         r = self.registry
         # organizationId: the organization of the request's API key ("anonymous" without keys).
         self.requests = Counter(
-            "modelium_requests", "Inference requests through the gateway",
-            ["model", "runtime", "status", "organizationId"], registry=r,
-        )  # fmt: skip
+            "modelium_requests",
+            "Inference requests through the gateway",
+            ["model", "runtime", "status", "organizationId"],
+            registry=r,
+        )
         self.request_duration = Histogram(
-            "modelium_request_duration_seconds", "Gateway inference request latency",
-            ["model", "runtime"], buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "modelium_request_duration_seconds",
+            "Gateway inference request latency",
+            ["model", "runtime"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.models_loaded = Gauge("modelium_models_loaded", "Models loaded on a node", ["runtime", "node"], registry=r)
         self.load_duration = Histogram(
-            "modelium_model_load_duration_seconds", "Time from load start to a healthy endpoint",
-            ["model", "runtime"], buckets=_LOAD_BUCKETS, registry=r,
-        )  # fmt: skip
+            "modelium_model_load_duration_seconds",
+            "Time from load start to a healthy endpoint",
+            ["model", "runtime"],
+            buckets=_LOAD_BUCKETS,
+            registry=r,
+        )
         self.cold_start_wait = Histogram(
-            "modelium_cold_start_wait_seconds", "Time a request waited for its model to load",
-            ["model"], buckets=_LOAD_BUCKETS, registry=r,
-        )  # fmt: skip
+            "modelium_cold_start_wait_seconds",
+            "Time a request waited for its model to load",
+            ["model"],
+            buckets=_LOAD_BUCKETS,
+            registry=r,
+        )
         self.requests_waiting = Gauge(
             "modelium_requests_waiting", "Requests waiting for their model to load", ["model"], registry=r
         )
         self.unloads = Counter("modelium_unloads", "Models unloaded, by reason", ["reason"], registry=r)
         self.model_memory = Gauge(
-            "modelium_model_memory_bytes", "Memory a model needs: estimated before its load, measured after",
-            ["model", "kind"], registry=r,
-        )  # fmt: skip
+            "modelium_model_memory_bytes",
+            "Memory a model needs: estimated before its load, measured after",
+            ["model", "kind"],
+            registry=r,
+        )
         self.gpu_memory = Gauge(
-            "modelium_gpu_memory_bytes", "Device memory of a node: total, used (NVML), booked by models",
-            ["node", "gpu", "kind"], registry=r,
-        )  # fmt: skip
+            "modelium_gpu_memory_bytes",
+            "Device memory of a node: total, used (NVML), booked by models",
+            ["node", "gpu", "kind"],
+            registry=r,
+        )
         self.brain_decisions = Counter(
-            "modelium_brain_decisions", "Placement decisions, by runtime and by who decided (rules or llm)",
-            ["runtime", "source"], registry=r,
-        )  # fmt: skip
+            "modelium_brain_decisions",
+            "Placement decisions, by runtime and by who decided (rules or llm)",
+            ["runtime", "source"],
+            registry=r,
+        )
         self.evictions = Counter(
             "modelium_evictions", "Idle models unloaded to make room for another", ["node"], registry=r
         )

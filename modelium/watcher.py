@@ -83,9 +83,16 @@ def fingerprint(directory: Path) -> tuple[str, int]:
 # analysis and load reads the folder, and at thousands of models those events overflowed the
 # kernel's queue (and each read made the folder be looked at again).
 _CHANGES = (
-    FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, DirModifiedEvent, FileDeletedEvent,
-    DirDeletedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent,
-)  # fmt: skip
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileModifiedEvent,
+    DirModifiedEvent,
+    FileDeletedEvent,
+    DirDeletedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+)
 
 
 @dataclass
@@ -184,8 +191,12 @@ class ModelFolderWatcher:
             log.warning(
                 "cannot watch %s with inotify (%s): the kernel's limit %s is reached. Polling every %gs "
                 "instead; raise it (sysctl -w %s=524288) or set orchestration.model_discovery.polling",
-                ", ".join(map(str, self._dirs)), exc.strerror or exc, limit, self._poll_interval, limit,
-            )  # fmt: skip
+                ", ".join(map(str, self._dirs)),
+                exc.strerror or exc,
+                limit,
+                self._poll_interval,
+                limit,
+            )
             if observer is not None:
                 with contextlib.suppress(Exception):
                     observer.stop()
@@ -204,9 +215,10 @@ class ModelFolderWatcher:
         observer = self._start_observer()
         log.info(
             "watching %s for models (%s, settle %.1fs)",
-            ", ".join(map(str, self._dirs)), "polling" if self._polling else "events",
+            ", ".join(map(str, self._dirs)),
+            "polling" if self._polling else "events",
             self._settle,
-        )  # fmt: skip
+        )
         try:
             for root in self._dirs:
                 for child in root.iterdir():
@@ -271,8 +283,13 @@ class ModelFolderWatcher:
                     winner, loser = sorted((entry.path, path), key=lambda p: self._rank((p.parent, p.name)))
                     if loser not in self._warned:
                         self._warned.add(loser)
-                        log.error("%s is not served: %s already serves as model %r (the first watched directory "
-                                  "wins); rename one of them", loser, winner, name)  # fmt: skip
+                        log.error(
+                            "%s is not served: %s already serves as model %r (the first watched directory "
+                            "wins); rename one of them",
+                            loser,
+                            winner,
+                            name,
+                        )
                     if winner == entry.path:
                         continue
                 entry = None
@@ -332,8 +349,7 @@ class ModelFolderWatcher:
             # A copy tool is still writing; its final rename marks the directory again.
             entry.pending = False
             return
-        log.info("model directory %s settled (%d files); handing over as %r", path, files,
-                 entry.name)  # fmt: skip
+        log.info("model directory %s settled (%d files); handing over as %r", path, files, entry.name)
         if await self._safe(self._on_ready(ModelSource(entry.name, str(path), fp)), entry, "start"):
             entry.emitted_fingerprint = fp
             entry.pending = False

@@ -41,8 +41,10 @@ def _truncated_weights(d: Path) -> None:
 def _missing_shard(d: Path) -> None:
     weights = d / "model.safetensors"
     shutil.move(weights, d / "model-00001-of-00002.safetensors")
-    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
-                                            "b": "model-00002-of-00002.safetensors"}}  # fmt: skip
+    index = {
+        "metadata": {},
+        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+    }
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
 
 

@@ -121,11 +121,10 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "gateway": {"port": 0, "usage_flush_seconds": 0.2, "endpoint_cache_seconds": 0.5},
         "metrics": {"port": 0},
         "orchestration": {
-            "model_discovery": {"watch_directories": [str(tmp_path / "incoming")],
-                                "settle_seconds": 0.5},
+            "model_discovery": {"watch_directories": [str(tmp_path / "incoming")], "settle_seconds": 0.5},
         },
         "runtimes": {"embedded": {"cpu_threads": 1}},
-    }  # fmt: skip
+    }
 
     def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         out = dict(a)
@@ -184,8 +183,9 @@ async def phase_of(http: httpx.AsyncClient, name: str, headers: dict[str, str] |
     return response.json()["phase"] if response.status_code == 200 else None
 
 
-async def wait_phase(http: httpx.AsyncClient, name: str, phase: str, *, timeout: float = 120.0,
-                     headers: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+async def wait_phase(
+    http: httpx.AsyncClient, name: str, phase: str, *, timeout: float = 120.0, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Poll the gateway until the model is in `phase`; return its `GET /models/{name}`."""
 
     async def reached() -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ EXPECTED: dict[str, tuple[str, str, str, int | None]] = {
     "whisper-small": (Task.AUTOMATIC_SPEECH_RECOGNITION, Modality.AUDIO, "F32", 2 * 12 * 12 * 64 * 4),
     "clip-vit-base-patch32": (Task.ZERO_SHOT_IMAGE_CLASSIFICATION, Modality.MULTIMODAL, "F32", None),
     "t5-small": (Task.TEXT2TEXT_GENERATION, Modality.TEXT, "F32", 2 * 6 * 8 * 64 * 4),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("key", sorted(CORPUS))
@@ -110,15 +110,27 @@ def write_gguf(path: Path, metadata: dict[str, Any], tensors: list[tuple[str, li
 def test_gguf_header(tmp_path: Path) -> None:
     d = tmp_path / "llama-gguf"
     d.mkdir()
-    meta = {"general.architecture": "llama", "general.name": "Llama 2 7B", "general.file_type": 15,
-            "llama.context_length": 4096, "llama.block_count": 32, "llama.attention.head_count": 32,
-            "llama.attention.head_count_kv": 32, "llama.embedding_length": 4096,
-            "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>"]}  # fmt: skip
-    write_gguf(d / "llama-2-7b.Q4_K_M.gguf", meta, [("token_embd.weight", [4096, 32000]),
-                                                    ("output.weight", [4096, 32000])])  # fmt: skip
+    meta = {
+        "general.architecture": "llama",
+        "general.name": "Llama 2 7B",
+        "general.file_type": 15,
+        "llama.context_length": 4096,
+        "llama.block_count": 32,
+        "llama.attention.head_count": 32,
+        "llama.attention.head_count_kv": 32,
+        "llama.embedding_length": 4096,
+        "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>"],
+    }
+    write_gguf(
+        d / "llama-2-7b.Q4_K_M.gguf", meta, [("token_embd.weight", [4096, 32000]), ("output.weight", [4096, 32000])]
+    )
     a = analyze_directory(d, "llama-gguf")
-    assert (a.format, a.architecture, a.task, a.quantization) == (ModelFormat.GGUF, "llama", Task.TEXT_GENERATION,
-                                                                  "Q4_K_M")  # fmt: skip
+    assert (a.format, a.architecture, a.task, a.quantization) == (
+        ModelFormat.GGUF,
+        "llama",
+        Task.TEXT_GENERATION,
+        "Q4_K_M",
+    )
     assert a.parameter_count == 2 * 4096 * 32000 and a.context_length == 4096 and a.has_tokenizer
     assert a.kv_bytes_per_token == 2 * 32 * 32 * 128 * 2
     (d / "llama-2-7b.Q4_K_M.gguf").write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\x01")

@@ -25,16 +25,22 @@ from modelium.types import (
 GIB = 2**30
 
 
-def analysis(task: str = Task.TEXT_GENERATION, modality: str = Modality.TEXT, fmt: str = ModelFormat.HUGGINGFACE,
-             need: int = 2 * GIB) -> ModelAnalysis:  # fmt: skip
+def analysis(
+    task: str = Task.TEXT_GENERATION,
+    modality: str = Modality.TEXT,
+    fmt: str = ModelFormat.HUGGINGFACE,
+    need: int = 2 * GIB,
+) -> ModelAnalysis:
     estimates = {"embedded": need, "vllm": need + GIB, "triton": need, "ray_serve": need}
-    return ModelAnalysis("m", "/m", fmt, "Arch", "type", task, modality, memory_estimate_bytes=need,
-                         memory_estimates=estimates)  # fmt: skip
+    return ModelAnalysis(
+        "m", "/m", fmt, "Arch", "type", task, modality, memory_estimate_bytes=need, memory_estimates=estimates
+    )
 
 
 def node(name: str, *devices: tuple[str, int, int], runtimes: tuple[str, ...] = ("embedded",)) -> NodeInventory:
-    return NodeInventory(name, [DeviceInventory(d, d, total, None, booked) for d, total, booked in devices],
-                         list(runtimes), 0.0)  # fmt: skip
+    return NodeInventory(
+        name, [DeviceInventory(d, d, total, None, booked) for d, total, booked in devices], list(runtimes), 0.0
+    )
 
 
 @pytest.mark.parametrize(
@@ -45,14 +51,22 @@ def node(name: str, *devices: tuple[str, int, int], runtimes: tuple[str, ...] = 
         ((Task.TEXT_GENERATION, Modality.TEXT, ModelFormat.HUGGINGFACE), {"embedded"}, True, "embedded"),
         ((Task.CUSTOM, Modality.UNKNOWN, ModelFormat.ONNX), {"embedded", "triton"}, True, "triton"),
         ((Task.CUSTOM, Modality.UNKNOWN, ModelFormat.TRITON), {"triton"}, False, "triton"),
-        ((Task.IMAGE_CLASSIFICATION, Modality.VISION, ModelFormat.HUGGINGFACE), {"embedded", "ray_serve"}, True,
-         "ray_serve"),
-        ((Task.AUTOMATIC_SPEECH_RECOGNITION, Modality.AUDIO, ModelFormat.HUGGINGFACE), {"ray_serve"}, False,
-         "ray_serve"),
+        (
+            (Task.IMAGE_CLASSIFICATION, Modality.VISION, ModelFormat.HUGGINGFACE),
+            {"embedded", "ray_serve"},
+            True,
+            "ray_serve",
+        ),
+        (
+            (Task.AUTOMATIC_SPEECH_RECOGNITION, Modality.AUDIO, ModelFormat.HUGGINGFACE),
+            {"ray_serve"},
+            False,
+            "ray_serve",
+        ),
         ((Task.TEXT_GENERATION, Modality.TEXT, ModelFormat.GGUF), {"vllm"}, True, "vllm"),
         ((Task.FEATURE_EXTRACTION, Modality.TEXT, ModelFormat.HUGGINGFACE), {"embedded", "vllm"}, True, "embedded"),
     ],
-)  # fmt: skip
+)
 def test_each_rule(kind: tuple[str, str, str], available: set[str], on_gpu: bool, expected: str) -> None:
     runtime, reason = choose_runtime(analysis(*kind), available, on_gpu)
     assert runtime == expected and reason
@@ -65,7 +79,7 @@ def test_each_rule(kind: tuple[str, str, str], available: set[str], on_gpu: bool
         ((Task.IMAGE_CLASSIFICATION, Modality.VISION, ModelFormat.HUGGINGFACE), {"embedded"}, "vision"),
         ((Task.TEXT_GENERATION, Modality.TEXT, ModelFormat.GGUF), {"embedded"}, "GGUF model needs vLLM"),
     ],
-)  # fmt: skip
+)
 def test_no_runtime_says_what_to_enable(kind: tuple[str, str, str], available: set[str], words: str) -> None:
     with pytest.raises(NoRuntimeAvailable, match=words):
         choose_runtime(analysis(*kind), available, on_gpu=False)
@@ -109,8 +123,17 @@ def test_cpu_only_nodes_and_no_room() -> None:
         place(analysis(Task.CUSTOM, Modality.UNKNOWN, ModelFormat.ONNX), ["embedded"], nodes)
 
 
-def resident(model: str, node_id: str = "a", device: str = "cpu", nbytes: int = 2 * GIB, *, pinned: bool = False,
-             loaded_ago: float = 3600, used_ago: float = 600, load_seconds: float = 5.0) -> Resident:  # fmt: skip
+def resident(
+    model: str,
+    node_id: str = "a",
+    device: str = "cpu",
+    nbytes: int = 2 * GIB,
+    *,
+    pinned: bool = False,
+    loaded_ago: float = 3600,
+    used_ago: float = 600,
+    load_seconds: float = 5.0,
+) -> Resident:
     now = 10_000.0
     return Resident(model, node_id, [device], nbytes, pinned, now - loaded_ago, now - used_ago, load_seconds, pid=1)
 
@@ -190,10 +213,15 @@ def test_too_large_for_one_gpu_goes_tensor_parallel_where_the_runtime_can() -> N
 
 def test_overrides_restrict_runtime_node_and_devices() -> None:
     nodes = [
-        node("a", ("cpu", 64 * GIB, 0), ("cuda:0", 24 * GIB, 0), ("cuda:1", 24 * GIB, 20 * GIB),
-             runtimes=("embedded", "vllm")),
+        node(
+            "a",
+            ("cpu", 64 * GIB, 0),
+            ("cuda:0", 24 * GIB, 0),
+            ("cuda:1", 24 * GIB, 20 * GIB),
+            runtimes=("embedded", "vllm"),
+        ),
         node("b", ("cpu", 64 * GIB, 0), runtimes=("embedded", "vllm")),
-    ]  # fmt: skip
+    ]
     d = place(analysis(need=2 * GIB), ["embedded", "vllm"], nodes, overrides=ModelOverrides(runtime="embedded"))
     assert (d.runtime, d.node, d.device) == ("embedded", "a", "cuda:1")
     d = place(analysis(need=2 * GIB), ["embedded", "vllm"], nodes, overrides=ModelOverrides(devices=["cuda:0"]))
@@ -208,11 +236,23 @@ def test_overrides_restrict_runtime_node_and_devices() -> None:
 
 
 def test_llm_answers_are_validated_against_what_is_available() -> None:
-    nodes = [node("a", ("cpu", 8 * GIB, 0), ("cuda:0", 24 * GIB, 23 * GIB), ("cuda:1", 24 * GIB, 0),
-                  runtimes=("embedded", "vllm"))]  # fmt: skip
-    ok = llm_brain.validate(llm_brain.parse('Sure:\n```json\n{"runtime": "vllm", "node": "a", "devices": ["cuda:1"],'
-                                            ' "reason": "room on cuda:1"}\n```'), analysis(), ["embedded", "vllm"],
-                            nodes)  # fmt: skip
+    nodes = [
+        node(
+            "a",
+            ("cpu", 8 * GIB, 0),
+            ("cuda:0", 24 * GIB, 23 * GIB),
+            ("cuda:1", 24 * GIB, 0),
+            runtimes=("embedded", "vllm"),
+        )
+    ]
+    ok = llm_brain.validate(
+        llm_brain.parse(
+            'Sure:\n```json\n{"runtime": "vllm", "node": "a", "devices": ["cuda:1"], "reason": "room on cuda:1"}\n```'
+        ),
+        analysis(),
+        ["embedded", "vllm"],
+        nodes,
+    )
     assert (ok.runtime, ok.device, ok.source, ok.memory_bytes) == ("vllm", "cuda:1", "llm", 3 * GIB)
     assert ok.reason == "LLM brain: room on cuda:1"
     bad = {
@@ -231,8 +271,9 @@ def test_llm_answers_are_validated_against_what_is_available() -> None:
             llm_brain.validate(llm_brain.parse(answer), analysis(), ["embedded", "vllm"], nodes)
     classifier = analysis(Task.TEXT_CLASSIFICATION)
     with pytest.raises(llm_brain.LlmAnswerRejected, match="vllm cannot serve"):
-        llm_brain.validate({"runtime": "vllm", "node": "a", "devices": ["cuda:1"]}, classifier, ["embedded", "vllm"],
-                           nodes)  # fmt: skip
+        llm_brain.validate(
+            {"runtime": "vllm", "node": "a", "devices": ["cuda:1"]}, classifier, ["embedded", "vllm"], nodes
+        )
 
 
 def test_one_table_of_runtimes() -> None:
@@ -240,8 +281,9 @@ def test_one_table_of_runtimes() -> None:
     the workers read: a runtime added there is known everywhere."""
     assert set(typing.get_args(RuntimeName)) == set(RUNTIMES)
     assert set(memory.PROFILES) == set(RUNTIMES)
-    everything = Settings.model_validate({"vllm": {"enabled": True}, "triton": {"enabled": True},
-                                          "ray_serve": {"enabled": True}})  # fmt: skip
+    everything = Settings.model_validate(
+        {"vllm": {"enabled": True}, "triton": {"enabled": True}, "ray_serve": {"enabled": True}}
+    )
     assert enabled_runtimes(everything) == list(RUNTIMES) and enabled_runtimes(Settings()) == ["embedded"]
     assert load_timeouts(everything) == {"embedded": 600.0, "vllm": 900.0, "ray_serve": 600.0}
     assert TENSOR_PARALLEL == {"vllm"}

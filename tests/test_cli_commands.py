@@ -29,13 +29,22 @@ def modelium(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MODELIUM_")}
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
-                          timeout=120, env={**clean, **(env or {})}, cwd=cwd)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, **(env or {})},
+        cwd=cwd,
+    )
 
 
 def test_config_prints_the_effective_settings_without_secrets(tmp_path: Path) -> None:
-    env = {"MODELIUM_TEMPORAL__ADDRESS": "t.example:7233", "MODELIUM_TEMPORAL__API_KEY": "sekrit-value",
-           "MODELIUM_GATEWAY__PORT": "8123"}  # fmt: skip
+    env = {
+        "MODELIUM_TEMPORAL__ADDRESS": "t.example:7233",
+        "MODELIUM_TEMPORAL__API_KEY": "sekrit-value",
+        "MODELIUM_GATEWAY__PORT": "8123",
+    }
     done = modelium("config", env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)
@@ -65,8 +74,9 @@ async def test_management_commands_through_the_environment(
         return await asyncio.to_thread(modelium, *args, env=env)
 
     async with serving_model(settings, temporal_env.client, demo_models["text-generation"], name, headers=admin) as (
-        running, http,
-    ):  # fmt: skip
+        running,
+        http,
+    ):
         env = {"MODELIUM_URL": f"http://127.0.0.1:{running.gateway_port}"}
         refused = await cli("models", env=env)
         assert refused.returncode != 0 and "401" in refused.stderr, refused.stderr

@@ -60,14 +60,19 @@ def test_serve_one_command_ctrl_c_and_restart(tmp_path: Path, demo_models: dict[
     gw, tp, ui, mp = (free_port() for _ in range(4))
     state = tmp_path / "state"
     config = tmp_path / "modelium.yaml"
-    config.write_text(yaml.safe_dump({
-        "state_dir": str(state),
-        "temporal": {"port": tp, "ui_port": ui},
-        "gateway": {"port": gw},
-        "metrics": {"port": mp},
-        "orchestration": {"model_discovery": {"watch_directories": [str(tmp_path / "incoming")],
-                                              "settle_seconds": 0.5}},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(state),
+                "temporal": {"port": tp, "ui_port": ui},
+                "gateway": {"port": gw},
+                "metrics": {"port": mp},
+                "orchestration": {
+                    "model_discovery": {"watch_directories": [str(tmp_path / "incoming")], "settle_seconds": 0.5}
+                },
+            }
+        )
+    )
     log = tmp_path / "serve.log"
     base = f"http://127.0.0.1:{gw}"
     proc = _start(tmp_path, config, log)
@@ -77,10 +82,12 @@ def test_serve_one_command_ctrl_c_and_restart(tmp_path: Path, demo_models: dict[
         copy_model(demo_models["text-generation"], tmp_path / "incoming" / "tiny")
         body = {"prompt": "Hello", "max_tokens": 4}
         answer = _wait(
-            lambda: (r := httpx.post(f"{base}/predict/tiny", json=body, timeout=30))
-            .status_code == 200 and r.json(),
-            120, "first answer", proc, log,
-        )  # fmt: skip
+            lambda: (r := httpx.post(f"{base}/predict/tiny", json=body, timeout=30)).status_code == 200 and r.json(),
+            120,
+            "first answer",
+            proc,
+            log,
+        )
         assert answer["runtime"] == "embedded"
         # Every metric the Grafana dashboard (deploy/grafana/modelium.json) asks for is exported.
         exported = exported_metrics(httpx.get(f"http://127.0.0.1:{mp}/metrics").text)
@@ -90,10 +97,21 @@ def test_serve_one_command_ctrl_c_and_restart(tmp_path: Path, demo_models: dict[
         # Search attributes are kept current: the Temporal CLI finds the loaded model.
         temporal = Path(sys.executable).parent / "temporal"
         listed = subprocess.run(
-            [str(temporal), "workflow", "list", "--address", f"127.0.0.1:{tp}",
-             "--query", 'ModeliumPhase="loaded"', "-o", "json"],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+            [
+                str(temporal),
+                "workflow",
+                "list",
+                "--address",
+                f"127.0.0.1:{tp}",
+                "--query",
+                'ModeliumPhase="loaded"',
+                "-o",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert "modelium-model-tiny" in listed.stdout, listed.stderr
     finally:
         code = _stop(proc)
@@ -105,11 +123,21 @@ def test_serve_one_command_ctrl_c_and_restart(tmp_path: Path, demo_models: dict[
     proc = _start(tmp_path, config, log)
     try:
         _wait(lambda: httpx.get(f"{base}/ready").status_code == 200, 90, "ready again", proc, log)
-        info = _wait(lambda: (r := httpx.get(f"{base}/models/tiny")).status_code == 200 and r.json(),
-                     30, "model known after restart", proc, log)  # fmt: skip
+        info = _wait(
+            lambda: (r := httpx.get(f"{base}/models/tiny")).status_code == 200 and r.json(),
+            30,
+            "model known after restart",
+            proc,
+            log,
+        )
         assert info["request_count"] >= 1  # remembered across the restart
-        _wait(lambda: httpx.post(f"{base}/predict/tiny", json=body, timeout=30).status_code == 200,
-              120, "answer after restart", proc, log)  # fmt: skip
+        _wait(
+            lambda: httpx.post(f"{base}/predict/tiny", json=body, timeout=30).status_code == 200,
+            120,
+            "answer after restart",
+            proc,
+            log,
+        )
         assert httpx.get(f"{base}/models/tiny").json()["load_count"] == 2
     finally:
         code = _stop(proc)

@@ -33,8 +33,10 @@ def test_seed_keys_from_file_and_env_override(tmp_path: Path) -> None:
         "  policies: {evict_after_idle_seconds: 120}\n"
         "metrics: {enabled: true, port: 9100}\n"
     )
-    s = load_settings(cfg, environ={"MODELIUM_METRICS__PORT": "9200",
-                                    "MODELIUM_ORCHESTRATION__POLICIES__EVICT_AFTER_IDLE_SECONDS": "45"})  # fmt: skip
+    s = load_settings(
+        cfg,
+        environ={"MODELIUM_METRICS__PORT": "9200", "MODELIUM_ORCHESTRATION__POLICIES__EVICT_AFTER_IDLE_SECONDS": "45"},
+    )
     assert s.vllm.enabled and s.watch_directories == [Path("/srv/models")]
     assert s.metrics.port == 9200 and s.idle_seconds == 45
 
@@ -42,8 +44,11 @@ def test_seed_keys_from_file_and_env_override(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("yaml_text", "env", "words"),
     [
-        ("orchestration: {policies: {evict_after_idle_seconds: -5}}", {},
-         "orchestration.policies.evict_after_idle_seconds: Input should be greater than or equal to 1"),
+        (
+            "orchestration: {policies: {evict_after_idle_seconds: -5}}",
+            {},
+            "orchestration.policies.evict_after_idle_seconds: Input should be greater than or equal to 1",
+        ),
         ("metrics: {port: 99999}", {}, "metrics.port"),
         ("vllm: {enabeld: true}", {}, "vllm.enabeld: unknown key"),
         ("", {"MODELIUM_GATEWAY__PORT": "eighty"}, "gateway.port"),
@@ -52,21 +57,29 @@ def test_seed_keys_from_file_and_env_override(tmp_path: Path) -> None:
         ("- a list", {}, "the top level must be a mapping"),
         ("key: [unclosed", {}, "not valid YAML"),
         ("gateway: {api_keys: [{name: k, organization: o, sha256: xyz}]}", {}, "gateway.api_keys.0.sha256"),
-        ("gateway: {api_keys: [{name: k, organization: o, sha256: " + "a" * 64 + ", scopes: [root]}]}", {},
-         "gateway.api_keys.0.scopes.0"),
+        (
+            "gateway: {api_keys: [{name: k, organization: o, sha256: " + "a" * 64 + ", scopes: [root]}]}",
+            {},
+            "gateway.api_keys.0.scopes.0",
+        ),
         ("gateway: {max_waiting_requests: -1}", {}, "gateway.max_waiting_requests"),
         # Numbers that would overflow a timer or poison a budget are refused, the key named.
-        ("orchestration: {policies: {evict_after_idle_seconds: .inf}}", {},
-         "orchestration.policies.evict_after_idle_seconds: Input should be a finite number"),
-        ("orchestration: {policies: {evict_after_idle_seconds: 1e308}}", {},
-         "orchestration.policies.evict_after_idle_seconds: Input should be less than or equal to 31536000"),
+        (
+            "orchestration: {policies: {evict_after_idle_seconds: .inf}}",
+            {},
+            "orchestration.policies.evict_after_idle_seconds: Input should be a finite number",
+        ),
+        (
+            "orchestration: {policies: {evict_after_idle_seconds: 1e308}}",
+            {},
+            "orchestration.policies.evict_after_idle_seconds: Input should be less than or equal to 31536000",
+        ),
         ("", {"MODELIUM_GATEWAY__COLD_START_TIMEOUT_SECONDS": ".nan"}, "gateway.cold_start_timeout_seconds"),
         ("models: {m: {idle_timeout_seconds: .inf}}", {}, "models.m.idle_timeout_seconds"),
         ("node: {cpu_memory_budget_bytes: 1e30}", {}, "node.cpu_memory_budget_bytes"),
     ],
-)  # fmt: skip
-def test_bad_values_name_the_key(tmp_path: Path, yaml_text: str, env: dict[str, str],
-                                 words: str) -> None:  # fmt: skip
+)
+def test_bad_values_name_the_key(tmp_path: Path, yaml_text: str, env: dict[str, str], words: str) -> None:
     cfg = tmp_path / "modelium.yaml"
     cfg.write_text(yaml_text)
     with pytest.raises(ConfigError) as info:
@@ -96,8 +109,11 @@ def test_cli_stops_with_the_key_named(tmp_path: Path) -> None:
     cfg.write_text("metrics: {port: -1}\n")
     done = subprocess.run(
         [sys.executable, "-m", "cli", "--config", str(cfg), "serve"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     assert "metrics.port" in done.stderr
 
@@ -110,8 +126,11 @@ def test_shipped_deploy_config_is_valid() -> None:
 def test_keys_create_prints_a_key_and_its_digest(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "cli", "keys", "create", "--org", "acme", "--name", "ci", "--admin"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     key = next(line.strip() for line in done.stdout.splitlines() if line.strip().startswith("mdl-"))
     entry_yaml = done.stdout.split("gateway.api_keys:", 1)[1]
@@ -119,6 +138,9 @@ def test_keys_create_prints_a_key_and_its_digest(tmp_path: Path) -> None:
     assert entry == {"name": "ci", "organization": "acme", "sha256": digest(key), "scopes": ["admin"]}
     bad = subprocess.run(
         [sys.executable, "-m", "cli", "keys", "create", "--org", "no spaces!", "--name", "x"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert bad.returncode == 2 and "--org" in bad.stderr

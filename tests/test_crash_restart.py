@@ -60,8 +60,11 @@ async def test_crashed_runtime_restarts_with_backoff_then_gives_up(
         assert not pid_alive(pid) and not pid_alive(second)
         assert running.node is not None
         assert running.node.adapters["embedded"].running() == []
-        await wait_for(lambda: running.node is not None and running.node.ledger.get(name) is None,
-                       timeout=10, what="the booking to be released")  # fmt: skip
+        await wait_for(
+            lambda: running.node is not None and running.node.ledger.get(name) is None,
+            timeout=10,
+            what="the booking to be released",
+        )
 
         # Asked to load again, it does.
         response = await http.post(f"/models/{name}/load", json={"wait": True})

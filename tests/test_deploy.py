@@ -44,8 +44,13 @@ def compose(variant: str) -> dict[str, Any]:
     """The compose project as Docker Compose itself resolves it (anchors, overrides, .env)."""
     files = [arg for name in ["compose.yaml", *COMPOSE_VARIANTS[variant]] for arg in ("-f", name)]
     binary = shutil.which("docker-compose", path=str(Path(sys.executable).parent)) or "docker-compose"
-    done = subprocess.run([binary, *files, "config", "--format", "json"], cwd=DEPLOY / "compose",
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        [binary, *files, "config", "--format", "json"],
+        cwd=DEPLOY / "compose",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
@@ -81,8 +86,9 @@ def test_chart_probes_users_and_config(name: str, tmp_path: Path) -> None:
     rendered = tmp_path / "modelium.yaml"
     rendered.write_text(text.replace("/etc/modelium/temporal-tls", str(mount)))
     settings = load_settings(rendered, environ={})
-    assert settings.temporal.address == (values.get("temporal", {}).get("address")
-                                         or "temporal-frontend.temporal.svc.cluster.local:7233")  # fmt: skip
+    assert settings.temporal.address == (
+        values.get("temporal", {}).get("address") or "temporal-frontend.temporal.svc.cluster.local:7233"
+    )
     assert settings.watch_directories == [Path("/models")] and settings.metrics.port == 9090
     assert settings.temporal.uses_tls == bool(values.get("temporal", {}).get("tls", {}).get("enabled"))
     if values.get("apiKeys"):
@@ -129,8 +135,10 @@ def test_chart_models_volume_follows_the_storage_choice() -> None:
         return next(v for v in volumes if v["name"] == "models")
 
     shared = models_volume({}, "modelium-node")
-    assert shared["persistentVolumeClaim"]["claimName"] == models_volume({}, "modelium-watcher")[
-        "persistentVolumeClaim"]["claimName"]  # fmt: skip
+    assert (
+        shared["persistentVolumeClaim"]["claimName"]
+        == models_volume({}, "modelium-watcher")["persistentVolumeClaim"]["claimName"]
+    )
     pvc = next(o for o in objects({}) if o["kind"] == "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     local = models_volume(VALUES["hostpath"], "modelium-node")
@@ -188,10 +196,19 @@ def test_images_run_as_a_user_and_versions_are_pinned() -> None:
         users = re.findall(r"^USER (\S+)", stage, flags=re.M)
         assert users and users[-1] not in ("root", "0"), stage.splitlines()[0]
         assert "HEALTHCHECK" in stage and 'ENTRYPOINT ["modelium"]' in stage
-    env = dict(line.split("=", 1) for line in (DEPLOY / "compose" / ".env").read_text().splitlines()
-               if line and not line.startswith("#"))  # fmt: skip
-    for key in ("POSTGRESQL_VERSION", "TEMPORAL_VERSION", "TEMPORAL_ADMINTOOLS_VERSION", "TEMPORAL_UI_VERSION",
-                "PROMETHEUS_VERSION", "GRAFANA_VERSION"):  # fmt: skip
+    env = dict(
+        line.split("=", 1)
+        for line in (DEPLOY / "compose" / ".env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    for key in (
+        "POSTGRESQL_VERSION",
+        "TEMPORAL_VERSION",
+        "TEMPORAL_ADMINTOOLS_VERSION",
+        "TEMPORAL_UI_VERSION",
+        "PROMETHEUS_VERSION",
+        "GRAFANA_VERSION",
+    ):
         assert re.fullmatch(r"v?\d+\.\d+(\.\d+)?", env[key]), key
     scrape = yaml.safe_load((DEPLOY / "compose" / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
@@ -199,12 +216,19 @@ def test_images_run_as_a_user_and_versions_are_pinned() -> None:
 
 
 DASHBOARD_PANELS = (
-    "Models by phase", "Requests/s per model and status", "Latency p50 / p95 / p99",
-    "Cold-start waits (p95 per model)", "Requests waiting for a load", "Loads per minute",
-    "Unloads by reason per minute", "Evictions per minute", "Device memory per node: total, booked, used",
-    "Memory per model: estimated, measured, peak", "Brain decisions by runtime and source (last hour)",
+    "Models by phase",
+    "Requests/s per model and status",
+    "Latency p50 / p95 / p99",
+    "Cold-start waits (p95 per model)",
+    "Requests waiting for a load",
+    "Loads per minute",
+    "Unloads by reason per minute",
+    "Evictions per minute",
+    "Device memory per node: total, booked, used",
+    "Memory per model: estimated, measured, peak",
+    "Brain decisions by runtime and source (last hour)",
     "Temporal reachable",
-)  # fmt: skip
+)
 
 
 def dashboard_metrics() -> set[str]:

@@ -62,7 +62,7 @@ async def test_drop_serve_count_idle_unload_remove(
 
             answer = await http.post(
                 f"/predict/{name}",
-                json={"prompt": "Hello world", "max_tokens": 5, "temperature": 0},  # fmt: skip
+                json={"prompt": "Hello world", "max_tokens": 5, "temperature": 0},
             )
             assert answer.status_code == 200, answer.text
             body = answer.json()
@@ -72,12 +72,12 @@ async def test_drop_serve_count_idle_unload_remove(
             assert body["usage"]["completion_tokens"] <= 5
 
             metrics = (await http.get(metrics_url)).text
-            assert metric_value(metrics, "modelium_requests_total", model=name,
-                                runtime="embedded", status="200") == 1.0  # fmt: skip
-            assert metric_value(metrics, "modelium_models_loaded", runtime="embedded",
-                                node=settings.node.id) == 1.0  # fmt: skip
-            assert metric_value(metrics, "modelium_model_load_duration_seconds_count",
-                                model=name, runtime="embedded") == 1.0  # fmt: skip
+            assert metric_value(metrics, "modelium_requests_total", model=name, runtime="embedded", status="200") == 1.0
+            assert metric_value(metrics, "modelium_models_loaded", runtime="embedded", node=settings.node.id) == 1.0
+            assert (
+                metric_value(metrics, "modelium_model_load_duration_seconds_count", model=name, runtime="embedded")
+                == 1.0
+            )
 
             # The request reaches the workflow as a usage signal.
             handle = client.get_workflow_handle_for(ModelLifecycleWorkflow.run, workflow_id(name))
@@ -101,8 +101,7 @@ async def test_drop_serve_count_idle_unload_remove(
             assert running.node is not None and running.node.adapters["embedded"].running() == []
             metrics = (await http.get(metrics_url)).text
             assert metric_value(metrics, "modelium_unloads_total", reason="idle") == 1.0
-            assert metric_value(metrics, "modelium_models_loaded", runtime="embedded",
-                                node=settings.node.id) == 0.0  # fmt: skip
+            assert metric_value(metrics, "modelium_models_loaded", runtime="embedded", node=settings.node.id) == 0.0
 
             # A request for the unloaded model waits while it loads again, then is served.
             cold = await http.post(f"/predict/{name}", json={"prompt": "Hi", "max_tokens": 2})

@@ -42,9 +42,13 @@ async def test_twenty_models_onto_room_for_five(
             "policies": {"evict_after_idle_seconds": 3600},
             "eviction": {"min_resident_seconds": 3, "min_idle_seconds": 1},
         },
-        gateway={"port": 0, "usage_flush_seconds": 0.2, "endpoint_cache_seconds": 0.2,
-                 "cold_start_timeout_seconds": 600},
-    )  # fmt: skip
+        gateway={
+            "port": 0,
+            "usage_flush_seconds": 0.2,
+            "endpoint_cache_seconds": 0.2,
+            "cold_start_timeout_seconds": 600,
+        },
+    )
     names = [unique(f"m{i:02d}") for i in range(MODELS)]
     client = temporal_env.client
     async with running_modelium(settings, client) as running:
@@ -115,9 +119,11 @@ async def test_twenty_models_onto_room_for_five(
                         reasons[name] = request.reason
         assert len(reasons) >= MODELS - ROOM_FOR, reasons
         mib = 2**20
-        print(f"\n{MODELS} models onto room for {ROOM_FOR} ({booking / mib:.0f} MiB each, {capacity / mib:.0f} MiB): "
-              f"most booked {most_booked['ledger'] / mib:.0f} MiB (ledger), {most_booked['metric'] / mib:.0f} MiB "
-              f"(metric); {evictions:.0f} evictions; phases seen: {', '.join(sorted(phases_seen))}")  # fmt: skip
+        print(
+            f"\n{MODELS} models onto room for {ROOM_FOR} ({booking / mib:.0f} MiB each, {capacity / mib:.0f} MiB): "
+            f"most booked {most_booked['ledger'] / mib:.0f} MiB (ledger), {most_booked['metric'] / mib:.0f} MiB "
+            f"(metric); {evictions:.0f} evictions; phases seen: {', '.join(sorted(phases_seen))}"
+        )
         for reason in reasons.values():
             assert reason.startswith("evicted to make room for m"), reason
             assert "reloads in" in reason and "score" in reason

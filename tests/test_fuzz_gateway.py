@@ -37,15 +37,20 @@ def _check(response: Any, what: str) -> None:
 def test_generated_requests_get_no_5xx_and_one_error_envelope(tmp_path: Path, demo_models: dict[str, Path]) -> None:
     gw, tp, mp = free_port(), free_port(), free_port()
     config = tmp_path / "modelium.yaml"
-    config.write_text(yaml.safe_dump({
-        "state_dir": str(tmp_path / "state"),
-        "temporal": {"port": tp, "ui": False},
-        "gateway": {"port": gw, "max_tokens_limit": 64},
-        "metrics": {"port": mp},
-        "orchestration": {"model_discovery": {"watch_directories": [str(tmp_path / "incoming")],
-                                              "settle_seconds": 0.5}},
-        "runtimes": {"embedded": {"cpu_threads": 1}},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(tmp_path / "state"),
+                "temporal": {"port": tp, "ui": False},
+                "gateway": {"port": gw, "max_tokens_limit": 64},
+                "metrics": {"port": mp},
+                "orchestration": {
+                    "model_discovery": {"watch_directories": [str(tmp_path / "incoming")], "settle_seconds": 0.5}
+                },
+                "runtimes": {"embedded": {"cpu_threads": 1}},
+            }
+        )
+    )
     copy_model(demo_models["text-generation"], tmp_path / "incoming" / "tiny")
     copy_model(demo_models["text-classification"], tmp_path / "incoming" / "cls")
     log = tmp_path / "serve.log"
@@ -53,8 +58,13 @@ def test_generated_requests_get_no_5xx_and_one_error_envelope(tmp_path: Path, de
     proc = _start(tmp_path, config, log)
     try:
         for name in MODELS:
-            _wait(lambda n=name: httpx.get(f"{base}/models/{n}").json().get("phase") == "loaded",
-                  120, f"{name} loaded", proc, log)  # fmt: skip
+            _wait(
+                lambda n=name: httpx.get(f"{base}/models/{n}").json().get("phase") == "loaded",
+                120,
+                f"{name} loaded",
+                proc,
+                log,
+            )
         schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations()]
         assert len(operations) >= 10, [op.label for op in operations]
@@ -62,8 +72,13 @@ def test_generated_requests_get_no_5xx_and_one_error_envelope(tmp_path: Path, de
         sent = 0
         for operation in operations:
 
-            @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None,
-                      suppress_health_check=list(HealthCheck))  # fmt: skip
+            @settings(
+                max_examples=EXAMPLES_PER_OPERATION,
+                deadline=None,
+                derandomize=True,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=operation.as_strategy(), aim_at_model=st.booleans())
             def fuzz(case: Any, aim_at_model: bool) -> None:
                 nonlocal sent

@@ -68,8 +68,12 @@ async def test_bad_inputs_get_4xx_naming_the_problem(
         assert over.status_code == 400 and envelope(over)["code"] == "context_length_exceeded", over.text
 
         # Out-of-range and mistyped numbers: 4xx naming the field, on both APIs.
-        for body, field in [({"seed": 2**70}, "seed"), ({"max_tokens": "5"}, "max_tokens"),
-                            ({"temperature": 9}, "temperature"), ({"n": 3}, "n")]:  # fmt: skip
+        for body, field in [
+            ({"seed": 2**70}, "seed"),
+            ({"max_tokens": "5"}, "max_tokens"),
+            ({"temperature": 9}, "temperature"),
+            ({"n": 3}, "n"),
+        ]:
             answer = await http.post("/v1/completions", json={"model": gen, "prompt": "Hi", **body})
             assert answer.status_code == 400 and envelope(answer)["param"] == field, (body, answer.text)
             if field != "n":

@@ -67,8 +67,7 @@ async def test_keys_scopes_organizations_and_limits(
 
         # Requests are attributed to the key's organization: metrics and the workflow.
         metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
-        assert metric_value(metrics, "modelium_requests_total", model=name, organizationId="beta",
-                            status="200") == 2.0  # fmt: skip
+        assert metric_value(metrics, "modelium_requests_total", model=name, organizationId="beta", status="200") == 2.0
         handle = temporal_env.client.get_workflow_handle(workflow_id(name))
 
         async def counted() -> dict[str, int] | None:

@@ -107,10 +107,9 @@ async def test_thousands_of_load_unload_cycles_keep_history_bounded(
     node_acts = NodeActivities(node, ledger, {"embedded": runtime}, Metrics())  # type: ignore[dict-item]
     try:
         async with (
-            Worker(env.client, task_queue=control_queue, workflows=[ModelLifecycleWorkflow],
-                   activities=control.all()),
+            Worker(env.client, task_queue=control_queue, workflows=[ModelLifecycleWorkflow], activities=control.all()),
             Worker(env.client, task_queue=node_task_queue(node), activities=node_acts.all()),
-        ):  # fmt: skip
+        ):
             fp, _ = fingerprint(model_dir)
             handle = await env.client.start_workflow(
                 ModelLifecycleWorkflow.run,
@@ -162,8 +161,10 @@ async def test_thousands_of_load_unload_cycles_keep_history_bounded(
             # A run ends at the first rest or idle loop past the bound: at most one cycle beyond it.
             assert longest < HISTORY_LIMIT + 40, f"a run grew to {longest} events"
             assert current < HISTORY_LIMIT + 40
-            print(f"\n{CYCLES} load/unload cycles in {took:.0f}s: {runs} runs, the longest {longest} events, "
-                  f"the current {current}")  # fmt: skip
+            print(
+                f"\n{CYCLES} load/unload cycles in {took:.0f}s: {runs} runs, the longest {longest} events, "
+                f"the current {current}"
+            )
             await handle.terminate("test over")
     finally:
         await runtime.stop_all()

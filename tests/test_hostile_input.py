@@ -120,9 +120,10 @@ async def test_no_signal_or_update_payload_wedges_the_workflow(
         # The management API refuses the same values, naming the field.
         for value in ("1e308", "Infinity", "NaN", "-5", "5e-324", "0.5"):
             answer = await http.post(
-                f"/models/{name}/load", content=f'{{"idle_timeout_seconds": {value}}}',
+                f"/models/{name}/load",
+                content=f'{{"idle_timeout_seconds": {value}}}',
                 headers={"content-type": "application/json"},
-            )  # fmt: skip
+            )
             assert answer.status_code == 422, (value, answer.text)
             assert answer.json()["error"]["param"] == "idle_timeout_seconds"
         await handle.signal("remove")

@@ -75,10 +75,9 @@ async def _lifecycle(model_dir: Path, tmp_path: Path) -> AsyncIterator[Lifecycle
     async with await WorkflowEnvironment.start_time_skipping(test_server_existing_path=time_skipping_server()) as env:
         await ensure_search_attributes(env.client)
         async with (
-            Worker(env.client, task_queue=control_queue, workflows=[ModelLifecycleWorkflow],
-                   activities=control.all()),
+            Worker(env.client, task_queue=control_queue, workflows=[ModelLifecycleWorkflow], activities=control.all()),
             Worker(env.client, task_queue=node_task_queue(node), activities=node_acts.all()),
-        ):  # fmt: skip
+        ):
             fp, _ = fingerprint(model_dir)
             handle = await env.client.start_workflow(
                 ModelLifecycleWorkflow.run,

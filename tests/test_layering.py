@@ -57,8 +57,18 @@ def test_every_module_keeps_to_its_layer(package: str) -> None:
 
 def test_workflows_import_no_side_effect_libraries() -> None:
     loaded = _modules_after("import workflows.lifecycle, workflows.contracts")
-    assert not loaded & {"torch", "transformers", "httpx", "pynvml", "fastapi", "uvicorn",
-                         "watchdog", "activities", "api", "workers"}  # fmt: skip
+    assert not loaded & {
+        "torch",
+        "transformers",
+        "httpx",
+        "pynvml",
+        "fastapi",
+        "uvicorn",
+        "watchdog",
+        "activities",
+        "api",
+        "workers",
+    }
 
 
 def test_domain_library_imports_no_temporal_or_gateway() -> None:
@@ -66,16 +76,21 @@ def test_domain_library_imports_no_temporal_or_gateway() -> None:
         "import modelium.config, modelium.analyzer, modelium.brain, modelium.ledger, "
         "modelium.watcher, modelium.metrics, modelium.runtimes.embedded, modelium.types"
     )
-    assert not loaded & {"temporalio", "fastapi", "workflows", "activities", "api", "workers",
-                         "torch"}  # fmt: skip
+    assert not loaded & {"temporalio", "fastapi", "workflows", "activities", "api", "workers", "torch"}
 
 
 def test_gateway_imports_no_runtime_or_gpu_code() -> None:
     loaded = _modules_after("import api.app")
     assert not loaded & {"torch", "transformers", "pynvml", "activities", "workers"}
     done = subprocess.run(
-        [sys.executable, "-c", "import api.app, sys, json; "
-         "print(json.dumps([m for m in sys.modules if m.startswith('modelium.runtimes')]))"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import api.app, sys, json; "
+            "print(json.dumps([m for m in sys.modules if m.startswith('modelium.runtimes')]))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(done.stdout) == []

@@ -105,8 +105,7 @@ async def test_memory_freed_is_confirmed_through_nvml(tmp_path: Path) -> None:
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
         with pytest.raises(ApplicationError, match=rf"still running \[{sleeper.pid}\]"):
-            await ActivityEnvironment().run(acts.confirm_memory_freed,
-                                            ConfirmFreedRequest("cpu", [sleeper.pid], 0.5))  # fmt: skip
+            await ActivityEnvironment().run(acts.confirm_memory_freed, ConfirmFreedRequest("cpu", [sleeper.pid], 0.5))
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -48,10 +48,19 @@ class Stubs:
         async def analyze_model(source: ModelSource) -> ModelAnalysis:
             self.calls.append("analyze")
             if self.bad_directory:
-                raise ApplicationError("config.json: not valid JSON", type=ErrorType.BAD_MODEL_DIRECTORY,
-                                       non_retryable=True)  # fmt: skip
-            return ModelAnalysis(source.name, source.path, "huggingface", "GPT2LMHeadModel", "gpt2",
-                                 Task.TEXT_GENERATION, "text", memory_estimate_bytes=2**20)  # fmt: skip
+                raise ApplicationError(
+                    "config.json: not valid JSON", type=ErrorType.BAD_MODEL_DIRECTORY, non_retryable=True
+                )
+            return ModelAnalysis(
+                source.name,
+                source.path,
+                "huggingface",
+                "GPT2LMHeadModel",
+                "gpt2",
+                Task.TEXT_GENERATION,
+                "text",
+                memory_estimate_bytes=2**20,
+            )
 
         @activity.defn(name=ActivityName.DECIDE_RUNTIME)
         async def decide_runtime(request: DecideRequest) -> Decision:
@@ -84,8 +93,16 @@ class Stubs:
         async def notify_waiting(notice: object) -> int:
             return 0
 
-        return [analyze_model, decide_runtime, reserve_gpu, load_model, unload_model, release_gpu, check_health,
-                notify_waiting]  # fmt: skip
+        return [
+            analyze_model,
+            decide_runtime,
+            reserve_gpu,
+            load_model,
+            unload_model,
+            release_gpu,
+            check_health,
+            notify_waiting,
+        ]
 
 
 @pytest.fixture
@@ -101,8 +118,12 @@ async def stubbed(temporal_env: WorkflowEnvironment) -> AsyncIterator[tuple[Clie
 async def _start(client: Client, queue: str, **inp: object) -> WorkflowHandle[ModelLifecycleWorkflow, object]:
     name = unique("branch")
     source = ModelSource(name, f"/models/{name}", "f1")
-    return await client.start_workflow(ModelLifecycleWorkflow.run, LifecycleInput(source, **inp),  # type: ignore[arg-type]
-                                       id=workflow_id(name), task_queue=queue)  # fmt: skip
+    return await client.start_workflow(
+        ModelLifecycleWorkflow.run,
+        LifecycleInput(source, **inp),  # type: ignore[arg-type]
+        id=workflow_id(name),
+        task_queue=queue,
+    )
 
 
 async def _phase(handle: WorkflowHandle[ModelLifecycleWorkflow, object], phase: Phase) -> object:

@@ -25,13 +25,30 @@ from workflows.contracts import SEARCH_ATTRIBUTES, STATE_MEMO, UPDATED_KEY, WORK
 
 async def test_fast_summary_decoding_matches_the_data_converter() -> None:
     state = ModelState(
-        name="m", path="/models/m", fingerprint="f", phase="loaded", runtime="embedded", node="n1", device="cpu",
+        name="m",
+        path="/models/m",
+        fingerprint="f",
+        phase="loaded",
+        runtime="embedded",
+        node="n1",
+        device="cpu",
         endpoint=Endpoint("http://127.0.0.1:9", "openai", "embedded", "n1", 42),
-        decision=Decision("embedded", "n1", "cpu", "fits", memory_bytes=5,
-                          evict=[Eviction("old", "n1", "cpu", 3, 0.5, "idle 60s", 7)], no_room=None),
-        booking=Booking("m", "n1", "cpu", 5, []), requests_by_organization={"acme": 3}, pinned=True,
-        rest_reason=None, demanded_at=12.5, peak_memory_bytes=9,
-    )  # fmt: skip
+        decision=Decision(
+            "embedded",
+            "n1",
+            "cpu",
+            "fits",
+            memory_bytes=5,
+            evict=[Eviction("old", "n1", "cpu", 3, 0.5, "idle 60s", 7)],
+            no_room=None,
+        ),
+        booking=Booking("m", "n1", "cpu", 5, []),
+        requests_by_organization={"acme": 3},
+        pinned=True,
+        rest_reason=None,
+        demanded_at=12.5,
+        peak_memory_bytes=9,
+    )
     [payload] = await DataConverter.default.encode([state])
     assert payload.metadata["encoding"] == b"json/plain"
     [slow] = await DataConverter.default.decode([payload], [ModelState])
@@ -40,8 +57,13 @@ async def test_fast_summary_decoding_matches_the_data_converter() -> None:
 
 
 def test_fields_written_by_a_newer_version_are_skipped() -> None:
-    data = {"name": "m", "path": "", "phase": "unloaded", "colour": "red",
-            "booking": {"model": "m", "node": "n", "device": "cpu", "bytes": 1, "shard": 2}}  # fmt: skip
+    data = {
+        "name": "m",
+        "path": "",
+        "phase": "unloaded",
+        "colour": "red",
+        "booking": {"model": "m", "node": "n", "device": "cpu", "bytes": 1, "shard": 2},
+    }
     state = state_from_json(data)
     assert state.name == "m" and state.booking == Booking("m", "n", "cpu", 1)
 

@@ -44,8 +44,12 @@ class StandInLlm:
         self.asked.append(body)
         await asyncio.sleep(self.delay)
         message = {"role": "assistant", "content": self.answer}
-        return {"id": "x", "object": "chat.completion", "model": body["model"],
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}  # fmt: skip
+        return {
+            "id": "x",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        }
 
 
 @contextlib.asynccontextmanager
@@ -68,8 +72,9 @@ async def test_llm_brain_decides_and_rules_take_over_when_it_fails(
 ) -> None:
     llm = StandInLlm()
     async with serving(llm) as base_url:
-        settings = make_settings(tmp_path, brain={"llm": {"enabled": True, "base_url": base_url,
-                                                          "model": "planner", "timeout_seconds": 1.0}})  # fmt: skip
+        settings = make_settings(
+            tmp_path, brain={"llm": {"enabled": True, "base_url": base_url, "model": "planner", "timeout_seconds": 1.0}}
+        )
         node = settings.node.id
         client = temporal_env.client
         async with running_modelium(settings, client) as running:
@@ -87,8 +92,13 @@ async def test_llm_brain_decides_and_rules_take_over_when_it_fails(
                     assert f"decided by {state.decision.source}: embedded on {node}/cpu" in meta.current_details
                     return state.decision
 
-                llm.answer = ("```json\n" + json.dumps({"runtime": "embedded", "node": node, "devices": ["cpu"],
-                              "reason": "the CPU budget has room"}) + "\n```")  # fmt: skip
+                llm.answer = (
+                    "```json\n"
+                    + json.dumps(
+                        {"runtime": "embedded", "node": node, "devices": ["cpu"], "reason": "the CPU budget has room"}
+                    )
+                    + "\n```"
+                )
                 chosen = await drop(unique("by-llm"))
                 assert (chosen.source, chosen.runtime, chosen.node) == ("llm", "embedded", node)
                 assert chosen.reason == "LLM brain: the CPU budget has room"

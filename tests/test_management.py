@@ -59,8 +59,17 @@ async def test_load_pin_unload_through_api_and_cli(
         # GET /models: everything a user needs to see.
         listed = {m["name"]: m for m in (await http.get("/models")).json()["models"]}
         entry = listed[name]
-        for key in ("phase", "runtime", "node", "memory_estimate_bytes", "booked_bytes", "last_used_at",
-                    "request_count", "requests_by_organization", "pinned"):  # fmt: skip
+        for key in (
+            "phase",
+            "runtime",
+            "node",
+            "memory_estimate_bytes",
+            "booked_bytes",
+            "last_used_at",
+            "request_count",
+            "requests_by_organization",
+            "pinned",
+        ):
             assert key in entry, key
         assert entry["booked_bytes"] > 0 and entry["node"] == settings.node.id
 

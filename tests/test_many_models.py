@@ -132,8 +132,9 @@ async def test_thirty_models_on_room_for_three_come_to_rest(
                 page = (await http.get("/models", params={"limit": 7, "phase": Phase.UNLOADED})).json()
                 assert len(page["models"]) == 7 and page["next_page_token"]
                 assert {m["phase"] for m in page["models"]} == {Phase.UNLOADED}
-                rest = await http.get("/models", params={"limit": 1000, "page_token": page["next_page_token"],
-                                                         "phase": Phase.UNLOADED})  # fmt: skip
+                rest = await http.get(
+                    "/models", params={"limit": 1000, "page_token": page["next_page_token"], "phase": Phase.UNLOADED}
+                )
                 ours = [m for m in page["models"] + rest.json()["models"] if m["name"] in names]
                 assert len({m["name"] for m in ours}) == 27
                 bad = await http.get("/models", params={"limit": 5, "page_token": "bm90LWEtdG9rZW4"})
@@ -157,9 +158,13 @@ async def test_ten_requests_to_ten_resting_models_with_room_for_three(
             "policies": {"evict_after_idle_seconds": 3600},
             "eviction": {"min_resident_seconds": 0, "min_idle_seconds": min_idle},
         },
-        gateway={"port": 0, "usage_flush_seconds": 0.2, "endpoint_cache_seconds": 0.2,
-                 "cold_start_timeout_seconds": 400},
-    )  # fmt: skip
+        gateway={
+            "port": 0,
+            "usage_flush_seconds": 0.2,
+            "endpoint_cache_seconds": 0.2,
+            "cold_start_timeout_seconds": 400,
+        },
+    )
     names = sorted(unique(f"t{i}") for i in range(10))
     client = temporal_env.client
     try:
@@ -237,9 +242,8 @@ async def test_waiter_whose_request_gave_up_rests_and_is_not_loaded_later(
         tmp_path,
         node={"id": unique("one"), "cpu_memory_budget_bytes": capacity, "announce_seconds": 0.5},
         orchestration={"policies": {"evict_after_idle_seconds": 3600}},
-        gateway={"port": 0, "usage_flush_seconds": 0.2, "endpoint_cache_seconds": 0.2,
-                 "cold_start_timeout_seconds": 3},
-    )  # fmt: skip
+        gateway={"port": 0, "usage_flush_seconds": 0.2, "endpoint_cache_seconds": 0.2, "cold_start_timeout_seconds": 3},
+    )
     holder, waiter = unique("holder"), unique("waiter")
     client = temporal_env.client
     try:
@@ -256,8 +260,9 @@ async def test_waiter_whose_request_gave_up_rests_and_is_not_loaded_later(
                 # Its only request waits 3 s for room that a pinned model holds, and gives up.
                 answer = await http.post(f"/predict/{waiter}", json={"prompt": "Hi", "max_tokens": 2})
                 assert answer.status_code == 503, answer.text
-                state = await wait_for(lambda: _phase(http, waiter, Phase.UNLOADED), timeout=30,
-                                       what="waiter back at rest")  # fmt: skip
+                state = await wait_for(
+                    lambda: _phase(http, waiter, Phase.UNLOADED), timeout=30, what="waiter back at rest"
+                )
                 assert "gave up" in state["rest_reason"] or "withdrawn" in str(state["rest_reason"]), state
                 history = await _activities(client, waiter)
 
@@ -293,8 +298,9 @@ async def test_watcher_restart_does_not_signal_unchanged_models(
             async with httpx.AsyncClient(base_url=base, timeout=60) as http:
                 for name in names:
                     copy_model(demo_models["text-generation"], settings.watch_directories[0] / name)
-                async with running_modelium(settings, client, end_workflows=False, control=False, node=False,
-                                            gateway=False):  # fmt: skip
+                async with running_modelium(
+                    settings, client, end_workflows=False, control=False, node=False, gateway=False
+                ):
 
                     async def all_resting() -> bool:
                         listed = await _listing(http, names)
@@ -306,8 +312,9 @@ async def test_watcher_restart_does_not_signal_unchanged_models(
                 changed = names[0]
                 (settings.watch_directories[0] / changed / "README.md").write_text("a new model card\n")
 
-                async with running_modelium(settings, client, end_workflows=False, control=False, node=False,
-                                            gateway=False):  # fmt: skip
+                async with running_modelium(
+                    settings, client, end_workflows=False, control=False, node=False, gateway=False
+                ):
 
                     async def changed_seen() -> bool:
                         return len(await _signals(client, changed)) > len(signals[changed])

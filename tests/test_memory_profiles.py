@@ -46,8 +46,10 @@ async def test_measured_memory_is_kept_and_booked_next_time(
         assert measured and measured > 50 * 2**20, "a Python process with torch holds far more than 50 MiB"
         # The first load books the estimate; past it, what the model holds after its warm-up.
         assert first["booked_bytes"] == max(estimate, first["peak_memory_bytes"])
-        print(f"\ntiny GPT-2, embedded on CPU: estimated {estimate / 2**20:.0f} MiB, measured "
-              f"{measured / 2**20:.0f} MiB ({(estimate - measured) / measured:+.0%})")  # fmt: skip
+        print(
+            f"\ntiny GPT-2, embedded on CPU: estimated {estimate / 2**20:.0f} MiB, measured "
+            f"{measured / 2**20:.0f} MiB ({(estimate - measured) / measured:+.0%})"
+        )
         metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
         assert metric_value(metrics, "modelium_model_memory_bytes", model=name, kind="estimated") == estimate
         assert metric_value(metrics, "modelium_model_memory_bytes", model=name, kind="measured") == measured
@@ -124,7 +126,9 @@ async def test_peak_after_warm_up_is_booked_even_past_a_booking_that_was_too_sma
         )
         assert ledger.get(name).bytes == highest  # type: ignore[union-attr]
         assert profiles.get(name, "embedded").measured_bytes == highest  # type: ignore[union-attr]
-        print(f"\ntiny GPT-2 on CPU: {measured / 2**20:.0f} MiB after the warm-up request, peak "
-              f"{highest / 2**20:.0f} MiB after 3 longer requests")  # fmt: skip
+        print(
+            f"\ntiny GPT-2 on CPU: {measured / 2**20:.0f} MiB after the warm-up request, peak "
+            f"{highest / 2**20:.0f} MiB after 3 longer requests"
+        )
     finally:
         await adapter.stop_all()

@@ -48,25 +48,37 @@ class Parts:
         self.gateway_port = free_port()
         self.queue = unique("control")
         self.config = tmp_path / "modelium.yaml"
-        self.config.write_text(yaml.safe_dump({
-            "state_dir": str(tmp_path / "state"),
-            "temporal": {"address": temporal, "control_task_queue": self.queue},
-            "gateway": {"port": self.gateway_port, "cold_start_timeout_seconds": 180},
-            "metrics": {"enabled": False},
-            "node": {"cpu_memory_budget_bytes": 4 * 2**30, "announce_seconds": ANNOUNCE,
-                     "lost_after_seconds": LOST_AFTER, "process_check_seconds": 0.5},
-            "orchestration": {"model_discovery": {"watch_directories": [str(tmp_path / "incoming")],
-                                                  "settle_seconds": 0.5}},
-            "runtimes": {"embedded": {"cpu_threads": 1}},
-        }))  # fmt: skip
+        self.config.write_text(
+            yaml.safe_dump(
+                {
+                    "state_dir": str(tmp_path / "state"),
+                    "temporal": {"address": temporal, "control_task_queue": self.queue},
+                    "gateway": {"port": self.gateway_port, "cold_start_timeout_seconds": 180},
+                    "metrics": {"enabled": False},
+                    "node": {
+                        "cpu_memory_budget_bytes": 4 * 2**30,
+                        "announce_seconds": ANNOUNCE,
+                        "lost_after_seconds": LOST_AFTER,
+                        "process_check_seconds": 0.5,
+                    },
+                    "orchestration": {
+                        "model_discovery": {"watch_directories": [str(tmp_path / "incoming")], "settle_seconds": 0.5}
+                    },
+                    "runtimes": {"embedded": {"cpu_threads": 1}},
+                }
+            )
+        )
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = (self.tmp / f"{name}.log").open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "--config", str(self.config), *args],
-            cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+            cwd=self.tmp,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         self.procs[name] = proc
         return proc
 
@@ -121,8 +133,13 @@ def test_lost_node_models_are_placed_again_and_requests_held(
     def infos() -> list[dict[str, object]]:
         return [httpx.get(f"{base}/models/{n}").json() for n in names]
 
-    on_a = _wait(lambda: (i := infos()) and all(x.get("phase") == "loaded" for x in i) and i,
-                 180, "four models loaded on node a", gateway, parts.log("gateway"))  # fmt: skip
+    on_a = _wait(
+        lambda: (i := infos()) and all(x.get("phase") == "loaded" for x in i) and i,
+        180,
+        "four models loaded on node a",
+        gateway,
+        parts.log("gateway"),
+    )
     assert {x["node"] for x in on_a} == {node_a}
     runtimes_a = [int(x["endpoint"]["pid"]) for x in on_a]  # type: ignore[index]
     parts.start("node-b", "worker", "node", "--node-id", node_b)
@@ -141,8 +158,13 @@ def test_lost_node_models_are_placed_again_and_requests_held(
     assert [r.status_code for r in held] == [200] * 4, [r.text for r in held]
     assert {r.json()["node"] for r in held} == {node_b}
 
-    moved = _wait(lambda: (i := infos()) and all(x.get("phase") == "loaded" and x.get("node") == node_b for x in i)
-                  and i, 120, "four models loaded on node b", gateway, parts.log("gateway"))  # fmt: skip
+    moved = _wait(
+        lambda: (i := infos()) and all(x.get("phase") == "loaded" and x.get("node") == node_b for x in i) and i,
+        120,
+        "four models loaded on node b",
+        gateway,
+        parts.log("gateway"),
+    )
     replaced_in = time.monotonic() - lost_at
     print(f"\n4 models re-placed from a lost node in {replaced_in:.1f}s (lost after {LOST_AFTER:g}s of silence)")
     for info in moved:
@@ -159,8 +181,13 @@ def test_lost_node_models_are_placed_again_and_requests_held(
     bookings = parts.tmp / "state" / "nodes" / node_a / "bookings.json"
     assert len(json.loads(bookings.read_text())["bookings"]) == 4
     agent_a = parts.start("node-a-again", "worker", "node", "--node-id", node_a)
-    _wait(lambda: json.loads(bookings.read_text())["bookings"] == {}, 60, "node a's ledger emptied", agent_a,
-          parts.log("node-a-again"))  # fmt: skip
+    _wait(
+        lambda: json.loads(bookings.read_text())["bookings"] == {},
+        60,
+        "node a's ledger emptied",
+        agent_a,
+        parts.log("node-a-again"),
+    )
     for name in names:
         assert len(_serving(name)) == 1, f"{name} must run once, on node b"
         info = httpx.get(f"{base}/models/{name}").json()

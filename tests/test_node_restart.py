@@ -28,14 +28,22 @@ pytestmark = pytest.mark.slow
 
 
 def _node_config(path: Path, settings: Settings, client_target: str) -> Path:
-    path.write_text(yaml.safe_dump({
-        "state_dir": str(settings.state_dir),
-        "node": {"id": settings.node.id, "cpu_memory_budget_bytes": 4 * 2**30, "announce_seconds": 0.5,
-                 "process_check_seconds": 0.5},
-        "temporal": {"address": client_target, "control_task_queue": settings.temporal.control_task_queue},
-        "metrics": {"enabled": False},
-        "runtimes": {"embedded": {"cpu_threads": 1}},
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(settings.state_dir),
+                "node": {
+                    "id": settings.node.id,
+                    "cpu_memory_budget_bytes": 4 * 2**30,
+                    "announce_seconds": 0.5,
+                    "process_check_seconds": 0.5,
+                },
+                "temporal": {"address": client_target, "control_task_queue": settings.temporal.control_task_queue},
+                "metrics": {"enabled": False},
+                "runtimes": {"embedded": {"cpu_threads": 1}},
+            }
+        )
+    )
     return path
 
 
@@ -73,8 +81,9 @@ async def test_node_agent_sigkill_and_restart_keeps_bookings_and_models(
     temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path
 ) -> None:
     client = temporal_env.client
-    settings = make_settings(tmp_path, node={"id": unique("killed"), "cpu_memory_budget_bytes": 4 * 2**30,
-                                             "announce_seconds": 0.5})  # fmt: skip
+    settings = make_settings(
+        tmp_path, node={"id": unique("killed"), "cpu_memory_budget_bytes": 4 * 2**30, "announce_seconds": 0.5}
+    )
     node = settings.node.id
     config = _node_config(tmp_path / "node.yaml", settings, client.service_client.config.target_host)
     log = tmp_path / "node-agent.log"
@@ -115,8 +124,7 @@ async def test_node_agent_sigkill_and_restart_keeps_bookings_and_models(
                 await wait_for(lambda: "adopted" in log.read_text(), timeout=30, what="adoption in the agent's log")
                 after = await handle.query(ModelLifecycleWorkflow.state)
                 # Not reloaded: the same process serves it, and the booking is the same.
-                assert (after.phase, after.load_count, after.endpoint) == ("loaded", before.load_count,
-                                                                          before.endpoint)  # fmt: skip
+                assert (after.phase, after.load_count, after.endpoint) == ("loaded", before.load_count, before.endpoint)
                 assert json.loads(ledger_file.read_text())["bookings"] == bookings
                 assert (await http.post("/v1/completions", json=body)).status_code == 200
                 inventory = await node_wf.query(NodeRegistryWorkflow.inventory)

@@ -27,11 +27,14 @@ async def test_overrides_from_the_model_folder_and_the_config(
     temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path
 ) -> None:
     pinned, asks_triton, broken = unique("pinned"), unique("asks-triton"), unique("broken")
-    settings = make_settings(tmp_path, models={
-        # The config wins over the file beside the model where both set a key.
-        pinned: {"idle_timeout_seconds": 45},
-        asks_triton: {"runtime": "triton"},
-    })  # fmt: skip
+    settings = make_settings(
+        tmp_path,
+        models={
+            # The config wins over the file beside the model where both set a key.
+            pinned: {"idle_timeout_seconds": 45},
+            asks_triton: {"runtime": "triton"},
+        },
+    )
     incoming = settings.watch_directories[0]
     source = demo_models["text-generation"]
     client = temporal_env.client

@@ -26,8 +26,9 @@ async def test_models_land_where_they_fit(
     temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path
 ) -> None:
     # The demo GPT-2 is estimated at about 400 MiB: node "small" has room for one, "large" for four.
-    small = make_settings(tmp_path / "small", node={"id": unique("small"), "cpu_memory_budget_bytes": 560 * MIB,
-                                                    "announce_seconds": 0.5})  # fmt: skip
+    small = make_settings(
+        tmp_path / "small", node={"id": unique("small"), "cpu_memory_budget_bytes": 560 * MIB, "announce_seconds": 0.5}
+    )
     large = make_settings(
         tmp_path / "large",
         node={"id": unique("large"), "cpu_memory_budget_bytes": 1700 * MIB, "announce_seconds": 0.5},
@@ -57,7 +58,8 @@ async def test_models_land_where_they_fit(
                 path = settings.state_dir / "nodes" / settings.node.id / "bookings.json"
                 bookings = Ledger(path, settings.node.id, {"cpu": budget}).bookings()
                 assert sorted(b.model for b in bookings) == sorted(
-                    str(i["name"]) for i in infos if i["node"] == settings.node.id)  # fmt: skip
+                    str(i["name"]) for i in infos if i["node"] == settings.node.id
+                )
                 assert 0 < sum(b.bytes for b in bookings) <= budget, (settings.node.id, bookings)
             assert running.node is not None
             assert running.node.ledger.booked("cpu") <= 560 * MIB

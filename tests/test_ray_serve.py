@@ -69,8 +69,11 @@ async def test_ray_serve_through_modelium(
     temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path
 ) -> None:
     name = unique("ray-cls")
-    settings = make_settings(tmp_path, ray_serve={"enabled": True, "http_port": free_port(), "num_cpus": 2},
-                             models={name: {"runtime": "ray_serve"}})  # fmt: skip
+    settings = make_settings(
+        tmp_path,
+        ray_serve={"enabled": True, "http_port": free_port(), "num_cpus": 2},
+        models={name: {"runtime": "ray_serve"}},
+    )
     async with running_modelium(settings, temporal_env.client) as running:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=180) as http:
             copy_model(demo_models["text-classification"], settings.watch_directories[0] / name)

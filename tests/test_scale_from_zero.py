@@ -29,7 +29,7 @@ async def test_concurrent_requests_share_one_load_and_all_succeed(
             requests = [
                 client.chat.completions.create(
                     model=name, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=3
-                )  # fmt: skip
+                )
                 for i in range(8)
             ]
             answers = await asyncio.gather(*requests)

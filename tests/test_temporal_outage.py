@@ -89,9 +89,10 @@ async def test_gateway_serves_loaded_models_and_fails_fast_while_temporal_is_dow
             assert metric_value((await probes.get("/metrics")).text, "modelium_temporal_up") == 1
             await probes.aclose()
             answer = await wait_for(
-                lambda: _status(http.post(f"/predict/{resting}", json=body), 200), timeout=120,
+                lambda: _status(http.post(f"/predict/{resting}", json=body), 200),
+                timeout=120,
                 what=f"{resting} loaded again once Temporal is back",
-            )  # fmt: skip
+            )
             assert answer.json()["model"] == resting
     finally:
         temporal.stop()
@@ -106,14 +107,19 @@ def _config(tmp_path: Path) -> tuple[Path, str, Path]:
     gw, tp, mp = free_port(), free_port(), free_port()
     state = tmp_path / "state"
     config = tmp_path / "modelium.yaml"
-    config.write_text(yaml.safe_dump({
-        "state_dir": str(state),
-        "temporal": {"port": tp, "ui": False},
-        "gateway": {"port": gw},
-        "metrics": {"port": mp},
-        "orchestration": {"model_discovery": {"watch_directories": [str(tmp_path / "incoming")],
-                                              "settle_seconds": 0.5}},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(state),
+                "temporal": {"port": tp, "ui": False},
+                "gateway": {"port": gw},
+                "metrics": {"port": mp},
+                "orchestration": {
+                    "model_discovery": {"watch_directories": [str(tmp_path / "incoming")], "settle_seconds": 0.5}
+                },
+            }
+        )
+    )
     return config, f"http://127.0.0.1:{gw}", state
 
 
@@ -129,16 +135,24 @@ def test_serve_restarts_its_temporal_and_survives_its_own_sigkill(tmp_path: Path
     try:
         _wait(lambda: httpx.get(f"{base}/ready").status_code == 200, 90, "ready", proc, log)
         copy_model(demo_models["text-generation"], tmp_path / "incoming" / "tiny")
-        _wait(lambda: httpx.post(f"{base}/predict/tiny", json=body, timeout=30).status_code == 200,
-              120, "first answer", proc, log)  # fmt: skip
+        _wait(
+            lambda: httpx.post(f"{base}/predict/tiny", json=body, timeout=30).status_code == 200,
+            120,
+            "first answer",
+            proc,
+            log,
+        )
         runtime = httpx.get(f"{base}/models/tiny").json()["endpoint"]["pid"]
 
         # A second `serve` on the same folder while this one runs is refused, and touches nothing.
         before = _temporal_pid(state)
         second = subprocess.run(
             [sys.executable, "-m", "cli", "--config", str(config), "serve"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert second.returncode == 1 and "another `modelium serve`" in second.stderr, second.stderr
         assert _temporal_pid(state) == before and pid_alive(before)
         assert httpx.get(f"{base}/ready").status_code == 200
@@ -148,12 +162,22 @@ def test_serve_restarts_its_temporal_and_survives_its_own_sigkill(tmp_path: Path
         os.kill(first, signal.SIGKILL)
         for _ in range(5):
             assert httpx.post(f"{base}/predict/tiny", json=body, timeout=30).status_code == 200
-        _wait(lambda: _temporal_pid(state) != first and httpx.get(f"{base}/ready").status_code == 200,
-              30, "Temporal restarted and ready", proc, log)  # fmt: skip
+        _wait(
+            lambda: _temporal_pid(state) != first and httpx.get(f"{base}/ready").status_code == 200,
+            30,
+            "Temporal restarted and ready",
+            proc,
+            log,
+        )
         assert not pid_alive(first), "the killed Temporal must be reaped, not left a zombie"
         assert "starting it again" in log.read_text()
-        _wait(lambda: (r := httpx.get(f"{base}/models/tiny")).status_code == 200 and r.json()["request_count"] >= 6,
-              30, "the requests served during the outage counted", proc, log)  # fmt: skip
+        _wait(
+            lambda: (r := httpx.get(f"{base}/models/tiny")).status_code == 200 and r.json()["request_count"] >= 6,
+            30,
+            "the requests served during the outage counted",
+            proc,
+            log,
+        )
 
         # `serve` itself killed outright: Temporal and the runtime live on ...
         second = _temporal_pid(state)
@@ -168,8 +192,13 @@ def test_serve_restarts_its_temporal_and_survives_its_own_sigkill(tmp_path: Path
     proc = _start(tmp_path, config, log)
     try:
         _wait(lambda: httpx.get(f"{base}/ready").status_code == 200, 90, "ready after SIGKILL", proc, log)
-        _wait(lambda: httpx.post(f"{base}/predict/tiny", json=body, timeout=30).status_code == 200,
-              120, "answer after SIGKILL", proc, log)  # fmt: skip
+        _wait(
+            lambda: httpx.post(f"{base}/predict/tiny", json=body, timeout=30).status_code == 200,
+            120,
+            "answer after SIGKILL",
+            proc,
+            log,
+        )
         assert _temporal_pid(state) == second, "the running Temporal is adopted, not replaced"
         info = httpx.get(f"{base}/models/tiny").json()
         assert info["endpoint"]["pid"] == runtime and info["load_count"] == 1

@@ -34,9 +34,13 @@ Signer = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
 
 
 def _cert(
-    subject: str, key: ec.EllipticCurvePrivateKey, issuer: Signer | None, *, ca: bool = False,
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: Signer | None,
+    *,
+    ca: bool = False,
     san: list[x509.GeneralName] | None = None,
-) -> x509.Certificate:  # fmt: skip
+) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     now = datetime.datetime.now(datetime.UTC)
     builder = (
@@ -72,8 +76,13 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     ca_crt, _ = _write(tmp_path / "ca", ca, ca_key)
     server_crt, server_pem = _write(tmp_path / "server", server, server_key)
     client_crt, client_pem = _write(tmp_path / "client", client, client_key)
-    return {"ca": ca_crt, "server_cert": server_crt, "server_key": server_pem,
-            "client_cert": client_crt, "client_key": client_pem}  # fmt: skip
+    return {
+        "ca": ca_crt,
+        "server_cert": server_crt,
+        "server_key": server_pem,
+        "client_cert": client_crt,
+        "client_key": client_pem,
+    }
 
 
 @contextlib.asynccontextmanager
@@ -118,10 +127,16 @@ async def tls_frontend(pki: dict[str, Path], upstream: str) -> AsyncIterator[int
 
 
 def _tls_settings(tmp_path: Path, port: int, pki: dict[str, Path], **tls: object) -> Settings:
-    chosen = {"ca_cert": str(pki["ca"]), "client_cert": str(pki["client_cert"]),
-              "client_key": str(pki["client_key"]), "server_name": SERVER_NAME, **tls}  # fmt: skip
-    return make_settings(tmp_path, temporal={"address": f"127.0.0.1:{port}",
-                                             "tls": {k: v for k, v in chosen.items() if v is not None}})  # fmt: skip
+    chosen = {
+        "ca_cert": str(pki["ca"]),
+        "client_cert": str(pki["client_cert"]),
+        "client_key": str(pki["client_key"]),
+        "server_name": SERVER_NAME,
+        **tls,
+    }
+    return make_settings(
+        tmp_path, temporal={"address": f"127.0.0.1:{port}", "tls": {k: v for k, v in chosen.items() if v is not None}}
+    )
 
 
 async def test_gateway_reaches_temporal_over_mtls(
@@ -150,8 +165,10 @@ async def test_gateway_reaches_temporal_over_mtls(
             await task
 
         # The frontend really demands TLS and the client's certificate: without either, no answer.
-        for missing in ({"client_cert": None, "client_key": None}, {"enabled": False, "ca_cert": None,
-                        "client_cert": None, "client_key": None, "server_name": None}):  # fmt: skip
+        for missing in (
+            {"client_cert": None, "client_key": None},
+            {"enabled": False, "ca_cert": None, "client_cert": None, "client_key": None, "server_name": None},
+        ):
             with pytest.raises(RuntimeError, match="Failed client connect"):
                 await connect_temporal(_tls_settings(tmp_path, port, pki, **missing))
 
@@ -166,8 +183,11 @@ async def test_wrong_server_name_is_refused(
 
 
 def test_tls_and_api_key_settings(tmp_path: Path, pki: dict[str, Path]) -> None:
-    env = {"MODELIUM_TEMPORAL__ADDRESS": "ns.acct.tmprl.cloud:7233", "MODELIUM_TEMPORAL__API_KEY": "sekrit",
-           "MODELIUM_TEMPORAL__NAMESPACE": "ns.acct"}  # fmt: skip
+    env = {
+        "MODELIUM_TEMPORAL__ADDRESS": "ns.acct.tmprl.cloud:7233",
+        "MODELIUM_TEMPORAL__API_KEY": "sekrit",
+        "MODELIUM_TEMPORAL__NAMESPACE": "ns.acct",
+    }
     cloud = load_settings(None, environ=env)
     options = connect_options(cloud)
     # An API key alone means Temporal Cloud: TLS with the system's roots, the key as bearer token.
@@ -180,14 +200,24 @@ def test_tls_and_api_key_settings(tmp_path: Path, pki: dict[str, Path]) -> None:
     assert "tls" not in connect_options(load_settings(None, environ=explicit_off))
 
     bad = [
-        ({"MODELIUM_TEMPORAL__TLS__CLIENT_CERT": str(pki["client_cert"]),
-          "MODELIUM_TEMPORAL__ADDRESS": "t:7233"}, "client_cert and client_key go together"),
-        ({"MODELIUM_TEMPORAL__TLS__CA_CERT": str(tmp_path / "missing.pem"),
-          "MODELIUM_TEMPORAL__ADDRESS": "t:7233"}, "temporal.tls.ca_cert: Path does not point to a file"),
+        (
+            {"MODELIUM_TEMPORAL__TLS__CLIENT_CERT": str(pki["client_cert"]), "MODELIUM_TEMPORAL__ADDRESS": "t:7233"},
+            "client_cert and client_key go together",
+        ),
+        (
+            {"MODELIUM_TEMPORAL__TLS__CA_CERT": str(tmp_path / "missing.pem"), "MODELIUM_TEMPORAL__ADDRESS": "t:7233"},
+            "temporal.tls.ca_cert: Path does not point to a file",
+        ),
         ({"MODELIUM_TEMPORAL__API_KEY": "k"}, "set temporal.address too"),
-        ({"MODELIUM_TEMPORAL__TLS__ENABLED": "false", "MODELIUM_TEMPORAL__TLS__SERVER_NAME": "x",
-          "MODELIUM_TEMPORAL__ADDRESS": "t:7233"}, "enabled is false"),
-    ]  # fmt: skip
+        (
+            {
+                "MODELIUM_TEMPORAL__TLS__ENABLED": "false",
+                "MODELIUM_TEMPORAL__TLS__SERVER_NAME": "x",
+                "MODELIUM_TEMPORAL__ADDRESS": "t:7233",
+            },
+            "enabled is false",
+        ),
+    ]
     for environ, message in bad:
         with pytest.raises(ConfigError, match=message):
             load_settings(None, environ=environ)

@@ -81,9 +81,11 @@ class Topology:
         (self.tmp / name).mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli", *command],
-            cwd=self.tmp / name, stdout=(self.tmp / f"{name}.log").open("ab"), stderr=subprocess.STDOUT,
+            cwd=self.tmp / name,
+            stdout=(self.tmp / f"{name}.log").open("ab"),
+            stderr=subprocess.STDOUT,
             env={**env, **self.environment(service, name), "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+        )
         self.procs[name] = proc
         return proc
 
@@ -147,8 +149,11 @@ def test_two_of_each_survive_a_killed_control_worker_and_gateway(
     copy_model(demo_models["text-generation"], t.tmp / "models" / model)
     body = {"prompt": "Hello", "max_tokens": 2}
     for gateway in ("gateway-1", "gateway-2"):
-        t.wait(lambda g=gateway: httpx.post(f"{t.url(g)}/predict/{model}", json=body, timeout=60).status_code == 200,
-               180, f"{model} served through {gateway}")  # fmt: skip
+        t.wait(
+            lambda g=gateway: httpx.post(f"{t.url(g)}/predict/{model}", json=body, timeout=60).status_code == 200,
+            180,
+            f"{model} served through {gateway}",
+        )
 
     statuses: list[int] = []
     stop = threading.Event()

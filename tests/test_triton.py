@@ -100,8 +100,9 @@ async def test_triton_through_modelium(
             answer = await http.post(f"/predict/{classifier}", json={"inputs": ["good", "bad"]})
             assert answer.status_code == 200, answer.text
             output = answer.json()["output"]
-            assert len(output) == 2 and {"label", "score"} <= set(output[0][0] if isinstance(output[0], list)
-                                                                  else output[0])  # fmt: skip
+            assert len(output) == 2 and {"label", "score"} <= set(
+                output[0][0] if isinstance(output[0], list) else output[0]
+            )
             # A dropped Triton entry: named tensors in, named tensors out.
             answer = await http.post(f"/predict/{adder}", json={"inputs": {"INPUT0": [1.5, 2, 3, 4]}})
             assert answer.status_code == 200, answer.text

@@ -42,8 +42,13 @@ class Runtime:
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        return Starlette(routes=[Route("/echo", echo, methods=["POST"]), Route("/slow", slow, methods=["POST"]),
-                                 Route("/stream", stream, methods=["POST"])])  # fmt: skip
+        return Starlette(
+            routes=[
+                Route("/echo", echo, methods=["POST"]),
+                Route("/slow", slow, methods=["POST"]),
+                Route("/stream", stream, methods=["POST"]),
+            ]
+        )
 
 
 @contextlib.asynccontextmanager
@@ -111,8 +116,9 @@ async def test_connection_closed_by_the_runtime_as_the_request_arrives_is_retrie
         requests = 0
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length"))  # fmt: skip
+            length = next(
+                int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+            )
             await reader.readexactly(length)
             requests += 1
             if requests == 2:  # the second request on a connection: drop it, answer nothing

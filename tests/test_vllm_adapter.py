@@ -52,8 +52,13 @@ class GpusHoldingWhileAlive:
 
 def _config(tmp_path: Path, **extra: Any) -> Vllm:
     first = free_port()
-    return Vllm(enabled=True, command=[sys.executable, STANDIN, "serve", "{model_dir}"],
-                extra_args=["--max-model-len", "256"], port_range=(first, first + 20), **extra)  # fmt: skip
+    return Vllm(
+        enabled=True,
+        command=[sys.executable, STANDIN, "serve", "{model_dir}"],
+        extra_args=["--max-model-len", "256"],
+        port_range=(first, first + 20),
+        **extra,
+    )
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -67,8 +72,14 @@ async def test_vllm_contract_from_booking_to_stop(
     monkeypatch.setenv("MODELIUM_STANDIN_RECORD", str(record))
     config = _config(tmp_path)
     gpu = GpusHoldingWhileAlive()
-    adapter = VllmRuntimeAdapter("n", tmp_path / "logs", config, {"cpu": 8 * GIB, "cuda:0": H100, "cuda:1": H100},
-                                 gpu, state_dir=tmp_path / "runtimes")  # fmt: skip
+    adapter = VllmRuntimeAdapter(
+        "n",
+        tmp_path / "logs",
+        config,
+        {"cpu": 8 * GIB, "cuda:0": H100, "cuda:1": H100},
+        gpu,
+        state_dir=tmp_path / "runtimes",
+    )
     model = str(demo_models["text-generation"])
     booking = Booking("big", "n", "cuda:0", 20 * GIB, ["cuda:0", "cuda:1"])
     progress: list[str] = []
@@ -77,9 +88,21 @@ async def test_vllm_contract_from_booking_to_stop(
         [seen] = _records(record)
         port = int(endpoint.url.rsplit(":", 1)[1])
         assert seen["argv"] == [
-            "serve", model, "--served-model-name", "big", "--host", "127.0.0.1", "--port", str(port),
-            "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.25", "--max-model-len", "256",
-        ]  # fmt: skip
+            "serve",
+            model,
+            "--served-model-name",
+            "big",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--tensor-parallel-size",
+            "2",
+            "--gpu-memory-utilization",
+            "0.25",
+            "--max-model-len",
+            "256",
+        ]
         assert seen["cuda_visible_devices"] == "0,1"
         assert config.port_range[0] <= port <= config.port_range[1]
         assert progress, "the adapter reported progress while the server loaded"
@@ -131,13 +154,15 @@ async def test_vllm_through_modelium_streams_and_unloads(
             assert (info["runtime"], info["device"]) == ("vllm", "cuda:0"), info
             # Its load may take vLLM's own load_timeout_seconds (900 s), not the embedded runtime's.
             handle = temporal_env.client.get_workflow_handle(workflow_id(name))
-            loads = [e.activity_task_scheduled_event_attributes async for e in handle.fetch_history_events()
-                     if e.activity_task_scheduled_event_attributes.activity_type.name == "load_model"]  # fmt: skip
+            loads = [
+                e.activity_task_scheduled_event_attributes
+                async for e in handle.fetch_history_events()
+                if e.activity_task_scheduled_event_attributes.activity_type.name == "load_model"
+            ]
             assert loads[0].start_to_close_timeout.ToSeconds() == settings.vllm.load_timeout_seconds + 60 == 960
             [seen] = _records(record)
             assert seen["cuda_visible_devices"] == "0"
-            body = {"model": name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
-                    "stream": True}  # fmt: skip
+            body = {"model": name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "stream": True}
             events = []
             async with http.stream("POST", "/v1/chat/completions", json=body) as response:
                 assert response.status_code == 200

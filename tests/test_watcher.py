@@ -36,9 +36,13 @@ class Recorder:
 @contextlib.asynccontextmanager
 async def _watch(root: Path, rec: Recorder, polling: bool = False) -> AsyncIterator[ModelFolderWatcher]:
     watcher = ModelFolderWatcher(
-        [root], rec.on_ready, rec.on_removed, settle_seconds=SETTLE, polling=polling,
+        [root],
+        rec.on_ready,
+        rec.on_removed,
+        settle_seconds=SETTLE,
+        polling=polling,
         poll_interval=0.2,
-    )  # fmt: skip
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(watcher.run(stop))
     await asyncio.wait_for(watcher.wait_scanned(), 10)
@@ -186,8 +190,9 @@ async def test_folders_whose_events_were_lost_are_found_by_the_rescan(
     root = tmp_path / "incoming"
     root.mkdir()
     rec = Recorder()
-    watcher = ModelFolderWatcher([root], rec.on_ready, rec.on_removed, settle_seconds=0.2, polling=True,
-                                 poll_interval=3600, rescan_seconds=0.5)  # fmt: skip
+    watcher = ModelFolderWatcher(
+        [root], rec.on_ready, rec.on_removed, settle_seconds=0.2, polling=True, poll_interval=3600, rescan_seconds=0.5
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(watcher.run(stop))
     try:

@@ -91,9 +91,13 @@ def control_worker(client: Client, settings: Settings, metrics: Metrics | None =
         client=client,
     )
     size = sized_for(models, settings.temporal.max_cached_workflows)
-    log.info("control worker sized for %d models: %d cached workflows, %d workflow tasks and %d activities at once",
-             size.models, size.max_cached_workflows, size.max_concurrent_workflow_tasks,
-             size.max_concurrent_activities)  # fmt: skip
+    log.info(
+        "control worker sized for %d models: %d cached workflows, %d workflow tasks and %d activities at once",
+        size.models,
+        size.max_cached_workflows,
+        size.max_concurrent_workflow_tasks,
+        size.max_concurrent_activities,
+    )
     return Worker(
         client,
         task_queue=settings.temporal.control_task_queue,

@@ -75,10 +75,15 @@ class NodeAgent:
         devices = []
         for device, total in self.ledger.capacities.items():
             gpu = gpus.get(device)
-            devices.append(DeviceInventory(
-                device=device, name=gpu.name if gpu else "CPU (memory budget)", total_bytes=total,
-                used_bytes=gpu.used_bytes if gpu else None, booked_bytes=self.ledger.booked(device),
-            ))  # fmt: skip
+            devices.append(
+                DeviceInventory(
+                    device=device,
+                    name=gpu.name if gpu else "CPU (memory budget)",
+                    total_bytes=total,
+                    used_bytes=gpu.used_bytes if gpu else None,
+                    booked_bytes=self.ledger.booked(device),
+                )
+            )
         return NodeInventory(self.node_id, devices, sorted(self.adapters), time.time())
 
 
@@ -98,9 +103,11 @@ async def announce_forever(
             await client.start_workflow(
                 NodeRegistryWorkflow.run,
                 NodeRegistryInput(inventory, max(lost_after, LOST_AFTER_ANNOUNCEMENTS * interval)),
-                id=wf_id, task_queue=control_queue,
-                start_signal="announce", start_signal_args=[inventory],
-            )  # fmt: skip
+                id=wf_id,
+                task_queue=control_queue,
+                start_signal="announce",
+                start_signal_args=[inventory],
+            )
         except RPCError as exc:
             log.warning("could not announce node %s: %s", agent.node_id, exc.message)
         # Early when a booking was made or released: placement then sees the room as it is
@@ -175,17 +182,26 @@ def node_agent(client: Client, settings: Settings, metrics: Metrics, gpu: GpuRea
             state_dir=node_dir / "runtimes" / EMBEDDED,
             host=host,
             advertise=advertise,
-        )  # fmt: skip
+        )
     }
     if TRITON in enabled:
-        adapters[TRITON] = TritonRuntimeAdapter(node_id, node_dir / "triton", node_dir / "logs", settings.triton,
-                                                host=host, advertise=advertise)  # fmt: skip
+        adapters[TRITON] = TritonRuntimeAdapter(
+            node_id, node_dir / "triton", node_dir / "logs", settings.triton, host=host, advertise=advertise
+        )
     if RAY_SERVE in enabled:
-        adapters[RAY_SERVE] = RayServeRuntimeAdapter(node_id, node_dir / "ray", node_dir / "logs", settings.ray_serve,
-                                                     host=host, advertise=advertise)  # fmt: skip
+        adapters[RAY_SERVE] = RayServeRuntimeAdapter(
+            node_id, node_dir / "ray", node_dir / "logs", settings.ray_serve, host=host, advertise=advertise
+        )
     if VLLM in enabled:
-        adapters[VLLM] = VllmRuntimeAdapter(node_id, node_dir / "logs", vllm, capacities, reader,
-                                            state_dir=node_dir / "runtimes" / VLLM, advertise=advertise)  # fmt: skip
+        adapters[VLLM] = VllmRuntimeAdapter(
+            node_id,
+            node_dir / "logs",
+            vllm,
+            capacities,
+            reader,
+            state_dir=node_dir / "runtimes" / VLLM,
+            advertise=advertise,
+        )
     profiles = MemoryProfiles(node_dir / "memory-profiles.json")
     acts = NodeActivities(node_id, ledger, adapters, metrics, reader, profiles)
     acts.refresh_device_gauges()

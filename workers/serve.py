@@ -170,7 +170,7 @@ async def serve(
                     settings.temporal.control_task_queue,
                     settings.node.announce_seconds,
                     settings.node.lost_after_seconds,
-                ),  # fmt: skip
+                ),
                 name="node-announce",
             )
             tasks.append(announcer)
@@ -213,8 +213,7 @@ async def serve(
             try:
                 known = await bridge.learn_running()
             except RPCError as exc:
-                log.warning("could not list running models (%s); every model folder is handed over again",
-                            exc.message)  # fmt: skip
+                log.warning("could not list running models (%s); every model folder is handed over again", exc.message)
             else:
                 log.info("%d model(s) already have a workflow; unchanged folders are not signalled", known)
             watcher = folder_watcher(settings, bridge)

@@ -100,13 +100,20 @@ class EmbeddedTemporal:
 
     def _argv(self) -> list[str]:
         argv = [
-            temporal_binary(), "server", "start-dev",
-            "--db-filename", str(self.state_dir / "temporal.db"),
-            "--ip", "127.0.0.1",
-            "--port", str(self.port),
-            "--namespace", self.namespace,
-            "--log-level", "warn",
-        ]  # fmt: skip
+            temporal_binary(),
+            "server",
+            "start-dev",
+            "--db-filename",
+            str(self.state_dir / "temporal.db"),
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--namespace",
+            self.namespace,
+            "--log-level",
+            "warn",
+        ]
         argv += ["--ui-port", str(self.ui_port)] if self.ui else ["--headless"]
         for key in SEARCH_ATTRIBUTES:
             argv += ["--search-attribute", f"{key.name}={_type_name(key)}"]
@@ -125,8 +132,12 @@ class EmbeddedTemporal:
                     )
             self._spawn()
         client = await self._connect(timeout)
-        log.info("embedded Temporal at %s (UI %s), state in %s", self.address,
-                 f"http://127.0.0.1:{self.ui_port}" if self.ui else "off", self.state_dir)  # fmt: skip
+        log.info(
+            "embedded Temporal at %s (UI %s), state in %s",
+            self.address,
+            f"http://127.0.0.1:{self.ui_port}" if self.ui else "off",
+            self.state_dir,
+        )
         return client
 
     async def _adopt(self) -> bool:
@@ -149,11 +160,15 @@ class EmbeddedTemporal:
         if record.argv == self._argv() and await _answers(self.address, self.namespace):
             self._proc = proc
             self.adopted = True
-            log.warning("adopted the embedded Temporal (pid %s) that an earlier `serve` started and left running",
-                        record.pid)  # fmt: skip
+            log.warning(
+                "adopted the embedded Temporal (pid %s) that an earlier `serve` started and left running", record.pid
+            )
             return True
-        log.warning("stopping the Temporal (pid %s) an earlier `serve` left running: %s", record.pid,
-                    "it does not answer" if record.argv == self._argv() else "the configuration changed")  # fmt: skip
+        log.warning(
+            "stopping the Temporal (pid %s) an earlier `serve` left running: %s",
+            record.pid,
+            "it does not answer" if record.argv == self._argv() else "the configuration changed",
+        )
         await asyncio.to_thread(proc.stop, 15)
         self._records.remove(self.RECORD)
         return False
@@ -196,8 +211,12 @@ class EmbeddedTemporal:
             proc = self._proc
             if proc is None or self._stopping or proc.alive():
                 continue
-            log.error("the embedded Temporal (pid %s) exited with code %s; starting it again on %s",
-                      proc.pid, proc.exit_code(), self.state_dir / "temporal.db")  # fmt: skip
+            log.error(
+                "the embedded Temporal (pid %s) exited with code %s; starting it again on %s",
+                proc.pid,
+                proc.exit_code(),
+                self.state_dir / "temporal.db",
+            )
             try:
                 self._spawn()
                 await self._connect(self._timeout)
@@ -207,8 +226,12 @@ class EmbeddedTemporal:
                     raise TemporalStartError(
                         f"the embedded Temporal could not be started again ({failures} tries): {exc}"
                     ) from exc
-                log.error("starting the embedded Temporal again failed (%d of %d): %s",
-                          failures, self.MAX_FAILED_RESTARTS, exc)  # fmt: skip
+                log.error(
+                    "starting the embedded Temporal again failed (%d of %d): %s",
+                    failures,
+                    self.MAX_FAILED_RESTARTS,
+                    exc,
+                )
                 await asyncio.sleep(2 ** (failures - 1))
                 continue
             failures = 0

@@ -73,7 +73,7 @@ class WorkflowBridge:
                 [
                     SearchAttributePair(MODEL_KEY, source.name),
                     SearchAttributePair(PHASE_KEY, Phase.DISCOVERED),
-                ]  # fmt: skip
+                ]
             ),
             start_signal=FILES_CHANGED_SIGNAL,
             start_signal_args=[source],

@@ -187,8 +187,10 @@ class ModelLifecycleWorkflow:
         if st.booking is not None and _valid_bytes(peak.booked_bytes):
             st.booking.bytes = peak.booked_bytes  # type: ignore[assignment]
         if peak.over_capacity:
-            st.last_error = (f"holds {peak.bytes / 2**20:.0f} MiB, more than was booked: "
-                             f"{', '.join(map(str, peak.over_capacity))} booked past capacity")  # fmt: skip
+            st.last_error = (
+                f"holds {peak.bytes / 2**20:.0f} MiB, more than was booked: "
+                f"{', '.join(map(str, peak.over_capacity))} booked past capacity"
+            )
         self._settings_seq += 1  # the loaded loop wakes and refreshes the summary
 
     @workflow.signal
@@ -233,8 +235,11 @@ class ModelLifecycleWorkflow:
             return
         seconds = valid_seconds(idle_seconds, MIN_IDLE_SECONDS)
         if seconds is None:
-            workflow.logger.warning("model %s: idle timeout %r ignored: not a number of seconds in "
-                                    "[1 s, 1 year]", self._state.name, idle_seconds)  # fmt: skip
+            workflow.logger.warning(
+                "model %s: idle timeout %r ignored: not a number of seconds in [1 s, 1 year]",
+                self._state.name,
+                idle_seconds,
+            )
         elif seconds != self._state.idle_seconds:
             self._state.idle_seconds = seconds
             self._settings_seq += 1
@@ -334,9 +339,10 @@ class ModelLifecycleWorkflow:
             )
         if self._state.phase == Phase.REMOVED:
             raise ApplicationError(
-                f"model {self._state.name} was removed", type=ErrorType.MODEL_REMOVED,
+                f"model {self._state.name} was removed",
+                type=ErrorType.MODEL_REMOVED,
                 non_retryable=True,
-            )  # fmt: skip
+            )
         if self._state.phase != Phase.LOADED:
             raise ApplicationError(
                 f"model {self._state.name} failed to load: {self._state.last_error}",
@@ -508,9 +514,13 @@ class ModelLifecycleWorkflow:
             self._state.runtime, self._state.node = decision.runtime, decision.node
             self._state.device = decision.device
             workflow.logger.info(
-                "model %s -> %s on %s/%s: %s", self._state.name, decision.runtime, decision.node,
-                decision.device, decision.reason,
-            )  # fmt: skip
+                "model %s -> %s on %s/%s: %s",
+                self._state.name,
+                decision.runtime,
+                decision.node,
+                decision.device,
+                decision.reason,
+            )
             self._check_interrupt()
             if decision.no_room is not None:
                 # Asked for meanwhile, it decides again with the right to evict or wait.
@@ -519,8 +529,10 @@ class ModelLifecycleWorkflow:
                 self._rest(f"not preloaded: no free room on any node ({decision.no_room})")
                 return
             if not demanded and self._input.preload == Preload.NONE and not self._demanded():
-                self._rest(f"not preloaded (orchestration.preload is none): a request or "
-                           f"POST /models/{self._state.name}/load loads it")  # fmt: skip
+                self._rest(
+                    f"not preloaded (orchestration.preload is none): a request or "
+                    f"POST /models/{self._state.name}/load loads it"
+                )
                 return
             if decision.evict:
                 step = "evict"
@@ -891,9 +903,22 @@ class ModelLifecycleWorkflow:
             return
         st = self._state
         now = workflow.now().timestamp()
-        key = (st.phase, st.runtime, st.node, st.device, st.booking, st.measured_memory_bytes,
-               st.peak_memory_bytes, st.last_error, st.rest_reason, st.pinned, st.idle_seconds,
-               st.demanded_at, st.load_count, st.decision is None)  # fmt: skip
+        key = (
+            st.phase,
+            st.runtime,
+            st.node,
+            st.device,
+            st.booking,
+            st.measured_memory_bytes,
+            st.peak_memory_bytes,
+            st.last_error,
+            st.rest_reason,
+            st.pinned,
+            st.idle_seconds,
+            st.demanded_at,
+            st.load_count,
+            st.decision is None,
+        )
         usage_only = key == self._summary
         if usage_only and (not throttle or now - self._summary_at < _SUMMARY_USAGE_INTERVAL):
             return

@@ -101,14 +101,16 @@ class HealthRequest:
 
 
 # -- control steps: local to the workflow's worker, or (histories from before) on its queue ----
-def _control(name: str, arg: Any, result_type: type[Any], timeout: timedelta, retry: RetryPolicy,
-             local: bool) -> Awaitable[Any]:  # fmt: skip
+def _control(
+    name: str, arg: Any, result_type: type[Any], timeout: timedelta, retry: RetryPolicy, local: bool
+) -> Awaitable[Any]:
     if local:
         return workflow.execute_local_activity(
             name, arg, result_type=result_type, start_to_close_timeout=timeout, retry_policy=retry
         )
-    return workflow.execute_activity(name, arg, result_type=result_type, start_to_close_timeout=timeout,
-                                     retry_policy=retry)  # fmt: skip
+    return workflow.execute_activity(
+        name, arg, result_type=result_type, start_to_close_timeout=timeout, retry_policy=retry
+    )
 
 
 def analyze_model(source: ModelSource, *, local: bool) -> Awaitable[ModelAnalysis]:
@@ -123,67 +125,101 @@ def decide_runtime(request: DecideRequest, *, local: bool) -> Awaitable[Decision
 
 # -- control activities on the control task queue ------------------------------------------------
 def evict_models(request: EvictRequest) -> Awaitable[EvictResult]:
-    return workflow.execute_activity(ActivityName.EVICT_MODELS, request, result_type=EvictResult,
-                                     start_to_close_timeout=timedelta(minutes=5), retry_policy=QUICK)  # fmt: skip
+    return workflow.execute_activity(
+        ActivityName.EVICT_MODELS,
+        request,
+        result_type=EvictResult,
+        start_to_close_timeout=timedelta(minutes=5),
+        retry_policy=QUICK,
+    )
 
 
 def notify_waiting(notice: CapacityFreed) -> Awaitable[None]:
-    return workflow.execute_activity(ActivityName.NOTIFY_WAITING, notice, start_to_close_timeout=timedelta(seconds=30),
-                                     retry_policy=RetryPolicy(maximum_attempts=2))  # fmt: skip
+    return workflow.execute_activity(
+        ActivityName.NOTIFY_WAITING,
+        notice,
+        start_to_close_timeout=timedelta(seconds=30),
+        retry_policy=RetryPolicy(maximum_attempts=2),
+    )
 
 
 def notify_node_lost(notice: NodeLost) -> Awaitable[None]:
-    return workflow.execute_activity(ActivityName.NOTIFY_NODE_LOST, notice, start_to_close_timeout=timedelta(minutes=2),
-                                     retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)))  # fmt: skip
+    return workflow.execute_activity(
+        ActivityName.NOTIFY_NODE_LOST,
+        notice,
+        start_to_close_timeout=timedelta(minutes=2),
+        retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
+    )
 
 
 # -- node steps, on the queue of the node that holds the model (started: the caller races them
 # against the node being declared lost) ------------------------------------------------------------
 def reserve_gpu(request: ReserveRequest, node: str) -> workflow.ActivityHandle[Booking]:
     return workflow.start_activity(
-        ActivityName.RESERVE_GPU, request, result_type=Booking, task_queue=node_task_queue(node),
-        start_to_close_timeout=timedelta(seconds=30), schedule_to_close_timeout=NODE_SCHEDULE_TO_CLOSE,
+        ActivityName.RESERVE_GPU,
+        request,
+        result_type=Booking,
+        task_queue=node_task_queue(node),
+        start_to_close_timeout=timedelta(seconds=30),
+        schedule_to_close_timeout=NODE_SCHEDULE_TO_CLOSE,
         retry_policy=NODE_STEP,
-    )  # fmt: skip
+    )
 
 
 def load_model(request: LoadRequest, node: str, timeout_seconds: float) -> workflow.ActivityHandle[LoadResult]:
     """`timeout_seconds`: the chosen runtime's own load timeout (a minute is added for the
     agent's own work around it)."""
     return workflow.start_activity(
-        ActivityName.LOAD_MODEL, request, result_type=LoadResult, task_queue=node_task_queue(node),
+        ActivityName.LOAD_MODEL,
+        request,
+        result_type=LoadResult,
+        task_queue=node_task_queue(node),
         start_to_close_timeout=timedelta(seconds=timeout_seconds + 60),
         # Loads heartbeat every 0.25 s; a node agent that died mid-load is noticed in 10 s.
-        heartbeat_timeout=timedelta(seconds=10), retry_policy=NODE_STEP,
-    )  # fmt: skip
+        heartbeat_timeout=timedelta(seconds=10),
+        retry_policy=NODE_STEP,
+    )
 
 
 def confirm_memory_freed(request: ConfirmFreedRequest, node: str) -> workflow.ActivityHandle[None]:
     return workflow.start_activity(
-        ActivityName.CONFIRM_FREED, request, task_queue=node_task_queue(node),
-        start_to_close_timeout=timedelta(seconds=90), schedule_to_close_timeout=NODE_SCHEDULE_TO_CLOSE,
-        heartbeat_timeout=timedelta(seconds=20), retry_policy=NODE_STEP,
-    )  # fmt: skip
+        ActivityName.CONFIRM_FREED,
+        request,
+        task_queue=node_task_queue(node),
+        start_to_close_timeout=timedelta(seconds=90),
+        schedule_to_close_timeout=NODE_SCHEDULE_TO_CLOSE,
+        heartbeat_timeout=timedelta(seconds=20),
+        retry_policy=NODE_STEP,
+    )
 
 
 def check_health(request: HealthRequest, node: str) -> workflow.ActivityHandle[None]:
     return workflow.start_activity(
-        ActivityName.CHECK_HEALTH, request, task_queue=node_task_queue(node),
-        start_to_close_timeout=timedelta(seconds=30), schedule_to_close_timeout=timedelta(minutes=2),
+        ActivityName.CHECK_HEALTH,
+        request,
+        task_queue=node_task_queue(node),
+        start_to_close_timeout=timedelta(seconds=30),
+        schedule_to_close_timeout=timedelta(minutes=2),
         retry_policy=RetryPolicy(maximum_attempts=1),
-    )  # fmt: skip
+    )
 
 
 def unload_model(request: UnloadRequest, node: str) -> workflow.ActivityHandle[None]:
     return workflow.start_activity(
-        ActivityName.UNLOAD_MODEL, request, task_queue=node_task_queue(node),
-        start_to_close_timeout=timedelta(minutes=1), schedule_to_close_timeout=NODE_SCHEDULE_TO_CLOSE,
-    )  # fmt: skip
+        ActivityName.UNLOAD_MODEL,
+        request,
+        task_queue=node_task_queue(node),
+        start_to_close_timeout=timedelta(minutes=1),
+        schedule_to_close_timeout=NODE_SCHEDULE_TO_CLOSE,
+    )
 
 
 def release_gpu(model: str, node: str) -> workflow.ActivityHandle[None]:
     """The model's name alone, as the recorded histories hold it."""
     return workflow.start_activity(
-        ActivityName.RELEASE_GPU, model, task_queue=node_task_queue(node),
-        start_to_close_timeout=timedelta(seconds=30), schedule_to_close_timeout=NODE_SCHEDULE_TO_CLOSE,
-    )  # fmt: skip
+        ActivityName.RELEASE_GPU,
+        model,
+        task_queue=node_task_queue(node),
+        start_to_close_timeout=timedelta(seconds=30),
+        schedule_to_close_timeout=NODE_SCHEDULE_TO_CLOSE,
+    )

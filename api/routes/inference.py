@@ -47,10 +47,16 @@ def _shape(state: ModelState, data: dict[str, Any]) -> PredictResponse:
     else:
         output, finish = data.get("output"), None
     return PredictResponse(
-        model=state.name, runtime=state.endpoint.runtime, node=state.endpoint.node,
-        task=state.task, output=output, finish_reason=finish, usage=usage,
-        truncated=data.get("truncated"), warning=data.get("warning"),
-    )  # fmt: skip
+        model=state.name,
+        runtime=state.endpoint.runtime,
+        node=state.endpoint.node,
+        task=state.task,
+        output=output,
+        finish_reason=finish,
+        usage=usage,
+        truncated=data.get("truncated"),
+        warning=data.get("warning"),
+    )
 
 
 @router.post("/predict/{model}", response_model=PredictResponse)

@@ -89,8 +89,9 @@ def _read_token(token: str, phase: str | None) -> bytes:
     except (ValueError, KeyError, TypeError, UnicodeError):
         raise BadRequest("page_token is not a next_page_token this API handed out", param="page_token") from None
     if fields.get("p") != phase:
-        raise BadRequest(f"page_token belongs to a listing with phase={fields.get('p')!r}; pass the same phase",
-                         param="page_token")  # fmt: skip
+        raise BadRequest(
+            f"page_token belongs to a listing with phase={fields.get('p')!r}; pass the same phase", param="page_token"
+        )
     return raw
 
 

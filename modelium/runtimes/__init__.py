@@ -48,23 +48,31 @@ class RuntimeFacts:
 # others are the usual figures for their servers and are corrected by measured profiles.
 RUNTIMES: dict[str, RuntimeFacts] = {
     EMBEDDED: RuntimeFacts(
-        EMBEDDED, RuntimeProfile(overhead_bytes=400 * MIB, weight_slack=0.2, concurrent_sequences=1),
-        enabled=lambda s: True, load_timeout_seconds=lambda s: s.runtimes.embedded.load_timeout_seconds,
+        EMBEDDED,
+        RuntimeProfile(overhead_bytes=400 * MIB, weight_slack=0.2, concurrent_sequences=1),
+        enabled=lambda s: True,
+        load_timeout_seconds=lambda s: s.runtimes.embedded.load_timeout_seconds,
     ),
     VLLM: RuntimeFacts(
-        VLLM, RuntimeProfile(overhead_bytes=1536 * MIB, weight_slack=0.05, concurrent_sequences=16),
-        enabled=lambda s: s.vllm.enabled, load_timeout_seconds=lambda s: s.vllm.load_timeout_seconds,
+        VLLM,
+        RuntimeProfile(overhead_bytes=1536 * MIB, weight_slack=0.05, concurrent_sequences=16),
+        enabled=lambda s: s.vllm.enabled,
+        load_timeout_seconds=lambda s: s.vllm.load_timeout_seconds,
         splits_models=True,
     ),
     TRITON: RuntimeFacts(
-        TRITON, RuntimeProfile(overhead_bytes=300 * MIB, weight_slack=0.1, concurrent_sequences=4),
-        enabled=lambda s: s.triton.enabled, load_timeout_seconds=lambda s: None,
+        TRITON,
+        RuntimeProfile(overhead_bytes=300 * MIB, weight_slack=0.1, concurrent_sequences=4),
+        enabled=lambda s: s.triton.enabled,
+        load_timeout_seconds=lambda s: None,
     ),
     RAY_SERVE: RuntimeFacts(
-        RAY_SERVE, RuntimeProfile(overhead_bytes=600 * MIB, weight_slack=0.2, concurrent_sequences=1),
-        enabled=lambda s: s.ray_serve.enabled, load_timeout_seconds=lambda s: s.ray_serve.load_timeout_seconds,
+        RAY_SERVE,
+        RuntimeProfile(overhead_bytes=600 * MIB, weight_slack=0.2, concurrent_sequences=1),
+        enabled=lambda s: s.ray_serve.enabled,
+        load_timeout_seconds=lambda s: s.ray_serve.load_timeout_seconds,
     ),
-}  # fmt: skip
+}
 
 # Runtimes that split a model over several GPUs.
 TENSOR_PARALLEL = frozenset(name for name, facts in RUNTIMES.items() if facts.splits_models)

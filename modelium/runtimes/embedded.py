@@ -35,8 +35,14 @@ class EmbeddedRuntimeAdapter(ProcessRuntime):
         advertise: str | None = None,
     ) -> None:
         self._config = config or EmbeddedConfig()
-        super().__init__(node, log_dir, host=host, advertise=advertise,
-                         load_timeout_seconds=self._config.load_timeout_seconds, state_dir=state_dir)  # fmt: skip
+        super().__init__(
+            node,
+            log_dir,
+            host=host,
+            advertise=advertise,
+            load_timeout_seconds=self._config.load_timeout_seconds,
+            state_dir=state_dir,
+        )
         self._python = python
 
     def _device(self, booked: str) -> str:
@@ -45,14 +51,22 @@ class EmbeddedRuntimeAdapter(ProcessRuntime):
 
     def argv(self, request: LoadRequest, port: int) -> list[str]:
         argv = [
-            self._python, "-m", "modelium.runtimes.embedded_server",
-            "--model-dir", request.path,
-            "--name", request.model,
-            "--task", request.task,
-            "--host", self._host,
-            "--port", str(port),
-            "--device", self._device(request.booking.device),
-        ]  # fmt: skip
+            self._python,
+            "-m",
+            "modelium.runtimes.embedded_server",
+            "--model-dir",
+            request.path,
+            "--name",
+            request.model,
+            "--task",
+            request.task,
+            "--host",
+            self._host,
+            "--port",
+            str(port),
+            "--device",
+            self._device(request.booking.device),
+        ]
         if self._config.cpu_threads:
             argv += ["--threads", str(self._config.cpu_threads)]
         return argv

@@ -245,8 +245,13 @@ class Server:
             result: dict[str, Any] = {}
 
             def chunk(text: str, finish: str | None) -> dict[str, Any]:
-                return {"id": ident, "object": "text_completion", "created": created, "model": self.m.name,
-                        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}  # fmt: skip
+                return {
+                    "id": ident,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": self.m.name,
+                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+                }
 
             return _sse(self.stream(gen, result), chunk, result, body)
         results = [await run_in_threadpool(self.generate, p, body) for p in prompts]
@@ -259,7 +264,7 @@ class Server:
                 "choices": [
                     {"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
                     for i, r in enumerate(results)
-                ],  # fmt: skip
+                ],
                 "usage": _usage(results),
             }
         )
@@ -295,8 +300,13 @@ class Server:
                 if first:
                     delta["role"], first = "assistant", False
                 choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-                return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": self.m.name,
-                        "choices": [choice]}  # fmt: skip
+                return {
+                    "id": ident,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": self.m.name,
+                    "choices": [choice],
+                }
 
             return _sse(self.stream(gen, result), chunk, result, body)
         done = await run_in_threadpool(self.generate, prompt, body)
@@ -321,8 +331,11 @@ class Server:
     def input_limit(self) -> int | None:
         """Tokens one input may have: the tokenizer's limit when it has a real one, and never past
         the model's positions (a tokenizer saved without model_max_length reports no limit)."""
-        limits = [n for n in (getattr(self.m.tokenizer, "model_max_length", None), self.m.context_length)
-                  if isinstance(n, int) and 0 < n < _NO_LIMIT]  # fmt: skip
+        limits = [
+            n
+            for n in (getattr(self.m.tokenizer, "model_max_length", None), self.m.context_length)
+            if isinstance(n, int) and 0 < n < _NO_LIMIT
+        ]
         return min(limits) if limits else None
 
     def infer(self, texts: list[str]) -> tuple[list[Any], int, int | None]:
@@ -382,7 +395,7 @@ class Server:
             {
                 "object": "list",
                 "data": [{"id": self.m.name, "object": "model", "created": self.m.created, "owned_by": "modelium"}],
-            }  # fmt: skip
+            }
         )
 
     def app(self) -> Starlette:
@@ -463,8 +476,9 @@ def _sse(
                 yield _event(chunk(piece, None))
         except Exception as exc:  # the status line is sent already: report it in the stream
             log.exception("generation failed mid-stream")
-            yield _event({"error": {"message": f"generation failed: {exc}", "type": "server_error",
-                                    "param": None, "code": None}})  # fmt: skip
+            yield _event(
+                {"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None, "code": None}}
+            )
             return
         finally:
             await pieces.aclose()  # type: ignore[attr-defined]
@@ -484,8 +498,7 @@ def _event(data: dict[str, Any]) -> bytes:
 def _usage(results: list[dict[str, Any]]) -> dict[str, int]:
     prompt = sum(r["prompt_tokens"] for r in results)
     completion = sum(r["completion_tokens"] for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}  # fmt: skip
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 async def _json(request: Request) -> dict[str, Any]:
@@ -517,13 +530,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)  # fmt: skip
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     server = Server(load(args.model_dir, args.name, args.task, args.device))
-    uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning",
-                access_log=False)  # fmt: skip
+    uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

@@ -114,10 +114,12 @@ class ProcessRuntime(ABC):
             try:
                 proc.start()
             except OSError as exc:
-                raise RuntimeStartError(f"{self.name} could not be started ({proc.argv[0]}): {exc}",
-                                        retryable=False) from None  # fmt: skip
-            endpoint = Endpoint(f"http://{self._advertise}:{port}", self.protocol(request), self.name, self._node,
-                                proc.pid)  # fmt: skip
+                raise RuntimeStartError(
+                    f"{self.name} could not be started ({proc.argv[0]}): {exc}", retryable=False
+                ) from None
+            endpoint = Endpoint(
+                f"http://{self._advertise}:{port}", self.protocol(request), self.name, self._node, proc.pid
+            )
             # Recorded before it is healthy: a node agent killed while this model loads must not
             # leave it behind.
             self._procs[request.model] = (proc, endpoint)
@@ -172,8 +174,12 @@ class ProcessRuntime(ABC):
                 else:
                     self._procs[model] = (proc, record.endpoint)
                     adopted.append(model)
-                    log.info("adopted %s at %s (pid %s), left running by an earlier node agent",
-                             model, record.endpoint.url, record.pid)  # fmt: skip
+                    log.info(
+                        "adopted %s at %s (pid %s), left running by an earlier node agent",
+                        model,
+                        record.endpoint.url,
+                        record.pid,
+                    )
                     continue
             self._records.remove(model)
         return adopted

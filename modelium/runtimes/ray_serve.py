@@ -52,8 +52,14 @@ class RayServeRuntimeAdapter:
         self._advertise = advertise or host
         # Where this node itself reaches the local cluster (never the wildcard address).
         self._local = loopback_for(host)
-        self._head = SharedServer(_HEAD, RuntimeRecords(state_dir / "records"), log_dir / "ray-head.log", NAME, node,
-                                  EndpointProtocol.MODELIUM_JSON)  # fmt: skip
+        self._head = SharedServer(
+            _HEAD,
+            RuntimeRecords(state_dir / "records"),
+            log_dir / "ray-head.log",
+            NAME,
+            node,
+            EndpointProtocol.MODELIUM_JSON,
+        )
         self._dashboard: str | None = config.address.rstrip("/") if config.address else None
         self._apps: dict[str, dict[str, Any]] = {}
         self._endpoints: dict[str, Endpoint] = {}
@@ -76,19 +82,28 @@ class RayServeRuntimeAdapter:
             raise RuntimeStartError(f"the Ray dashboard at ray_serve.address {self._config.address} does not answer")
         ray = Path(sys.executable).parent / "ray"
         if not ray.is_file():
-            raise RuntimeStartError("Ray is not installed here: pip install 'ray[serve]', or set ray_serve.address",
-                                    retryable=False)  # fmt: skip
+            raise RuntimeStartError(
+                "Ray is not installed here: pip install 'ray[serve]', or set ray_serve.address", retryable=False
+            )
         gcs, dashboard = free_port(self._host), free_port(self._host)
         argv = [
-            str(ray), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-            f"--dashboard-host={self._host}", f"--node-ip-address={self._local}", "--disable-usage-stats",
-        ]  # fmt: skip
+            str(ray),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            f"--dashboard-host={self._host}",
+            f"--node-ip-address={self._local}",
+            "--disable-usage-stats",
+        ]
         if self._config.num_cpus is not None:
             argv.append(f"--num-cpus={self._config.num_cpus}")
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         url = f"http://{self._local}:{dashboard}"
-        await self._head.start(argv, url, f"{url}/api/serve/applications/", self._config.start_timeout_seconds,
-                               progress, env=env)  # fmt: skip
+        await self._head.start(
+            argv, url, f"{url}/api/serve/applications/", self._config.start_timeout_seconds, progress, env=env
+        )
         self._dashboard = url
 
     async def _declare(self) -> None:
@@ -131,9 +146,10 @@ class RayServeRuntimeAdapter:
                 "route_prefix": f"/{request.model}",
                 "import_path": IMPORT_PATH,
                 "args": {"model_dir": str(Path(request.path).resolve()), "task": request.task, "name": request.model},
-                "deployments": [{"name": "ModeliumModel", "num_replicas": 1,
-                                 "ray_actor_options": {"num_cpus": 1, "num_gpus": gpus}}],
-            }  # fmt: skip
+                "deployments": [
+                    {"name": "ModeliumModel", "num_replicas": 1, "ray_actor_options": {"num_cpus": 1, "num_gpus": gpus}}
+                ],
+            }
             try:
                 await self._declare()
                 await self._wait_status(request.model, progress)
@@ -155,8 +171,9 @@ class RayServeRuntimeAdapter:
             if status == "RUNNING":
                 return
             if status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                raise RuntimeStartError(f"Ray Serve could not deploy {model}: {app.get('message', status)}",
-                                        retryable=False)  # fmt: skip
+                raise RuntimeStartError(
+                    f"Ray Serve could not deploy {model}: {app.get('message', status)}", retryable=False
+                )
             if loop.time() > deadline:
                 limit = self._config.load_timeout_seconds
                 raise RuntimeStartError(f"{model} not running on Ray Serve after {limit:g}s (status {status})")

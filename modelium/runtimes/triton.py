@@ -209,8 +209,14 @@ class TritonRuntimeAdapter:
         self._advertise = advertise or host
         # Where this node itself reaches the started server (never the wildcard address).
         self._local = loopback_for(host)
-        self._server = SharedServer(_SERVER, RuntimeRecords(state_dir / "records"), log_dir / "tritonserver.log",
-                                    NAME, node, EndpointProtocol.KSERVE_V2)  # fmt: skip
+        self._server = SharedServer(
+            _SERVER,
+            RuntimeRecords(state_dir / "records"),
+            log_dir / "tritonserver.log",
+            NAME,
+            node,
+            EndpointProtocol.KSERVE_V2,
+        )
         self._url: str | None = config.url.rstrip("/") if config.url else None
         self._models: dict[str, Endpoint] = {}
         self._lock = asyncio.Lock()
@@ -249,10 +255,15 @@ class TritonRuntimeAdapter:
         self._repository.mkdir(parents=True, exist_ok=True)
         http_port = self._config.http_port or free_port(self._host)
         argv = [
-            str(binary), f"--model-repository={self._repository}", "--model-control-mode=explicit",
-            f"--http-address={self._host}", f"--http-port={http_port}", "--allow-grpc=false",
-            "--allow-metrics=false", "--log-verbose=0",
-        ]  # fmt: skip
+            str(binary),
+            f"--model-repository={self._repository}",
+            "--model-control-mode=explicit",
+            f"--http-address={self._host}",
+            f"--http-port={http_port}",
+            "--allow-grpc=false",
+            "--allow-metrics=false",
+            "--log-verbose=0",
+        ]
         backends = prepare_backends(binary)
         if backends is not None:
             argv.append(f"--backend-directory={backends}")
@@ -286,8 +297,9 @@ class TritonRuntimeAdapter:
             except RuntimeStartError:
                 raise
             except Exception as exc:  # tritonclient raises InferenceServerException with Triton's words
-                raise RuntimeStartError(f"Triton could not load {request.model}: {_message(exc)}",
-                                        retryable=False) from None  # fmt: skip
+                raise RuntimeStartError(
+                    f"Triton could not load {request.model}: {_message(exc)}", retryable=False
+                ) from None
             finally:
                 await client.close()
             assert self._url is not None
@@ -342,8 +354,9 @@ class TritonRuntimeAdapter:
         for item in index:
             name = item.get("name")
             if name and (self._repository / name).is_dir():
-                self._models[name] = Endpoint(self._public_url(), EndpointProtocol.KSERVE_V2, NAME, self._node,
-                                              self._server.pid)  # fmt: skip
+                self._models[name] = Endpoint(
+                    self._public_url(), EndpointProtocol.KSERVE_V2, NAME, self._node, self._server.pid
+                )
                 adopted.append(name)
         return adopted
 

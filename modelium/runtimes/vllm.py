@@ -43,8 +43,14 @@ class VllmRuntimeAdapter(ProcessRuntime):
         memory_freed_timeout: float = 60.0,
         advertise: str | None = None,
     ) -> None:
-        super().__init__(node, log_dir, host=config.host, advertise=advertise,
-                         load_timeout_seconds=config.load_timeout_seconds, state_dir=state_dir)  # fmt: skip
+        super().__init__(
+            node,
+            log_dir,
+            host=config.host,
+            advertise=advertise,
+            load_timeout_seconds=config.load_timeout_seconds,
+            state_dir=state_dir,
+        )
         self._config = config
         self._capacities = dict(capacities)
         self._gpu = gpu
@@ -57,31 +63,39 @@ class VllmRuntimeAdapter(ProcessRuntime):
         if share <= 0:
             raise RuntimeStartError(
                 f"a booking of {booked_bytes / 2**20:.0f} MiB is under 0.1% of a {total_bytes / 2**30:.0f} GiB GPU; "
-                "vLLM's --gpu-memory-utilization must be above 0", retryable=False,
-            )  # fmt: skip
+                "vLLM's --gpu-memory-utilization must be above 0",
+                retryable=False,
+            )
         return min(share, 0.98)
 
     def argv(self, request: LoadRequest, port: int) -> list[str]:
         booking = request.booking
         devices = booking.all_devices
         if not all(d.startswith("cuda:") for d in devices):
-            raise RuntimeStartError(f"vLLM runs on GPUs; {request.model} was booked on {', '.join(devices)}",
-                                    retryable=False)  # fmt: skip
+            raise RuntimeStartError(
+                f"vLLM runs on GPUs; {request.model} was booked on {', '.join(devices)}", retryable=False
+            )
         totals = [self._capacities.get(d) for d in devices]
         if any(t is None for t in totals):
-            raise RuntimeStartError(f"node {self._node} does not know the size of {', '.join(devices)}",
-                                    retryable=False)  # fmt: skip
+            raise RuntimeStartError(
+                f"node {self._node} does not know the size of {', '.join(devices)}", retryable=False
+            )
         utilization = min(self.gpu_memory_utilization(booking.bytes, t) for t in totals if t)
         fill = {"model_dir": request.path, "name": request.model}
         return [
             *(part.format(**fill) for part in self._config.command),
-            "--served-model-name", request.model,
-            "--host", self._host,
-            "--port", str(port),
-            "--tensor-parallel-size", str(len(devices)),
-            "--gpu-memory-utilization", f"{utilization:g}",
+            "--served-model-name",
+            request.model,
+            "--host",
+            self._host,
+            "--port",
+            str(port),
+            "--tensor-parallel-size",
+            str(len(devices)),
+            "--gpu-memory-utilization",
+            f"{utilization:g}",
             *(part.format(**fill) for part in self._config.extra_args),
-        ]  # fmt: skip
+        ]
 
     def env(self, request: LoadRequest) -> dict[str, str]:
         return {"CUDA_VISIBLE_DEVICES": ",".join(d.split(":", 1)[1] for d in request.booking.all_devices)}

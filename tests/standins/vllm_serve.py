@@ -29,12 +29,35 @@ def main(argv: list[str]) -> None:
     record = os.environ.get("MODELIUM_STANDIN_RECORD")
     if record:
         with open(record, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"argv": argv, "extra": extra, "pid": os.getpid(),
-                                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n")  # fmt: skip
-    embedded_server.main([
-        "--model-dir", args.model, "--name", args.served_model_name, "--task", "text-generation",
-        "--host", args.host, "--port", str(args.port), "--device", "cpu", "--threads", "1",
-    ])  # fmt: skip
+            fh.write(
+                json.dumps(
+                    {
+                        "argv": argv,
+                        "extra": extra,
+                        "pid": os.getpid(),
+                        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                    }
+                )
+                + "\n"
+            )
+    embedded_server.main(
+        [
+            "--model-dir",
+            args.model,
+            "--name",
+            args.served_model_name,
+            "--task",
+            "text-generation",
+            "--host",
+            args.host,
+            "--port",
+            str(args.port),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ]
+    )
 
 
 if __name__ == "__main__":
