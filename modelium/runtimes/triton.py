@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import logging
 import re
 import shutil
@@ -109,49 +110,24 @@ def prologue() -> str:
     return f"{_PROLOGUE_MARK}\nimport sys as _s; _s.path[:0] = [p for p in {_site_packages()!r} if p not in _s.path]\n"
 
 
-def _python_model(model_dir: str, task: str, device: str) -> str:
-    index = int(device.split(":", 1)[1]) if device.startswith("cuda:") else -1
-    return (
-        prologue()
-        + f"""
-import json
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-MODEL_DIR = {model_dir!r}
-TASK = {str(task)!r}
+# The Python-backend model for HuggingFace directories: a real module, linted and type-checked.
+_PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        from transformers import pipeline
-
-        self.pipe = pipeline(TASK, model=MODEL_DIR, device={index})
-
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            raw = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
-            texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in raw]
-            results = self.pipe(texts)
-            if hasattr(results, "tolist"):
-                results = results.tolist()
-            out = np.array([json.dumps(r) for r in results], dtype=object)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", out)]))
-        return responses
-"""
+def _python_config(name: str, model_dir: str, task: str, device: str) -> str:
+    index = device.split(":", 1)[1] if device.startswith("cuda:") else None
+    kind = f"kind: KIND_GPU, gpus: [{index}]" if index is not None else "kind: KIND_CPU"
+    params = {"model_dir": model_dir, "task": str(task), "device_index": index if index is not None else "-1"}
+    parameters = "\n".join(
+        f"parameters {{ key: {json.dumps(k)} value: {{ string_value: {json.dumps(v)} }} }}" for k, v in params.items()
     )
-
-
-def _python_config(name: str, device: str) -> str:
-    kind = f"kind: KIND_GPU, gpus: [{device.split(':', 1)[1]}]" if device.startswith("cuda:") else "kind: KIND_CPU"
     return f'''name: "{name}"
 backend: "python"
 max_batch_size: 0
 input [ {{ name: "TEXT", data_type: TYPE_STRING, dims: [ -1 ] }} ]
 output [ {{ name: "OUTPUT", data_type: TYPE_STRING, dims: [ -1 ] }} ]
 instance_group [ {{ count: 1, {kind} }} ]
+{parameters}
 '''
 
 
@@ -182,8 +158,8 @@ def write_entry(repository: Path, request: LoadRequest, fmt: str) -> Path:
         (entry / "config.pbtxt").write_text(f'name: "{request.model}"\nbackend: "onnxruntime"\nmax_batch_size: 0\n')
     else:
         (entry / "1").mkdir(parents=True)
-        (entry / "1" / "model.py").write_text(_python_model(str(source.resolve()), request.task, device))
-        (entry / "config.pbtxt").write_text(_python_config(request.model, device))
+        (entry / "1" / "model.py").write_text(prologue() + _PYTHON_MODEL.read_text(encoding="utf-8"))
+        (entry / "config.pbtxt").write_text(_python_config(request.model, str(source.resolve()), request.task, device))
     return entry
 
 
