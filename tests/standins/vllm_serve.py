@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from modelium.runtimes import embedded_server
+from modelium.runtimes.embedded_server import serve as embedded_server
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,3 @@
+from modelium.runtimes.embedded_server.serve import main
+
+main()
