@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from modelium.analyzer.common import ModelDirectoryError
 from modelium.config import ModelSettings
-from modelium.formats import ModelDirectoryError
 from modelium.types import ModelOverrides
 
 MODEL_SETTINGS_FILE = "modelium.yaml"

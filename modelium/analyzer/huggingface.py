@@ -1,9 +1,5 @@
-"""Reads a model directory and says what it is, without loading its weights.
-
-Only metadata is read: config.json, safetensors headers (their first few KB), the tokenizer files'
-presence. A directory that cannot be served raises `ModelDirectoryError` with a reason a user can
-act on.
-"""
+"""A HuggingFace checkout: config.json, safetensors headers (exact parameter count and dtype),
+tokenizer, chat template, model card, quantization; the task from transformers' own tables."""
 
 from __future__ import annotations
 
@@ -22,13 +18,7 @@ from typing import Any
 import yaml
 
 from modelium import memory
-from modelium.formats import (
-    ModelDirectoryError,
-    gguf_quantization,
-    read_gguf_header,
-    read_onnx_info,
-    read_triton_entry,
-)
+from modelium.analyzer.common import ModelDirectoryError, card_str, read_json
 from modelium.types import Modality, ModelAnalysis, ModelFormat, Task
 
 log = logging.getLogger(__name__)
@@ -40,10 +30,6 @@ _DTYPE_BYTES = {
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "feature_extractor_config.json")
 _TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-# What the gateway lets one request use: the KV cache is sized for at most this many tokens.
-DEFAULT_MAX_CONTEXT_TOKENS = 4096
-# Files that mean a copy or download is still in progress.
-PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".incomplete", ".crdownload", ".lock")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -120,7 +106,7 @@ def _tables() -> dict[str, Any]:
     except (OSError, ValueError):
         pass
     done = subprocess.run(
-        [sys.executable, "-m", "modelium.analyzer", "--dump-transformers-tables"],
+        [sys.executable, "-m", "modelium.analyzer.huggingface", "--dump-transformers-tables"],
         capture_output=True,
         text=True,
         check=False,
@@ -152,18 +138,6 @@ def warm_up() -> None:
     """Load transformers' architecture tables now rather than on the first model."""
     _known_architectures()
     _known_model_types()
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelDirectoryError(
-            f"{path.name} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
-            "the copy may be incomplete"
-        ) from None
-    except UnicodeDecodeError:
-        raise ModelDirectoryError(f"{path.name} is not UTF-8 text") from None
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -198,7 +172,7 @@ def _weights(directory: Path) -> tuple[list[Path], int | None, str | None]:
     """Weight files, exact parameter count (safetensors only) and the dominant dtype."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelDirectoryError(f"{index.name} has no weight_map")
         shards = sorted({directory / name for name in weight_map.values()})
@@ -237,35 +211,8 @@ def _task_for(architecture: str) -> Task | None:
     return None
 
 
-def analyze_directory(
-    path: str | Path, name: str, *, max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS
-) -> ModelAnalysis:
-    """What the directory holds: a HuggingFace checkout, a Triton repository entry, a GGUF file or
-    an ONNX model. An unknown layout is reported, not guessed."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise ModelDirectoryError(f"{directory} is not a directory (or it was removed)")
-    partial = [p.name for p in directory.rglob("*") if p.name.endswith(PARTIAL_SUFFIXES)]
-    if partial:
-        raise ModelDirectoryError(f"a copy is still in progress: {', '.join(partial[:5])}")
-    if (directory / "config.pbtxt").is_file():
-        return _analyze_triton(directory, name)
-    if not (directory / "config.json").is_file():
-        ggufs = sorted(directory.glob("*.gguf"))
-        if ggufs:
-            return _analyze_gguf(directory, name, ggufs, max_context_tokens)
-        onnx = sorted(directory.glob("*.onnx")) or sorted(directory.glob("onnx/*.onnx"))
-        if onnx:
-            return _analyze_onnx(directory, name, onnx)
-        raise ModelDirectoryError(
-            "no config.json: this is not a HuggingFace model directory, and it holds no *.gguf, "
-            "*.onnx or Triton config.pbtxt either"
-        )
-    return _analyze_huggingface(directory, name, max_context_tokens)
-
-
-def _analyze_huggingface(directory: Path, name: str, max_context_tokens: int) -> ModelAnalysis:
-    config = _read_json(directory / "config.json")
+def analyze_huggingface(directory: Path, name: str, max_context_tokens: int) -> ModelAnalysis:
+    config = read_json(directory / "config.json")
     if not isinstance(config, dict):
         raise ModelDirectoryError("config.json must hold a JSON object")
     model_type = config.get("model_type")
@@ -332,9 +279,9 @@ def _analyze_huggingface(directory: Path, name: str, max_context_tokens: int) ->
         quantization=quantization,
         kv_bytes_per_token=kv.bytes_per_token() if kv else None,
         memory_estimates=estimates,
-        license=_card_str(card.get("license")),
-        pipeline_tag=_card_str(card.get("pipeline_tag")),
-        base_model=_card_str(card.get("base_model")),
+        license=card_str(card.get("license")),
+        pipeline_tag=card_str(card.get("pipeline_tag")),
+        base_model=card_str(card.get("base_model")),
         details=details,
     )
 
@@ -421,136 +368,9 @@ def _model_card(directory: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _card_str(value: Any) -> str | None:
-    if isinstance(value, list):
-        value = ", ".join(str(v) for v in value)
-    return str(value) if value not in (None, "") else None
-
-
-def _analyze_gguf(directory: Path, name: str, files: list[Path], max_context_tokens: int) -> ModelAnalysis:
-    if len(files) > 1:
-        raise ModelDirectoryError(
-            f"{len(files)} GGUF files here ({', '.join(f.name for f in files[:4])}); put one model per directory"
-        )
-    header = read_gguf_header(files[0])
-    meta = header.metadata
-    arch = str(meta.get("general.architecture") or "unknown")
-
-    def arch_int(key: str) -> int | None:
-        value = meta.get(f"{arch}.{key}")
-        return value if isinstance(value, int) and value > 0 else None
-
-    context = arch_int("context_length")
-    heads = arch_int("attention.head_count")
-    layers = arch_int("block_count")
-    width = arch_int("embedding_length")
-    kv = None
-    if layers and heads and width:
-        kv = memory.KvShape(layers, arch_int("attention.head_count_kv") or heads, width // heads, 2)
-    weight_bytes = files[0].stat().st_size
-    estimates = {
-        runtime: memory.estimate(weight_bytes, kv, context, runtime, max_context_tokens=max_context_tokens)
-        for runtime in memory.PROFILES
-    }
-    return ModelAnalysis(
-        name=name,
-        path=str(directory.resolve()),
-        format=ModelFormat.GGUF,
-        architecture=arch,
-        model_type=arch,
-        task=Task.TEXT_GENERATION,
-        modality=Modality.TEXT,
-        weight_files=[files[0].name],
-        weight_bytes=weight_bytes,
-        parameter_count=header.parameter_count,
-        dtype=None,
-        has_tokenizer="tokenizer.ggml.tokens" in meta,
-        context_length=context,
-        memory_estimate_bytes=estimates["embedded"],
-        has_chat_template="tokenizer.chat_template" in meta,
-        quantization=gguf_quantization(meta),
-        kv_bytes_per_token=kv.bytes_per_token() if kv else None,
-        memory_estimates=estimates,
-        license=_card_str(meta.get("general.license")),
-        details={
-            "gguf_version": str(header.version),
-            "tensors": str(header.tensor_count),
-            "model_name": str(meta.get("general.name", "")),
-        },
-    )
-
-
-def _analyze_onnx(directory: Path, name: str, files: list[Path]) -> ModelAnalysis:
-    if len(files) > 1:
-        raise ModelDirectoryError(
-            f"{len(files)} ONNX files here ({', '.join(f.name for f in files[:4])}); put one model per "
-            "directory, or make it a Triton repository entry (config.pbtxt)"
-        )
-    info = read_onnx_info(files[0])
-    # Weights may sit beside the graph as external data files.
-    weight_bytes = sum(p.stat().st_size for p in files[0].parent.iterdir() if p.is_file())
-    return _custom(
-        directory,
-        name,
-        ModelFormat.ONNX,
-        "onnx",
-        files[0].name,
-        weight_bytes,
-        {
-            "inputs": ", ".join(info.inputs),
-            "outputs": ", ".join(info.outputs),
-            "opset": str(info.opset),
-            "producer": info.producer or "",
-            "ir_version": str(info.ir_version),
-        },
-    )
-
-
-def _analyze_triton(directory: Path, name: str) -> ModelAnalysis:
-    entry = read_triton_entry(directory)
-    kind = entry.platform or entry.backend or "ensemble"
-    return _custom(
-        directory,
-        name,
-        ModelFormat.TRITON,
-        kind,
-        "config.pbtxt",
-        entry.weight_bytes,
-        {
-            "platform": entry.platform or "",
-            "backend": entry.backend or "",
-            "versions": ", ".join(entry.versions),
-            "max_batch_size": str(entry.max_batch_size),
-            "triton_name": entry.name or "",
-        },
-    )
-
-
-def _custom(
-    directory: Path, name: str, fmt: ModelFormat, kind: str, main_file: str, weight_bytes: int, details: dict[str, str]
-) -> ModelAnalysis:
-    estimates = {
-        runtime: int(weight_bytes * (1 + p.weight_slack)) + p.overhead_bytes for runtime, p in memory.PROFILES.items()
-    }
-    return ModelAnalysis(
-        name=name,
-        path=str(directory.resolve()),
-        format=fmt,
-        architecture=kind,
-        model_type=fmt,
-        task=Task.CUSTOM,
-        modality=Modality.UNKNOWN,
-        weight_files=[main_file],
-        weight_bytes=weight_bytes,
-        memory_estimate_bytes=estimates["embedded"],
-        memory_estimates=estimates,
-        details=details,
-    )
-
-
 if __name__ == "__main__":
     if sys.argv[1:] == ["--dump-transformers-tables"]:
         print(json.dumps(_tables_from_transformers()))
     else:
-        print("usage: python -m modelium.analyzer --dump-transformers-tables", file=sys.stderr)
+        print("usage: python -m modelium.analyzer.huggingface --dump-transformers-tables", file=sys.stderr)
         sys.exit(2)
