@@ -33,21 +33,6 @@ _TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-# Most specific first: an architecture listed under several tasks takes the first.
-_TASK_MAPPINGS = (
-    (Task.TEXT_GENERATION, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
-    (Task.TEXT2TEXT_GENERATION, "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
-    (Task.AUTOMATIC_SPEECH_RECOGNITION, "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES"),
-    (Task.AUTOMATIC_SPEECH_RECOGNITION, "MODEL_FOR_CTC_MAPPING_NAMES"),
-    (Task.AUDIO_CLASSIFICATION, "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES"),
-    (Task.IMAGE_TEXT_TO_TEXT, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),
-    (Task.ZERO_SHOT_IMAGE_CLASSIFICATION, "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
-    (Task.IMAGE_CLASSIFICATION, "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
-    (Task.TEXT_CLASSIFICATION, "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
-    (Task.TOKEN_CLASSIFICATION, "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
-    (Task.FILL_MASK, "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
-    (Task.FEATURE_EXTRACTION, "MODEL_MAPPING_NAMES"),
-)
 TABLES_SCHEMA = 2
 
 # Keyed by task name (a `Task`, or a name read from the cached transformers tables).
@@ -73,20 +58,6 @@ GENERATIVE = {
 }
 
 
-def _tables_from_transformers() -> dict[str, Any]:
-    """Architecture class name -> task, and the known model types, from transformers' own auto
-    mappings. Importing them pulls in torch (seconds), so this runs in a child process."""
-    from transformers.models.auto import modeling_auto as auto
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    known: dict[str, str] = {}
-    for task, mapping_name in _TASK_MAPPINGS:
-        for names in getattr(auto, mapping_name, {}).values():
-            for name in names if isinstance(names, tuple | list) else (names,):
-                known.setdefault(name, task)
-    return {"architectures": known, "model_types": sorted(CONFIG_MAPPING_NAMES)}
-
-
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "modelium"
@@ -106,7 +77,7 @@ def _tables() -> dict[str, Any]:
     except (OSError, ValueError):
         pass
     done = subprocess.run(
-        [sys.executable, "-m", "modelium.analyzer.huggingface", "--dump-transformers-tables"],
+        [sys.executable, "-m", "modelium.analyzer.transformers_tables"],
         capture_output=True,
         text=True,
         check=False,
@@ -366,11 +337,3 @@ def _model_card(directory: Path) -> dict[str, Any]:
         log.info("README.md of %s has front matter that is not valid YAML; ignored", directory.name)
         return {}
     return data if isinstance(data, dict) else {}
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--dump-transformers-tables"]:
-        print(json.dumps(_tables_from_transformers()))
-    else:
-        print("usage: python -m modelium.analyzer.huggingface --dump-transformers-tables", file=sys.stderr)
-        sys.exit(2)
