@@ -46,8 +46,12 @@ class EmbeddedRuntimeAdapter(ProcessRuntime):
         self._python = python
 
     def _device(self, booked: str) -> str:
+        """The device as the runtime process names it. A booked GPU is the only one the process
+        sees (CUDA_VISIBLE_DEVICES, see `env`), so inside it is always cuda:0."""
         configured = self._config.device
-        return booked if configured == "auto" else configured
+        if configured != "auto":
+            return configured
+        return "cuda:0" if booked.startswith("cuda:") else booked
 
     def argv(self, request: LoadRequest, port: int) -> list[str]:
         argv = [
@@ -72,7 +76,7 @@ class EmbeddedRuntimeAdapter(ProcessRuntime):
         return argv
 
     def env(self, request: LoadRequest) -> dict[str, str]:
-        if request.booking.device.startswith("cuda:"):
+        if self._config.device == "auto" and request.booking.device.startswith("cuda:"):
             return {"CUDA_VISIBLE_DEVICES": request.booking.device.split(":", 1)[1]}
         return {}
 
