@@ -4,7 +4,7 @@ The workflows call these instead of `workflow.execute_activity(ActivityName.X, .
 a payload of the wrong type is a mypy error at the call, and the task queue, timeouts and retry
 policy of a step are set once. The payloads only activities take live here too (those that the
 runtime adapters also use, `LoadRequest` and `Endpoint`, stay in `modelium.types`). Names and
-options are those the recorded histories hold (tests/test_replay.py)."""
+options are those the recorded histories hold (tests/workflows/test_replay.py)."""
 
 from __future__ import annotations
 

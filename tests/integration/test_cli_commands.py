@@ -2,7 +2,7 @@
 management commands against a running gateway with keys, through $MODELIUM_URL and
 $MODELIUM_API_KEY (`models`, `unload`, `load --no-wait`, a per-model idle timeout that then
 really unloads the model). `gateway`, `watch`, `worker control` and `worker node` run as
-processes in tests/test_topology.py."""
+processes in tests/integration/test_topology.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from modelium.analyzer import analyze_directory
 from modelium.keys import digest
-from tests.conftest import make_settings, serving_model, unique, wait_phase
+from tests.helpers import make_settings, serving_model, unique, wait_phase
 
 pytestmark = pytest.mark.slow
 

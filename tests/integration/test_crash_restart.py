@@ -14,7 +14,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from modelium.names import workflow_id
 from modelium.runtimes.process import pid_alive
-from tests.conftest import make_settings, serving_model, unique, wait_for, wait_phase
+from tests.helpers import make_settings, serving_model, unique, wait_for, wait_phase
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from modelium.names import workflow_id
 from modelium.runtimes.process import pid_alive
-from tests.conftest import (
+from tests.helpers import (
     copy_model,
     make_settings,
     metric_value,

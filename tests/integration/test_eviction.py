@@ -18,7 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 from modelium.analyzer import analyze_directory
 from modelium.names import workflow_id
 from modelium.types import UnloadKind
-from tests.conftest import copy_model, make_settings, running_modelium, unique
+from tests.helpers import copy_model, make_settings, running_modelium, unique
 from workflows.contracts import ActivityName
 from workflows.steps import UnloadRequest
 

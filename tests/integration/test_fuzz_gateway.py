@@ -16,8 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modelium.runtimes.process import free_port
-from tests.conftest import copy_model
-from tests.test_cli_serve import _children_of_state, _start, _stop, _wait
+from tests.helpers import copy_model, interrupt, processes_of_state, start_serve, wait_while_running
 
 pytestmark = pytest.mark.slow
 
@@ -55,10 +54,10 @@ def test_generated_requests_get_no_5xx_and_one_error_envelope(tmp_path: Path, de
     copy_model(demo_models["text-classification"], tmp_path / "incoming" / "cls")
     log = tmp_path / "serve.log"
     base = f"http://127.0.0.1:{gw}"
-    proc = _start(tmp_path, config, log)
+    proc = start_serve(tmp_path, config, log)
     try:
         for name in MODELS:
-            _wait(
+            wait_while_running(
                 lambda n=name: httpx.get(f"{base}/models/{n}").json().get("phase") == "loaded",
                 120,
                 f"{name} loaded",
@@ -98,6 +97,6 @@ def test_generated_requests_get_no_5xx_and_one_error_envelope(tmp_path: Path, de
         print(f"\n{sent} generated requests over {len(operations)} operations: no 5xx, every error enveloped")
         assert sent >= len(operations) * 10
     finally:
-        code = _stop(proc)
+        code = interrupt(proc)
     assert code == 0, log.read_text()[-3000:]
-    assert _children_of_state(tmp_path) == []
+    assert processes_of_state(tmp_path) == []

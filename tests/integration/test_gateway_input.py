@@ -18,7 +18,7 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from modelium.config import Settings
-from tests.conftest import copy_model, make_settings, metric_value, modelium_http, unique, wait_for, wait_phase
+from tests.helpers import copy_model, make_settings, metric_value, modelium_http, unique, wait_for, wait_phase
 
 pytestmark = pytest.mark.slow
 

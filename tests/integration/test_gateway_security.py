@@ -14,7 +14,7 @@ from temporalio.testing import WorkflowEnvironment
 from api.app import create_app
 from modelium.keys import digest, new_key
 from modelium.names import workflow_id
-from tests.conftest import make_settings, metric_value, serving_model, unique, wait_for
+from tests.helpers import make_settings, metric_value, serving_model, unique, wait_for
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 pytestmark = pytest.mark.slow

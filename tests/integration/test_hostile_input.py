@@ -21,8 +21,16 @@ from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 
 from modelium.names import workflow_id
-from tests.conftest import copy_model, make_settings, modelium_http, serving_model, unique, wait_for, wait_phase
-from tests.test_node_restart import _serving
+from tests.helpers import (
+    copy_model,
+    make_settings,
+    modelium_http,
+    runtime_pids,
+    serving_model,
+    unique,
+    wait_for,
+    wait_phase,
+)
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 pytestmark = pytest.mark.slow
@@ -181,4 +189,4 @@ async def test_folder_deleted_mid_load_cancels_the_load_and_leaves_nothing(
         cancelled += event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED
     # The load was cancelled at once: never retried against the missing folder.
     assert cancelled == 1 and max(starts) == 1, (starts, cancelled)
-    assert _serving(name) == []
+    assert runtime_pids(name) == []

@@ -25,7 +25,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from modelium.names import workflow_id
 from modelium.runtimes.process import free_port
-from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_phase
+from tests.helpers import copy_model, make_settings, running_modelium, unique, wait_phase
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 pytestmark = pytest.mark.slow

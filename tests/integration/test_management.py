@@ -15,7 +15,7 @@ from temporalio.testing import WorkflowEnvironment
 from cli import main as cli
 from modelium.names import workflow_id
 from modelium.types import ModelSource
-from tests.conftest import make_settings, running_modelium, serving_model, unique, wait_for
+from tests.helpers import make_settings, running_modelium, serving_model, unique, wait_for
 from workflows.contracts import LifecycleInput
 from workflows.lifecycle import ModelLifecycleWorkflow
 

@@ -23,7 +23,7 @@ from temporalio.testing import WorkflowEnvironment
 from modelium.analyzer import analyze_directory
 from modelium.names import workflow_id
 from modelium.types import Phase, UnloadKind
-from tests.conftest import copy_model, end_workflows_of, make_settings, running_modelium, unique, wait_for
+from tests.helpers import copy_model, end_workflows_of, make_settings, running_modelium, unique, wait_for
 from workers.control import control_worker
 from workflows.contracts import UPDATED_KEY, ActivityName, EvictCommand
 from workflows.steps import UnloadRequest

@@ -29,9 +29,7 @@ from temporalio.testing import WorkflowEnvironment
 from modelium.names import node_workflow_id, workflow_id
 from modelium.runtimes.process import free_port, pid_alive
 from modelium.types import NodeInventory
-from tests.conftest import copy_model, end_workflows_of, stop_processes, unique
-from tests.test_cli_serve import _wait
-from tests.test_node_restart import _serving
+from tests.helpers import copy_model, end_workflows_of, runtime_pids, stop_processes, unique, wait_while_running
 from workflows.nodes import NodeRegistryWorkflow
 
 pytestmark = pytest.mark.slow
@@ -125,7 +123,9 @@ def test_lost_node_models_are_placed_again_and_requests_held(
     agent_a = parts.start("node-a", "worker", "node", "--node-id", node_a)
     parts.start("watch", "watch")
     base = f"http://127.0.0.1:{parts.gateway_port}"
-    _wait(lambda: httpx.get(f"{base}/ready").status_code == 200, 60, "gateway ready", gateway, parts.log("gateway"))
+    wait_while_running(
+        lambda: httpx.get(f"{base}/ready").status_code == 200, 60, "gateway ready", gateway, parts.log("gateway")
+    )
     names = [unique(f"m{i}") for i in range(4)]
     for name in names:
         copy_model(demo_models["text-generation"], parts.tmp / "incoming" / name)
@@ -133,7 +133,7 @@ def test_lost_node_models_are_placed_again_and_requests_held(
     def infos() -> list[dict[str, object]]:
         return [httpx.get(f"{base}/models/{n}").json() for n in names]
 
-    on_a = _wait(
+    on_a = wait_while_running(
         lambda: (i := infos()) and all(x.get("phase") == "loaded" for x in i) and i,
         180,
         "four models loaded on node a",
@@ -158,7 +158,7 @@ def test_lost_node_models_are_placed_again_and_requests_held(
     assert [r.status_code for r in held] == [200] * 4, [r.text for r in held]
     assert {r.json()["node"] for r in held} == {node_b}
 
-    moved = _wait(
+    moved = wait_while_running(
         lambda: (i := infos()) and all(x.get("phase") == "loaded" and x.get("node") == node_b for x in i) and i,
         120,
         "four models loaded on node b",
@@ -169,7 +169,7 @@ def test_lost_node_models_are_placed_again_and_requests_held(
     print(f"\n4 models re-placed from a lost node in {replaced_in:.1f}s (lost after {LOST_AFTER:g}s of silence)")
     for info in moved:
         assert info["booked_bytes"] and info["load_count"] == 2
-    assert all(_serving(n) for n in names)
+    assert all(runtime_pids(n) for n in names)
     for name in names:
         signals, pending = asyncio.run(_history_and_pending(temporal_env, name))
         assert "node_lost" in signals and pending == [], (signals, pending)
@@ -181,7 +181,7 @@ def test_lost_node_models_are_placed_again_and_requests_held(
     bookings = parts.tmp / "state" / "nodes" / node_a / "bookings.json"
     assert len(json.loads(bookings.read_text())["bookings"]) == 4
     agent_a = parts.start("node-a-again", "worker", "node", "--node-id", node_a)
-    _wait(
+    wait_while_running(
         lambda: json.loads(bookings.read_text())["bookings"] == {},
         60,
         "node a's ledger emptied",
@@ -189,7 +189,7 @@ def test_lost_node_models_are_placed_again_and_requests_held(
         parts.log("node-a-again"),
     )
     for name in names:
-        assert len(_serving(name)) == 1, f"{name} must run once, on node b"
+        assert len(runtime_pids(name)) == 1, f"{name} must run once, on node b"
         info = httpx.get(f"{base}/models/{name}").json()
         assert info["node"] == node_b and info["phase"] == "loaded"
     assert not any(pid_alive(p) for p in runtimes_a)

@@ -19,8 +19,8 @@ from temporalio.testing import WorkflowEnvironment
 
 from modelium.config import Settings
 from modelium.names import node_workflow_id, workflow_id
-from modelium.runtimes.process import pid_alive, process_argv
-from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_for, wait_phase
+from modelium.runtimes.process import pid_alive
+from tests.helpers import copy_model, make_settings, running_modelium, runtime_pids, unique, wait_for, wait_phase
 from workflows.lifecycle import ModelLifecycleWorkflow
 from workflows.nodes import NodeRegistryWorkflow
 
@@ -45,17 +45,6 @@ def _node_config(path: Path, settings: Settings, client_target: str) -> Path:
         )
     )
     return path
-
-
-def _serving(model: str) -> list[int]:
-    """Pids of every live runtime process serving `model` on this machine (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and pid_alive(int(entry.name)):
-            argv = process_argv(int(entry.name)) or []
-            if "modelium.runtimes.embedded_server" in argv and argv[argv.index("--name") + 1] == model:
-                found.append(int(entry.name))
-    return found
 
 
 def _stop(agent: subprocess.Popen[bytes]) -> None:
@@ -163,19 +152,19 @@ async def test_node_agent_sigkill_while_loading_leaves_no_orphan(
                 assert (await http.get(f"/models/{name}")).json()["phase"] == "loading"
                 agent.send_signal(signal.SIGKILL)
                 agent.wait(timeout=30)
-                [orphan_to_be] = _serving(name)
+                [orphan_to_be] = runtime_pids(name)
 
                 agent = _node_agent(config, log)
                 info = await wait_phase(http, name, "loaded", timeout=120)
                 # Exactly one process serves the model: the one adopted or a fresh one, never both.
-                assert _serving(name) == [info["endpoint"]["pid"]], (_serving(name), info)
+                assert runtime_pids(name) == [info["endpoint"]["pid"]], (runtime_pids(name), info)
                 if info["endpoint"]["pid"] != orphan_to_be:
                     assert not pid_alive(orphan_to_be)
                 body = {"model": name, "prompt": "Hi", "max_tokens": 2}
                 assert (await http.post("/v1/completions", json=body)).status_code == 200
     finally:
         _stop(agent)
-        left = _serving(name)
+        left = runtime_pids(name)
         for pid in left:  # a failure above must not leave the runtime behind for later tests
             os.killpg(pid, signal.SIGKILL)
     # The agent's clean stop takes its runtimes with it.

@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from temporalio.testing import WorkflowEnvironment
 
-from tests.conftest import make_settings, serving_model, unique
+from tests.helpers import make_settings, serving_model, unique
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from temporalio.testing import WorkflowEnvironment
 from modelium.config import ModelSettings
 from modelium.names import workflow_id
 from modelium.overrides import read_overrides
-from tests.conftest import copy_model, end_workflows_of, make_settings, running_modelium, unique, wait_for, wait_phase
+from tests.helpers import copy_model, end_workflows_of, make_settings, running_modelium, unique, wait_for, wait_phase
 from workers.serve import serve
 from workflows.lifecycle import ModelLifecycleWorkflow
 

@@ -15,7 +15,7 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from modelium.ledger import Ledger
-from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_for
+from tests.helpers import copy_model, make_settings, running_modelium, unique, wait_for
 
 pytestmark = pytest.mark.slow
 

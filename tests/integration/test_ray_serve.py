@@ -15,7 +15,7 @@ from modelium.config import RayServe
 from modelium.runtimes.process import free_port, pid_alive, process_argv
 from modelium.runtimes.ray_serve import RayServeRuntimeAdapter
 from modelium.types import Booking, LoadRequest, Task
-from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_phase
+from tests.helpers import copy_model, make_settings, running_modelium, unique, wait_phase
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import openai
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from tests.conftest import make_settings, metric_value, serving_model, unique, wait_phase
+from tests.helpers import make_settings, metric_value, serving_model, unique, wait_phase
 
 pytestmark = pytest.mark.slow
 

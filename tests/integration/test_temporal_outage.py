@@ -22,9 +22,20 @@ import pytest
 import yaml
 
 from modelium.runtimes.process import free_port, pid_alive
-from tests.conftest import copy_model, make_settings, metric_value, serving_model, unique, wait_for, wait_phase
-from tests.test_cli_serve import _children_of_state, _start, _stop, _wait
-from tests.test_node_restart import _serving
+from tests.helpers import (
+    copy_model,
+    interrupt,
+    make_settings,
+    metric_value,
+    processes_of_state,
+    runtime_pids,
+    serving_model,
+    start_serve,
+    unique,
+    wait_for,
+    wait_phase,
+    wait_while_running,
+)
 from workers.temporal_server import EmbeddedTemporal
 
 pytestmark = pytest.mark.slow
@@ -131,11 +142,11 @@ def test_serve_restarts_its_temporal_and_survives_its_own_sigkill(tmp_path: Path
     config, base, state = _config(tmp_path)
     log = tmp_path / "serve.log"
     body = {"prompt": "Hello", "max_tokens": 4}
-    proc = _start(tmp_path, config, log)
+    proc = start_serve(tmp_path, config, log)
     try:
-        _wait(lambda: httpx.get(f"{base}/ready").status_code == 200, 90, "ready", proc, log)
+        wait_while_running(lambda: httpx.get(f"{base}/ready").status_code == 200, 90, "ready", proc, log)
         copy_model(demo_models["text-generation"], tmp_path / "incoming" / "tiny")
-        _wait(
+        wait_while_running(
             lambda: httpx.post(f"{base}/predict/tiny", json=body, timeout=30).status_code == 200,
             120,
             "first answer",
@@ -162,7 +173,7 @@ def test_serve_restarts_its_temporal_and_survives_its_own_sigkill(tmp_path: Path
         os.kill(first, signal.SIGKILL)
         for _ in range(5):
             assert httpx.post(f"{base}/predict/tiny", json=body, timeout=30).status_code == 200
-        _wait(
+        wait_while_running(
             lambda: _temporal_pid(state) != first and httpx.get(f"{base}/ready").status_code == 200,
             30,
             "Temporal restarted and ready",
@@ -171,7 +182,7 @@ def test_serve_restarts_its_temporal_and_survives_its_own_sigkill(tmp_path: Path
         )
         assert not pid_alive(first), "the killed Temporal must be reaped, not left a zombie"
         assert "starting it again" in log.read_text()
-        _wait(
+        wait_while_running(
             lambda: (r := httpx.get(f"{base}/models/tiny")).status_code == 200 and r.json()["request_count"] >= 6,
             30,
             "the requests served during the outage counted",
@@ -185,14 +196,14 @@ def test_serve_restarts_its_temporal_and_survives_its_own_sigkill(tmp_path: Path
         proc.wait(timeout=30)
         assert pid_alive(second) and pid_alive(runtime)
     except BaseException:
-        _stop(proc)
+        interrupt(proc)
         raise
 
     # ... and `serve` started again in the same folder adopts them instead of refusing to start.
-    proc = _start(tmp_path, config, log)
+    proc = start_serve(tmp_path, config, log)
     try:
-        _wait(lambda: httpx.get(f"{base}/ready").status_code == 200, 90, "ready after SIGKILL", proc, log)
-        _wait(
+        wait_while_running(lambda: httpx.get(f"{base}/ready").status_code == 200, 90, "ready after SIGKILL", proc, log)
+        wait_while_running(
             lambda: httpx.post(f"{base}/predict/tiny", json=body, timeout=30).status_code == 200,
             120,
             "answer after SIGKILL",
@@ -202,9 +213,9 @@ def test_serve_restarts_its_temporal_and_survives_its_own_sigkill(tmp_path: Path
         assert _temporal_pid(state) == second, "the running Temporal is adopted, not replaced"
         info = httpx.get(f"{base}/models/tiny").json()
         assert info["endpoint"]["pid"] == runtime and info["load_count"] == 1
-        assert _serving("tiny") == [runtime], "exactly one runtime serves the model"
+        assert runtime_pids("tiny") == [runtime], "exactly one runtime serves the model"
     finally:
-        code = _stop(proc)
+        code = interrupt(proc)
     assert code == 0, log.read_text()[-3000:]
     assert not pid_alive(second) and not pid_alive(runtime)
-    assert _children_of_state(tmp_path) == []
+    assert processes_of_state(tmp_path) == []

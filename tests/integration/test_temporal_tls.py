@@ -24,7 +24,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from api.temporal_client import connect_options, connect_temporal
 from modelium.config import ConfigError, Settings, load_settings
-from tests.conftest import make_settings, wait_for
+from tests.helpers import make_settings, wait_for
 from workers.serve import Running, serve
 
 SERVER_NAME = "temporal.cluster.test"

@@ -26,8 +26,8 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from modelium.runtimes.process import free_port
-from tests.conftest import copy_model, end_workflows_of, stop_processes, unique
-from tests.test_deploy import compose, objects
+from scripts.render_chart import objects
+from tests.helpers import compose, copy_model, end_workflows_of, stop_processes, unique
 
 pytestmark = pytest.mark.slow
 

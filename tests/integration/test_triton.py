@@ -16,7 +16,7 @@ from modelium.config import Triton
 from modelium.runtimes.process import pid_alive
 from modelium.runtimes.triton import TritonRuntimeAdapter, find_binary
 from modelium.types import Booking, LoadRequest, ModelFormat, Task
-from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_phase
+from tests.helpers import copy_model, make_settings, running_modelium, unique, wait_phase
 
 pytestmark = [
     pytest.mark.slow,

@@ -26,13 +26,13 @@ from modelium.runtimes.base import RuntimeStartError
 from modelium.runtimes.process import free_port, pid_alive
 from modelium.runtimes.vllm import VllmRuntimeAdapter
 from modelium.types import Booking, LoadRequest
-from tests.conftest import copy_model, make_settings, running_modelium, unique, wait_for, wait_phase
+from tests.helpers import ROOT, copy_model, make_settings, running_modelium, unique, wait_for, wait_phase
 
 pytestmark = pytest.mark.slow
 
 GIB = 2**30
 H100 = 80 * GIB
-STANDIN = str(Path(__file__).parent / "standins" / "vllm_serve.py")
+STANDIN = str(ROOT / "tests" / "standins" / "vllm_serve.py")
 
 
 class GpusHoldingWhileAlive:

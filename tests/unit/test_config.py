@@ -10,6 +10,7 @@ import yaml
 
 from modelium.config import ConfigError, load_settings
 from modelium.keys import digest
+from tests.helpers import DEPLOY
 
 
 def test_defaults_need_no_file(tmp_path: Path) -> None:
@@ -119,7 +120,7 @@ def test_cli_stops_with_the_key_named(tmp_path: Path) -> None:
 
 
 def test_shipped_deploy_config_is_valid() -> None:
-    settings = load_settings(Path(__file__).parent.parent / "deploy" / "modelium.yaml", environ={})
+    settings = load_settings(DEPLOY / "modelium.yaml", environ={})
     assert settings.gateway.api_keys == [] and settings.gateway.host == "127.0.0.1"
 
 

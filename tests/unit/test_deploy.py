@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +16,13 @@ import yaml
 
 from modelium.config import ConfigError, Settings, load_settings
 from scripts.render_chart import objects
+from tests.helpers import COMPOSE_VARIANTS, DEPLOY, compose, dashboard_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
 VALUES = {
     "default": {},
     "nvidia": yaml.safe_load((DEPLOY / "helm" / "values-gpu.yaml").read_text()),
     "hostpath": yaml.safe_load((DEPLOY / "helm" / "values-hostpath.yaml").read_text()),
 }
-# ("nvidia", not "gpu": a test id naming the gpu marker would be skipped on machines without one)
-COMPOSE_VARIANTS = {"nvidia": [], "cpu": ["compose.cpu.yaml"], "dev": ["compose.dev.yaml"]}
 MODELIUM_SERVICES = ("modelium-control", "modelium-node", "modelium-gateway", "modelium-watcher")
 
 
@@ -38,20 +32,6 @@ def _workloads(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
     return list(workload["spec"]["template"]["spec"]["containers"])
-
-
-def compose(variant: str) -> dict[str, Any]:
-    """The compose project as Docker Compose itself resolves it (anchors, overrides, .env)."""
-    files = [arg for name in ["compose.yaml", *COMPOSE_VARIANTS[variant]] for arg in ("-f", name)]
-    binary = shutil.which("docker-compose", path=str(Path(sys.executable).parent)) or "docker-compose"
-    done = subprocess.run(
-        [binary, *files, "config", "--format", "json"],
-        cwd=DEPLOY / "compose",
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
 def _settings_from_env(env: dict[str, str]) -> Settings:
@@ -229,27 +209,6 @@ DASHBOARD_PANELS = (
     "Brain decisions by runtime and source (last hour)",
     "Temporal reachable",
 )
-
-
-def dashboard_metrics() -> set[str]:
-    """Every metric name the dashboard's PromQL asks for."""
-    dashboard = json.loads((DEPLOY / "grafana" / "modelium.json").read_text())
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    return {name for expr in exprs for name in re.findall(r"\bmodelium_[a-z_]+\b", expr)}
-
-
-def exported_metrics(text: str) -> set[str]:
-    """The series names a Prometheus text page can hold, from its TYPE lines (a family with no
-    sample yet is still declared): counters end in _total, histograms have _bucket/_count/_sum."""
-    names: set[str] = set()
-    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, flags=re.M):
-        if kind == "histogram":
-            names |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
-        elif kind == "counter":
-            names.add(name if name.endswith("_total") else f"{name}_total")
-        else:
-            names.add(name)
-    return names
 
 
 def test_dashboard_has_every_panel_asked_for() -> None:

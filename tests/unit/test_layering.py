@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 # What no module of each top-level package may import (cli/ sits on top and may import anything).
 FORBIDDEN = {
     "modelium": {"temporalio", "fastapi", "workflows", "activities", "api", "workers", "cli"},

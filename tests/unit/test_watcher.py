@@ -16,7 +16,7 @@ import pytest
 
 from modelium.types import ModelSource
 from modelium.watcher import ModelFolderWatcher
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 SETTLE = 1.0
 

@@ -13,7 +13,7 @@ from modelium.names import workflow_id
 from modelium.types import ModelSource, ModelState, Phase
 from modelium.watcher import fingerprint
 from tests.bad_models import BROKEN
-from tests.conftest import make_settings, running_modelium, unique, wait_for
+from tests.helpers import make_settings, running_modelium, unique, wait_for
 from workers.watch import WorkflowBridge
 from workflows.contracts import RetryRequest
 from workflows.lifecycle import ModelLifecycleWorkflow

@@ -14,7 +14,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
 from modelium.names import workflow_id
-from tests.conftest import make_settings, serving_model, unique, wait_for
+from tests.helpers import make_settings, serving_model, unique, wait_for
 from workers.temporal_server import temporal_binary
 from workflows.contracts import SEARCH_ATTRIBUTES, UsageReport
 from workflows.lifecycle import ModelLifecycleWorkflow

@@ -29,7 +29,7 @@ from modelium.runtimes.base import Progress
 from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
 from modelium.types import DeviceInventory, Endpoint, LoadRequest, ModelSource, NodeInventory, Phase
 from modelium.watcher import fingerprint
-from tests.conftest import copy_model, unique
+from tests.helpers import copy_model, unique
 from workers.temporal_server import temporal_binary
 from workflows.contracts import (
     SEARCH_ATTRIBUTES,

@@ -28,7 +28,7 @@ from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
 from modelium.runtimes.process import pid_alive
 from modelium.types import DeviceInventory, ModelSource, ModelState, NodeInventory, Phase
 from modelium.watcher import fingerprint
-from tests.conftest import copy_model, unique, wait_for
+from tests.helpers import copy_model, unique, wait_for
 from workers.temporal_server import ensure_search_attributes
 from workflows.contracts import EnsureLoadedRequest, EnsureUnloadedRequest, LifecycleInput, UsageReport
 from workflows.lifecycle import ModelLifecycleWorkflow

@@ -27,7 +27,7 @@ from modelium.types import (
     Phase,
     Task,
 )
-from tests.conftest import end_workflows_of, unique, wait_for
+from tests.helpers import end_workflows_of, unique, wait_for
 from workflows.contracts import ActivityName, EnsureLoadedRequest, ErrorType, LifecycleInput, Preload
 from workflows.lifecycle import ModelLifecycleWorkflow
 from workflows.steps import DecideRequest, HealthRequest, LoadResult, ReserveRequest, UnloadRequest

@@ -18,7 +18,7 @@ from temporalio.worker import Worker
 from api.registry import FleetIndex
 from modelium.names import workflow_id
 from modelium.types import Booking, Decision, Endpoint, Eviction, ModelState
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 from workers.temporal_server import temporal_binary
 from workflows.contracts import SEARCH_ATTRIBUTES, STATE_MEMO, UPDATED_KEY, WORKFLOW_TYPE, state_from_json
 

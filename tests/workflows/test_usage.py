@@ -14,7 +14,7 @@ from temporalio.testing import WorkflowEnvironment
 from api.usage import UsageBatcher
 from modelium.names import workflow_id
 from modelium.types import ModelSource
-from tests.conftest import unique
+from tests.helpers import unique
 from workflows.contracts import LifecycleInput
 from workflows.lifecycle import ModelLifecycleWorkflow
 

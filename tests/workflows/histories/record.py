@@ -1,7 +1,7 @@
-"""Re-records the workflow histories that tests/test_replay.py replays.
+"""Re-records the workflow histories that tests/workflows/test_replay.py replays.
 
 Run only when a workflow change is *meant* to be incompatible (and say so in the commit):
-    .venv/bin/python -m tests.histories.record
+    .venv/bin/python -m tests.workflows.histories.record
 Each scenario runs the real workers and runtime against a fresh Temporal dev server.
 """
 
@@ -19,7 +19,7 @@ from cli.demo import write_demo_model
 from modelium.names import workflow_id
 from modelium.types import ModelSource, Phase
 from modelium.watcher import fingerprint
-from tests.conftest import make_settings, running_modelium, wait_for
+from tests.helpers import make_settings, running_modelium, wait_for
 from workers.temporal_server import temporal_binary
 from workers.watch import WorkflowBridge
 from workflows.contracts import SEARCH_ATTRIBUTES, LoadCommand, RemoveCommand, RetryRequest, UsageReport

@@ -1,0 +1,1 @@
+"""Tests of one module or function at a time: no Temporal server, no runtime process."""
