@@ -301,6 +301,9 @@ class ModelLifecycleWorkflow:
         if self._state.phase == Phase.LOADED:
             self._health_report = report.reason if report is not None else "reported unhealthy"
 
+    def _current_phase(self) -> Phase:
+        return self._state.phase
+
     @workflow.update
     async def ensure_loaded(self, request: EnsureLoadedRequest | None = None) -> ModelState:
         """Ask for the model to be loaded and return its state once it is serving."""
@@ -330,23 +333,24 @@ class ModelLifecycleWorkflow:
         finally:
             if demand_id is not None:
                 self._demands.pop(demand_id, None)
-        if self._state.phase not in (Phase.LOADED, Phase.REMOVED, Phase.FAILED):
-            raise ApplicationError(
-                f"model {self._state.name} was not loaded: "
-                f"{self._state.rest_reason or 'the request that asked for it was withdrawn'}",
-                type=ErrorType.NO_CAPACITY,
-                non_retryable=True,
-            )
-        if self._state.phase == Phase.REMOVED:
+        phase = self._current_phase()  # changed during the wait above
+        if phase == Phase.REMOVED:
             raise ApplicationError(
                 f"model {self._state.name} was removed",
                 type=ErrorType.MODEL_REMOVED,
                 non_retryable=True,
             )
-        if self._state.phase != Phase.LOADED:
+        if phase == Phase.FAILED:
             raise ApplicationError(
                 f"model {self._state.name} failed to load: {self._state.last_error}",
                 type=ErrorType.LOAD_FAILED,
+                non_retryable=True,
+            )
+        if phase != Phase.LOADED:
+            raise ApplicationError(
+                f"model {self._state.name} was not loaded: "
+                f"{self._state.rest_reason or 'the request that asked for it was withdrawn'}",
+                type=ErrorType.NO_CAPACITY,
                 non_retryable=True,
             )
         return self._state
