@@ -3,6 +3,11 @@
 Bookings are kept in a JSON file under the node's state directory, written atomically, so they
 survive a restart of the node agent. A booking never takes a device past its capacity, and booking
 the same model twice returns the first booking (a retried activity must not book twice).
+
+Every change is also appended to a journal beside it (`<name>.journal.jsonl`, one JSON object per
+line: time, operation, model, bytes, devices, and each device's booked total after the change),
+so "what held this GPU at 14:02, and was it ever over-booked" has an answer. The journal is
+rotated to `.1` past `JOURNAL_MAX_BYTES`.
 """
 
 from __future__ import annotations
@@ -10,8 +15,10 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from modelium.types import Booking
 
@@ -20,9 +27,13 @@ class InsufficientCapacity(RuntimeError):
     """The device has not enough unbooked memory for this booking."""
 
 
+JOURNAL_MAX_BYTES = 16 * 2**20
+
+
 class Ledger:
     def __init__(self, path: Path, node: str, capacities: dict[str, int]) -> None:
         self._path = path
+        self.journal_path = path.with_name(path.stem + ".journal.jsonl")
         self._node = node
         self._capacities = dict(capacities)
         self._lock = threading.Lock()
@@ -75,6 +86,7 @@ class Ledger:
             )
             self._bookings[model] = booking
             self._save_locked()
+            self._journal_locked("reserve", booking)
             return booking
 
     def resize(self, model: str, nbytes: int) -> tuple[Booking | None, list[str]]:
@@ -87,6 +99,7 @@ class Ledger:
                 return None, []
             booking.bytes = nbytes
             self._save_locked()
+            self._journal_locked("resize", booking)
             over = [d for d in booking.all_devices if self._booked_locked(d) > self._capacities.get(d, 0)]
             return booking, over
 
@@ -95,7 +108,35 @@ class Ledger:
             booking = self._bookings.pop(model, None)
             if booking is not None:
                 self._save_locked()
+                self._journal_locked("release", booking)
             return booking
+
+    def journal(self) -> list[dict[str, Any]]:
+        """Every change recorded since the journal was last rotated, oldest first."""
+        with self._lock:
+            try:
+                text = self.journal_path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def _journal_locked(self, op: str, booking: Booking) -> None:
+        entry = {
+            "at": time.time(),
+            "op": op,
+            "model": booking.model,
+            "bytes": booking.bytes,
+            "devices": booking.all_devices,
+            "booked": {dev: self._booked_locked(dev) for dev in self._capacities},
+            "capacity": self._capacities,
+        }
+        try:
+            if self.journal_path.stat().st_size > JOURNAL_MAX_BYTES:
+                os.replace(self.journal_path, self.journal_path.with_name(self.journal_path.name + ".1"))
+        except FileNotFoundError:
+            pass
+        with self.journal_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, separators=(",", ":")) + "\n")
 
     def _save_locked(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)

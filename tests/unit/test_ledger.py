@@ -55,6 +55,34 @@ def test_concurrent_bookings_never_pass_capacity(tmp_path: Path) -> None:
     assert sorted(b.model for b in again.bookings()) == sorted(granted)
 
 
+def test_every_change_is_journaled_with_the_totals_after_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = Ledger(tmp_path / "bookings.json", "n", {"cuda:0": 10 * GIB, "cpu": 4 * GIB})
+    ledger.reserve("a", "cuda:0", 4 * GIB)
+    ledger.reserve("a", "cuda:0", 4 * GIB)  # a retried activity: nothing changes, nothing recorded
+    ledger.reserve("b", "cuda:0", 5 * GIB)
+    with pytest.raises(InsufficientCapacity):
+        ledger.reserve("c", "cuda:0", 2 * GIB)  # refused: not a change
+    ledger.resize("b", 6 * GIB)
+    ledger.release("a")
+    entries = ledger.journal()
+    assert [(e["op"], e["model"], e["bytes"]) for e in entries] == [
+        ("reserve", "a", 4 * GIB),
+        ("reserve", "b", 5 * GIB),
+        ("resize", "b", 6 * GIB),
+        ("release", "a", 4 * GIB),
+    ]
+    assert [e["booked"]["cuda:0"] for e in entries] == [4 * GIB, 9 * GIB, 10 * GIB, 6 * GIB]
+    assert all(e["booked"]["cpu"] == 0 and e["capacity"]["cuda:0"] == 10 * GIB for e in entries)
+    assert entries == sorted(entries, key=lambda e: e["at"])
+    # A restarted node agent appends to the same journal; a full one is rotated, not lost.
+    again = Ledger(tmp_path / "bookings.json", "n", {"cuda:0": 10 * GIB, "cpu": 4 * GIB})
+    monkeypatch.setattr("modelium.ledger.JOURNAL_MAX_BYTES", 0)
+    again.release("b")
+    assert [e["op"] for e in again.journal()] == ["release"]
+    rotated = again.journal_path.with_name(again.journal_path.name + ".1").read_text().splitlines()
+    assert len(rotated) == 4
+
+
 def test_retried_reserve_returns_the_same_booking_and_tensor_parallel_is_all_or_nothing(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "bookings.json", "n", {"cuda:0": 10 * GIB, "cuda:1": 10 * GIB})
     first = ledger.reserve("a", "cuda:0", 4 * GIB)
