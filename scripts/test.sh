@@ -9,4 +9,6 @@ bash scripts/setup.sh
 .venv/bin/mypy
 # deploy/ checked offline: compose files, Dockerfile, Helm chart, Kubernetes schemas.
 bash scripts/check-deploy.sh
-exec .venv/bin/python -m pytest "$@"
+# Tests run in MODELIUM_TEST_WORKERS processes (default 2; 0 runs them in this one), each with its
+# own Temporal dev server; tests of one xdist_group share a worker.
+exec .venv/bin/python -m pytest -n "${MODELIUM_TEST_WORKERS:-2}" --dist loadgroup "$@"

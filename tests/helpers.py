@@ -16,16 +16,18 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from temporalio.client import Client
 from temporalio.service import RPCError
 
 from modelium.config import Settings
-from modelium.runtimes.process import pid_alive, process_argv
+from modelium.runtimes.process import free_port, pid_alive, process_argv
 from workers.serve import Running, serve
 
 T = TypeVar("T")
@@ -97,14 +99,50 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         },
         "runtimes": {"embedded": {"cpu_threads": 1}},
     }
+    return Settings.model_validate(merged(base, overrides))
 
-    def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        return out
 
-    return Settings.model_validate(merge(base, overrides))
+def merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """`a` with `b` laid over it, section by section."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@dataclass
+class ServeConfig:
+    """A modelium.yaml for `modelium serve` as a process, and where its parts listen."""
+
+    path: Path
+    state: Path
+    gateway: str  # the gateway's base URL
+    metrics: str  # the metrics port's base URL
+    temporal: str  # the embedded Temporal's address, host:port
+    ui_port: int | None
+
+
+def serve_config(tmp_path: Path, *, ui: bool = False, **sections: Any) -> ServeConfig:
+    """Write `tmp_path/modelium.yaml`: its own state dir and watched folder (`tmp_path/incoming`),
+    free ports for Temporal, the gateway and metrics (and Temporal's UI with `ui`), and `sections`
+    laid over that."""
+    gateway, temporal, metrics = free_port(), free_port(), free_port()
+    ui_port = free_port() if ui else None
+    state = tmp_path / "state"
+    base: dict[str, Any] = {
+        "state_dir": str(state),
+        "temporal": {"port": temporal, **({"ui_port": ui_port} if ui else {"ui": False})},
+        "gateway": {"port": gateway},
+        "metrics": {"port": metrics},
+        "orchestration": {
+            "model_discovery": {"watch_directories": [str(tmp_path / "incoming")], "settle_seconds": 0.5}
+        },
+    }
+    path = tmp_path / "modelium.yaml"
+    path.write_text(yaml.safe_dump(merged(base, sections)))
+    return ServeConfig(
+        path, state, f"http://127.0.0.1:{gateway}", f"http://127.0.0.1:{metrics}", f"127.0.0.1:{temporal}", ui_port
+    )
 
 
 @contextlib.asynccontextmanager
@@ -231,13 +269,17 @@ def processes_of_state(state_dir: Path) -> list[str]:
     return [line for line in out.splitlines() if str(state_dir) in line]
 
 
-def runtime_pids(model: str) -> list[int]:
-    """Pids of every live runtime process serving `model` on this machine (from /proc)."""
+def runtime_pids(model: str, under: Path | None = None) -> list[int]:
+    """Pids of every live embedded runtime process serving `model` on this machine (from /proc);
+    with `under`, only those whose model directory is inside it (one test's, when tests that
+    name their model alike run side by side)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and pid_alive(int(entry.name)):
             argv = process_argv(int(entry.name)) or []
-            if "modelium.runtimes.embedded_server" in argv and argv[argv.index("--name") + 1] == model:
+            if "modelium.runtimes.embedded_server" not in argv or argv[argv.index("--name") + 1] != model:
+                continue
+            if under is None or Path(argv[argv.index("--model-dir") + 1]).is_relative_to(under):
                 found.append(int(entry.name))
     return found
 

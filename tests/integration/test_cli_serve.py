@@ -9,15 +9,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from modelium.runtimes.process import free_port, pid_alive
+from modelium.runtimes.process import pid_alive
 from tests.helpers import (
     copy_model,
     dashboard_metrics,
     exported_metrics,
     interrupt,
     processes_of_state,
+    serve_config,
     start_serve,
     wait_while_running,
 )
@@ -26,28 +26,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_serve_one_command_ctrl_c_and_restart(tmp_path: Path, demo_models: dict[str, Path]) -> None:
-    gw, tp, ui, mp = (free_port() for _ in range(4))
-    state = tmp_path / "state"
-    config = tmp_path / "modelium.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "state_dir": str(state),
-                "temporal": {"port": tp, "ui_port": ui},
-                "gateway": {"port": gw},
-                "metrics": {"port": mp},
-                "orchestration": {
-                    "model_discovery": {"watch_directories": [str(tmp_path / "incoming")], "settle_seconds": 0.5}
-                },
-            }
-        )
-    )
+    served = serve_config(tmp_path, ui=True)
+    config, base = served.path, served.gateway
     log = tmp_path / "serve.log"
-    base = f"http://127.0.0.1:{gw}"
     proc = start_serve(tmp_path, config, log)
     try:
         wait_while_running(lambda: httpx.get(f"{base}/ready").status_code == 200, 90, "ready", proc, log)
-        assert httpx.get(f"http://127.0.0.1:{ui}/").status_code == 200  # Temporal Web UI
+        assert httpx.get(f"http://127.0.0.1:{served.ui_port}/").status_code == 200  # Temporal Web UI
         copy_model(demo_models["text-generation"], tmp_path / "incoming" / "tiny")
         body = {"prompt": "Hello", "max_tokens": 4}
         answer = wait_while_running(
@@ -59,7 +44,7 @@ def test_serve_one_command_ctrl_c_and_restart(tmp_path: Path, demo_models: dict[
         )
         assert answer["runtime"] == "embedded"
         # Every metric the Grafana dashboard (deploy/grafana/modelium.json) asks for is exported.
-        exported = exported_metrics(httpx.get(f"http://127.0.0.1:{mp}/metrics").text)
+        exported = exported_metrics(httpx.get(f"{served.metrics}/metrics").text)
         assert dashboard_metrics() - exported == set(), sorted(exported)
         pid = httpx.get(f"{base}/models/tiny").json()["endpoint"]["pid"]
         assert pid_alive(pid)
@@ -71,7 +56,7 @@ def test_serve_one_command_ctrl_c_and_restart(tmp_path: Path, demo_models: dict[
                 "workflow",
                 "list",
                 "--address",
-                f"127.0.0.1:{tp}",
+                served.temporal,
                 "--query",
                 'ModeliumPhase="loaded"',
                 "-o",

@@ -11,12 +11,10 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelium.runtimes.process import free_port
-from tests.helpers import copy_model, interrupt, processes_of_state, start_serve, wait_while_running
+from tests.helpers import copy_model, interrupt, processes_of_state, serve_config, start_serve, wait_while_running
 
 pytestmark = pytest.mark.slow
 
@@ -34,26 +32,12 @@ def _check(response: Any, what: str) -> None:
 
 
 def test_generated_requests_get_no_5xx_and_one_error_envelope(tmp_path: Path, demo_models: dict[str, Path]) -> None:
-    gw, tp, mp = free_port(), free_port(), free_port()
-    config = tmp_path / "modelium.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "state_dir": str(tmp_path / "state"),
-                "temporal": {"port": tp, "ui": False},
-                "gateway": {"port": gw, "max_tokens_limit": 64},
-                "metrics": {"port": mp},
-                "orchestration": {
-                    "model_discovery": {"watch_directories": [str(tmp_path / "incoming")], "settle_seconds": 0.5}
-                },
-                "runtimes": {"embedded": {"cpu_threads": 1}},
-            }
-        )
-    )
+    served = serve_config(tmp_path, gateway={"max_tokens_limit": 64}, runtimes={"embedded": {"cpu_threads": 1}})
+    config = served.path
     copy_model(demo_models["text-generation"], tmp_path / "incoming" / "tiny")
     copy_model(demo_models["text-classification"], tmp_path / "incoming" / "cls")
     log = tmp_path / "serve.log"
-    base = f"http://127.0.0.1:{gw}"
+    base = served.gateway
     proc = start_serve(tmp_path, config, log)
     try:
         for name in MODELS:

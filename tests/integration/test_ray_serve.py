@@ -17,7 +17,8 @@ from modelium.runtimes.ray_serve import RayServeRuntimeAdapter
 from modelium.types import Booking, LoadRequest, Task
 from tests.helpers import copy_model, make_settings, running_modelium, unique, wait_phase
 
-pytestmark = pytest.mark.slow
+# Ray's daemons are looked for machine-wide: the Ray tests run one after another, on one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
 def ray_processes() -> list[str]:

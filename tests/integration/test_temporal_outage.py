@@ -19,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from modelium.runtimes.process import free_port, pid_alive
 from tests.helpers import (
@@ -29,6 +28,7 @@ from tests.helpers import (
     metric_value,
     processes_of_state,
     runtime_pids,
+    serve_config,
     serving_model,
     start_serve,
     unique,
@@ -115,23 +115,8 @@ async def _status(request: object, status: int) -> httpx.Response | None:
 
 
 def _config(tmp_path: Path) -> tuple[Path, str, Path]:
-    gw, tp, mp = free_port(), free_port(), free_port()
-    state = tmp_path / "state"
-    config = tmp_path / "modelium.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "state_dir": str(state),
-                "temporal": {"port": tp, "ui": False},
-                "gateway": {"port": gw},
-                "metrics": {"port": mp},
-                "orchestration": {
-                    "model_discovery": {"watch_directories": [str(tmp_path / "incoming")], "settle_seconds": 0.5}
-                },
-            }
-        )
-    )
-    return config, f"http://127.0.0.1:{gw}", state
+    served = serve_config(tmp_path)
+    return served.path, served.gateway, served.state
 
 
 def _temporal_pid(state: Path) -> int:
@@ -213,7 +198,7 @@ def test_serve_restarts_its_temporal_and_survives_its_own_sigkill(tmp_path: Path
         assert _temporal_pid(state) == second, "the running Temporal is adopted, not replaced"
         info = httpx.get(f"{base}/models/tiny").json()
         assert info["endpoint"]["pid"] == runtime and info["load_count"] == 1
-        assert runtime_pids("tiny") == [runtime], "exactly one runtime serves the model"
+        assert runtime_pids("tiny", under=tmp_path) == [runtime], "exactly one runtime serves the model"
     finally:
         code = interrupt(proc)
     assert code == 0, log.read_text()[-3000:]
