@@ -23,7 +23,7 @@ from modelium.runtimes import RAY_SERVE
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.process import free_port, loopback_for
 from modelium.runtimes.records import RuntimeRecords
-from modelium.runtimes.shared_server import SharedServer, answers
+from modelium.runtimes.shared_server import ServesManyModels, SharedServer, answers
 from modelium.types import Endpoint, EndpointProtocol, LoadRequest
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ _HEAD = "_ray_head"
 IMPORT_PATH = "modelium.runtimes.ray_app:build"
 
 
-class RayServeRuntimeAdapter:
+class RayServeRuntimeAdapter(ServesManyModels):
     name = NAME
 
     def __init__(
@@ -52,7 +52,7 @@ class RayServeRuntimeAdapter:
         self._advertise = advertise or host
         # Where this node itself reaches the local cluster (never the wildcard address).
         self._local = loopback_for(host)
-        self._head = SharedServer(
+        self._server = SharedServer(
             _HEAD,
             RuntimeRecords(state_dir / "records"),
             log_dir / "ray-head.log",
@@ -76,7 +76,7 @@ class RayServeRuntimeAdapter:
         return url is not None and await answers(f"{url}/api/serve/applications/", timeout=30.0)
 
     async def _ensure_cluster(self, progress: Progress) -> None:
-        if not self._head.exited() and await self._dashboard_up():
+        if not self._server.exited() and await self._dashboard_up():
             return
         if self._config.address:
             raise RuntimeStartError(f"the Ray dashboard at ray_serve.address {self._config.address} does not answer")
@@ -101,7 +101,7 @@ class RayServeRuntimeAdapter:
             argv.append(f"--num-cpus={self._config.num_cpus}")
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         url = f"http://{self._local}:{dashboard}"
-        await self._head.start(
+        await self._server.start(
             argv, url, f"{url}/api/serve/applications/", self._config.start_timeout_seconds, progress, env=env
         )
         self._dashboard = url
@@ -125,21 +125,12 @@ class RayServeRuntimeAdapter:
         return dict(data.get("applications") or {})
 
     # -- the adapter interface -----------------------------------------------------------------
-    def running(self) -> list[str]:
-        return [] if self._head.exited() else list(self._endpoints)
-
-    def dead(self) -> dict[str, int | None]:
-        return dict.fromkeys(self._endpoints, self._head.pid) if self._head.exited() else {}
-
     async def start(self, request: LoadRequest, progress: Progress) -> Endpoint:
         async with self._lock:
             await self._ensure_cluster(progress)
-            if request.model in self._endpoints:
-                try:
-                    await self.check_health(request.model)
-                    return self._endpoints[request.model]
-                except RuntimeUnhealthy:
-                    pass
+            served = await self._still_serving(request.model)
+            if served is not None:
+                return served
             gpus = len(request.booking.all_devices) if request.booking.device.startswith("cuda") else 0
             self._apps[request.model] = {
                 "name": request.model,
@@ -158,7 +149,7 @@ class RayServeRuntimeAdapter:
                 await self._declare_quietly()
                 raise
             url = f"http://{self._advertise}:{self._config.http_port}/{request.model}"
-            endpoint = Endpoint(url, EndpointProtocol.MODELIUM_JSON, NAME, self._node, self._head.pid)
+            endpoint = Endpoint(url, EndpointProtocol.MODELIUM_JSON, NAME, self._node, self._server.pid)
             self._endpoints[request.model] = endpoint
             return endpoint
 
@@ -190,8 +181,8 @@ class RayServeRuntimeAdapter:
         endpoint = self._endpoints.get(model)
         if endpoint is None:
             raise RuntimeUnhealthy(f"{model} is not deployed on this node's Ray Serve")
-        if self._head.exited():
-            raise RuntimeUnhealthy(f"the local Ray cluster (pid {self._head.pid}) exited")
+        if self._server.exited():
+            raise RuntimeUnhealthy(f"the local Ray cluster (pid {self._server.pid}) exited")
         try:
             async with httpx.AsyncClient(timeout=10.0) as http:
                 response = await http.get(f"{endpoint.url}/health")
@@ -216,7 +207,7 @@ class RayServeRuntimeAdapter:
     async def stop_all(self) -> None:
         for model in list(self._endpoints):
             await self.stop(model)
-        if self._head.proc is not None:
+        if self._server.proc is not None:
             # Serve shut down first: the head then has nothing to drain and stops at once.
             if await self._dashboard_up():
                 try:
@@ -226,14 +217,14 @@ class RayServeRuntimeAdapter:
                     log.warning("could not shut Ray Serve down: %s", exc)
             # Ray's head drains for 30 s on SIGTERM; with Serve gone there is nothing left to
             # drain, so the whole process group gets SIGKILL after a short grace.
-            await self._head.stop(3.0)
+            await self._server.stop(3.0)
 
     async def adopt(self) -> list[str]:
         """Take over a local Ray cluster an earlier node agent left running, and the applications
         of this node on it."""
-        if not await self._head.adopt(self._dashboard_up):
+        if not await self._server.adopt(self._dashboard_up):
             return []
-        self._dashboard = self._head.url
+        self._dashboard = self._server.url
         data = (await self._get("/api/serve/applications/")).json()
         adopted = []
         for name, app in (data.get("applications") or {}).items():
@@ -241,6 +232,8 @@ class RayServeRuntimeAdapter:
             if app.get("status") == "RUNNING" and config.get("import_path") == IMPORT_PATH:
                 self._apps[name] = config
                 url = f"http://{self._advertise}:{self._config.http_port}/{name}"
-                self._endpoints[name] = Endpoint(url, EndpointProtocol.MODELIUM_JSON, NAME, self._node, self._head.pid)
+                self._endpoints[name] = Endpoint(
+                    url, EndpointProtocol.MODELIUM_JSON, NAME, self._node, self._server.pid
+                )
                 adopted.append(name)
         return adopted

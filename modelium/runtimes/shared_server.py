@@ -4,6 +4,7 @@ adopts it, and stopped with the node agent."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from modelium.runtimes.base import Progress
+from modelium.runtimes.base import Progress, RuntimeUnhealthy
 from modelium.runtimes.process import ManagedProcess, process_argv, process_start_ticks
 from modelium.runtimes.records import RuntimeRecords
 from modelium.types import Endpoint, EndpointProtocol
@@ -95,3 +96,33 @@ class SharedServer:
             await asyncio.to_thread(self.proc.stop, grace)
         self._records.remove(self._key)
         self.proc = None
+
+
+class ServesManyModels(abc.ABC):
+    """What an adapter whose one server process serves many models answers the same way: the
+    models it serves (`_endpoints`), the ones that died with the server, and a model it already
+    serves that still answers (a retried load gets it back instead of loading it twice)."""
+
+    _server: SharedServer
+    _endpoints: dict[str, Endpoint]
+
+    @abc.abstractmethod
+    async def check_health(self, model: str) -> None:
+        """Raise RuntimeUnhealthy unless the server answers for `model`."""
+
+    def running(self) -> list[str]:
+        return [] if self._server.exited() else list(self._endpoints)
+
+    def dead(self) -> dict[str, int | None]:
+        return dict.fromkeys(self._endpoints, self._server.pid) if self._server.exited() else {}
+
+    async def _still_serving(self, model: str) -> Endpoint | None:
+        endpoint = self._endpoints.get(model)
+        if endpoint is None:
+            return None
+        try:
+            await self.check_health(model)
+        except RuntimeUnhealthy:
+            self._endpoints.pop(model, None)
+            return None
+        return endpoint

@@ -35,7 +35,7 @@ from modelium.runtimes import TRITON
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.process import free_port, loopback_for
 from modelium.runtimes.records import RuntimeRecords
-from modelium.runtimes.shared_server import SharedServer, answers
+from modelium.runtimes.shared_server import ServesManyModels, SharedServer, answers
 from modelium.types import Endpoint, EndpointProtocol, LoadRequest, ModelFormat
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def write_entry(repository: Path, request: LoadRequest, fmt: str) -> Path:
     return entry
 
 
-class TritonRuntimeAdapter:
+class TritonRuntimeAdapter(ServesManyModels):
     """One Triton server for the node; each model is an entry in its repository."""
 
     name = NAME
@@ -194,7 +194,7 @@ class TritonRuntimeAdapter:
             EndpointProtocol.KSERVE_V2,
         )
         self._url: str | None = config.url.rstrip("/") if config.url else None
-        self._models: dict[str, Endpoint] = {}
+        self._endpoints: dict[str, Endpoint] = {}
         self._lock = asyncio.Lock()
 
     # -- the server ----------------------------------------------------------------------------
@@ -248,21 +248,12 @@ class TritonRuntimeAdapter:
         self._url = url
 
     # -- the adapter interface -----------------------------------------------------------------
-    def running(self) -> list[str]:
-        return [] if self._server.exited() else list(self._models)
-
-    def dead(self) -> dict[str, int | None]:
-        return dict.fromkeys(self._models, self._server.pid) if self._server.exited() else {}
-
     async def start(self, request: LoadRequest, progress: Progress) -> Endpoint:
         async with self._lock:
             await self._ensure_server(progress)
-            if request.model in self._models:
-                try:
-                    await self.check_health(request.model)
-                    return self._models[request.model]
-                except RuntimeUnhealthy:
-                    self._models.pop(request.model, None)
+            served = await self._still_serving(request.model)
+            if served is not None:
+                return served
             write_entry(self._repository, request, request.format)
             client = self._client()
             try:
@@ -280,11 +271,11 @@ class TritonRuntimeAdapter:
                 await client.close()
             assert self._url is not None
             endpoint = Endpoint(self._public_url(), EndpointProtocol.KSERVE_V2, NAME, self._node, self._server.pid)
-            self._models[request.model] = endpoint
+            self._endpoints[request.model] = endpoint
             return endpoint
 
     async def check_health(self, model: str) -> None:
-        if model not in self._models:
+        if model not in self._endpoints:
             raise RuntimeUnhealthy(f"{model} is not loaded in this node's Triton server")
         if self._server.exited():
             raise RuntimeUnhealthy(f"tritonserver (pid {self._server.pid}) exited")
@@ -300,7 +291,7 @@ class TritonRuntimeAdapter:
 
     async def stop(self, model: str) -> bool:
         async with self._lock:
-            if self._models.pop(model, None) is None:
+            if self._endpoints.pop(model, None) is None:
                 return False
             if await self._live():
                 client = self._client()
@@ -314,7 +305,7 @@ class TritonRuntimeAdapter:
             return True
 
     async def stop_all(self) -> None:
-        for model in list(self._models):
+        for model in list(self._endpoints):
             await self.stop(model)
         await self._server.stop()
 
@@ -330,7 +321,7 @@ class TritonRuntimeAdapter:
         for item in index:
             name = item.get("name")
             if name and (self._repository / name).is_dir():
-                self._models[name] = Endpoint(
+                self._endpoints[name] = Endpoint(
                     self._public_url(), EndpointProtocol.KSERVE_V2, NAME, self._node, self._server.pid
                 )
                 adopted.append(name)
