@@ -10,5 +10,7 @@ bash scripts/setup.sh
 # deploy/ checked offline: compose files, Dockerfile, Helm chart, Kubernetes schemas.
 bash scripts/check-deploy.sh
 # Tests run in MODELIUM_TEST_WORKERS processes (default 2; 0 runs them in this one), each with its
-# own Temporal dev server; tests of one xdist_group share a worker.
-exec .venv/bin/python -m pytest -n "${MODELIUM_TEST_WORKERS:-2}" --dist loadgroup "$@"
+# own Temporal dev server. The tests of one file run on one worker, one after another (the Ray
+# tests look for Ray's daemons machine-wide; xdist's loadgroup did not keep groups together
+# under pytest 9.2).
+exec .venv/bin/python -m pytest -n "${MODELIUM_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -17,8 +17,9 @@ from modelium.runtimes.ray_serve import RayServeRuntimeAdapter
 from modelium.types import Booking, LoadRequest, Task
 from tests.helpers import copy_model, make_settings, running_modelium, unique, wait_phase
 
-# Ray's daemons are looked for machine-wide: the Ray tests run one after another, on one worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+# Ray's daemons are looked for machine-wide: these tests must not run beside each other, and do
+# not (scripts/test.sh runs a file's tests on one worker, and no other file starts Ray).
+pytestmark = pytest.mark.slow
 
 
 def ray_processes() -> list[str]:
