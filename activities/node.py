@@ -114,9 +114,11 @@ class NodeActivities:
         for gpu in self._gpu.gpus() if self._gpu else []:
             gauge.labels(node=self._node, gpu=gpu.device, kind="used").set(gpu.used_bytes)
         if "cpu" in self._ledger.capacities:
-            # On the CPU, "used" is what the models' runtime processes hold resident now.
-            self._cpu_pids = {m: pid for m, pid in self._cpu_pids.items() if pid_alive(pid)}
-            used = sum(resident_bytes(process_tree(pid)) for pid in self._cpu_pids.values())
+            # On the CPU, "used" is what the models' runtime processes hold resident now. This
+            # runs in the peak tracker's thread too, while loads and unloads change the map on
+            # the event loop: it reads a copy (list() of a dict is one step under the GIL).
+            alive = {m: pid for m, pid in list(self._cpu_pids.items()) if pid_alive(pid)}
+            used = sum(resident_bytes(process_tree(pid)) for pid in alive.values())
             gauge.labels(node=self._node, gpu="cpu", kind="used").set(used)
 
     def measure(self, request: LoadRequest, pid: int | None) -> int | None:

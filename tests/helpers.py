@@ -162,9 +162,13 @@ async def running_modelium(
         yield running
     finally:
         stop.set()
-        await asyncio.wait_for(task, timeout=60)
-        if end_workflows:
-            await end_workflows_of(client, settings.temporal.control_task_queue)
+        try:
+            await asyncio.wait_for(task, timeout=60)
+        finally:
+            # Also when `serve` failed: its node's workflow, left running, would offer later tests
+            # a node nobody serves until it is declared lost.
+            if end_workflows:
+                await end_workflows_of(client, settings.temporal.control_task_queue)
 
 
 async def end_workflows_of(client: Client, queue: str) -> None:

@@ -95,7 +95,12 @@ async def announce_forever(
     wf_id = node_workflow_id(agent.node_id)
     changed = agent.activities.bookings_changed
     while True:
-        await report_peaks(client, agent)
+        try:
+            await report_peaks(client, agent)
+        except Exception:
+            # Announcing is how the control plane knows this node is alive: a failed measurement
+            # must not stop it (it is logged, and tried again next time).
+            log.exception("tracking the memory peaks of node %s failed", agent.node_id)
         agent.activities.refresh_device_gauges()
         changed.clear()
         inventory = agent.inventory()
