@@ -16,8 +16,10 @@ from api.auth import KeyRing
 from api.coldstart import ColdStarts
 from api.control_plane import ControlPlane
 from api.deps import Gateway
+from api.events import EventHub
 from api.limits import BodyLimit, HeadAsGet
 from api.registry import ModelRegistry
+from api.routes import events as events_routes
 from api.routes import health, inference, models, openai
 from api.temporal_client import connect_temporal
 from api.upstream import UpstreamPool
@@ -65,6 +67,7 @@ def create_app(
             timeout=gw_settings.cold_start_timeout_seconds,
             max_waiting=gw_settings.max_waiting_requests,
         )
+        events = EventHub(registry.fleet, registry.nodes, ring_size=gw_settings.events_ring_size)
         app.state.gateway = Gateway(
             settings=settings,
             temporal=temporal,
@@ -75,6 +78,7 @@ def create_app(
             cold=cold,
             keys=keys,
             control=probe,
+            events=events,
         )
         try:
             yield
@@ -82,6 +86,7 @@ def create_app(
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
+            await events.stop()
             await usage.stop()
             await upstream.aclose()
             if control is None:
@@ -107,6 +112,7 @@ def create_app(
     app.include_router(models.router)
     app.include_router(inference.router)
     app.include_router(openai.router)
+    app.include_router(events_routes.router)
     return app
 
 

@@ -11,6 +11,7 @@ from temporalio.client import Client
 from api.auth import KeyRing, Principal
 from api.coldstart import ColdStarts
 from api.control_plane import ControlPlane
+from api.events import EventHub
 from api.registry import ModelRegistry
 from api.upstream import UpstreamPool
 from api.usage import UsageBatcher
@@ -32,6 +33,7 @@ class Gateway:
     cold: ColdStarts
     keys: KeyRing
     control: ControlPlane
+    events: EventHub
 
 
 # Dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread

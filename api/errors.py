@@ -57,9 +57,11 @@ class GatewayError(Exception):
             return {}
         return {"Retry-After": str(max(1, round(self.retry_after)))}
 
+    def response_body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code, **self.extra)
+
     def response(self) -> JSONResponse:
-        body = error_body(self.message, self.type, self.param, self.code, **self.extra)
-        return JSONResponse(body, status_code=self.status, headers=self.headers())
+        return JSONResponse(self.response_body(), status_code=self.status, headers=self.headers())
 
 
 class BadRequest(GatewayError):

@@ -21,8 +21,16 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.control_plane import ControlPlane
 from api.errors import BadRequest, ControlPlaneUnavailable, is_unreachable, temporal_error
 from modelium.names import workflow_id
-from modelium.types import ModelState, Phase
-from workflows.contracts import PHASE_KEY, UPDATED_KEY, listed_state, models_changed_query, running_models_query
+from modelium.types import ModelState, NodeInventory, Phase
+from workflows.contracts import (
+    PHASE_KEY,
+    UPDATED_KEY,
+    listed_inventory,
+    listed_state,
+    models_changed_query,
+    running_models_query,
+    running_nodes_query,
+)
 from workflows.lifecycle import ModelLifecycleWorkflow
 
 log = logging.getLogger(__name__)
@@ -213,6 +221,23 @@ class ModelRegistry:
                     self._listed_loaded = {s.name: s for s in states if s.phase == Phase.LOADED}
                     self._phases = Counter(str(s.phase) for s in states)
             await asyncio.sleep(interval)
+
+    async def fleet(self) -> list[ModelState]:
+        """Every model's summary from the fleet index, reading only those written since the last
+        read (one List call): what `GET /events` follows."""
+        self._control.require("follow the models")
+        return await self._fleet.states(full_refresh=False)
+
+    async def nodes(self) -> list[NodeInventory]:
+        """The node agents' inventories as their workflows keep them in the visibility store (one
+        List call)."""
+        self._control.require("follow the nodes")
+        found = []
+        async for execution in self._client.list_workflows(running_nodes_query()):
+            inventory = await listed_inventory(execution)
+            if inventory is not None:
+                found.append(inventory)
+        return found
 
     def phase_counts(self) -> dict[str, int]:
         """Models by phase as last listed (empty until the first listing), for `modelium_models`."""

@@ -72,6 +72,17 @@ async def serving_model(
 ) -> ModelState:
     """The state of a model that serves now; a model that is not loaded is loaded first, and
     this waits for it (bounded). `route`: an OpenAI route, which serves text generation only."""
+    state = await routable_model(gw, name, principal, tally, route=route)
+    if state.phase == Phase.LOADED and state.endpoint is not None:
+        return state
+    return await gw.cold.wait_loaded(state)
+
+
+async def routable_model(
+    gw: Gateway, name: str, principal: Principal, tally: Tally | None = None, *, route: str | None = None
+) -> ModelState:
+    """The model's state if a request may go to it now or once it loads; the errors a request
+    gets at once otherwise (unknown, the wrong task for `route`, failed, restarting)."""
     state = await known_model(gw.registry, name, principal)
     if tally is not None:
         tally.model = state.name  # known: a label from here on, whatever the answer
@@ -93,7 +104,7 @@ async def serving_model(
             retry_after=wait,
             extra={"phase": state.phase},
         )
-    return await gw.cold.wait_loaded(state)
+    return state
 
 
 class Tally:
@@ -116,13 +127,13 @@ class Tally:
 
     def finish(self, status: int) -> None:
         metrics = self.gw.metrics
+        seconds = time.perf_counter() - self.started
         metrics.requests.labels(
             model=self.model, runtime=self.runtime, status=str(status), organizationId=self.organization
         ).inc()
+        self.gw.events.request(self.model, self.organization, status, seconds)
         if status == 200:
-            metrics.request_duration.labels(model=self.model, runtime=self.runtime).observe(
-                time.perf_counter() - self.started
-            )
+            metrics.request_duration.labels(model=self.model, runtime=self.runtime).observe(seconds)
             self.gw.usage.record(self.model, self.organization)
             self.gw.registry.mark_used(self.model)
 
@@ -291,3 +302,43 @@ async def relay(gw: Gateway, state: ModelState, stream: Stream, tally: Tally, cl
     finally:
         await stream.aclose()
         tally.finish(status)
+
+
+async def stream_after_load(
+    gw: Gateway, state: ModelState, path: str, content: bytes, tally: Tally, client: Request
+) -> AsyncIterator[bytes]:
+    """A streamed request whose model is not loaded yet: SSE comments while it loads (`: loading
+    tiny 1.8s of ~4.1s`, once a second; clients ignore comments, as the SSE standard says), then
+    the runtime's stream. The answer's status line is sent already, so a load that fails ends
+    the stream with an error event in the gateway's envelope."""
+    name = state.name
+    expected = state.load_seconds
+    started = time.monotonic()
+    load = asyncio.create_task(gw.cold.wait_loaded(state), name=f"stream-waits-{name}")
+    try:
+        while True:
+            elapsed = time.monotonic() - started
+            of = f" of ~{expected:.1f}s" if expected else ""
+            yield f": loading {name} {elapsed:.1f}s{of}\n\n".encode()
+            done, _ = await asyncio.wait({load}, timeout=1.0)
+            if done:
+                break
+            if await client.is_disconnected():
+                tally.finish(499)
+                return
+        loaded = load.result()
+        tally.routed(loaded)
+        upstream = await open_stream(gw, loaded, path, content)
+    except GatewayError as exc:
+        tally.finish(exc.status)
+        yield b"data: " + json.dumps(exc.response_body()).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+        return
+    except BaseException:
+        tally.finish(499)  # the client went away while it waited (the stream was cancelled)
+        raise
+    finally:
+        if not load.done():
+            load.cancel()  # the waiter is withdrawn (ColdStarts counts it out)
+    async for chunk in relay(gw, loaded, upstream, tally, client):
+        yield chunk

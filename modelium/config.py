@@ -280,6 +280,8 @@ class Gateway(_Section):
     max_waiting_requests: int = Field(default=256, ge=0, le=10**6)
     # Larger request bodies are refused with a 413.
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=2**31)
+    # GET /events: how many recent events each gateway keeps for clients that reconnect.
+    events_ring_size: int = Field(default=5000, ge=10, le=10**6)
     # Empty: no authentication (keep the gateway on loopback then).
     api_keys: list[ApiKey] = Field(default_factory=list)
 

@@ -17,7 +17,18 @@ from api.auth import Principal
 from api.deps import Gateway, GatewayDep, PrincipalDep, RegistryDep
 from api.errors import InvalidRequest, describe_validation
 from api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIModel, OpenAIModelList
-from api.serving import answered, check_max_tokens, open_stream, post, relay, serving_model, tallied
+from api.serving import (
+    answered,
+    check_max_tokens,
+    open_stream,
+    post,
+    relay,
+    routable_model,
+    serving_model,
+    stream_after_load,
+    tallied,
+)
+from modelium.types import Phase
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -49,9 +60,19 @@ async def _proxy(
         raw = await request.body()
         body = _parse(raw, schema)
         check_max_tokens(gw, body, "max_tokens", "max_completion_tokens")
-        state = await serving_model(gw, body.model, principal, tally, route=request.url.path)
-        tally.routed(state)
         path = request.url.path
+        if body.stream:
+            state = await routable_model(gw, body.model, principal, tally, route=path)
+            if state.phase != Phase.LOADED or state.endpoint is None:
+                tally.status = 0  # the stream's own end decides
+                return StreamingResponse(
+                    stream_after_load(gw, state, path, raw, tally, request),
+                    media_type="text/event-stream",
+                    headers=_SSE_HEADERS,
+                )
+        else:
+            state = await serving_model(gw, body.model, principal, tally, route=path)
+        tally.routed(state)
         if body.stream:
             upstream = await open_stream(gw, state, path, raw)
             tally.status = 0  # the stream's own end decides

@@ -143,3 +143,38 @@ async def test_errors_use_openai_envelope(client: openai.AsyncOpenAI, served: tu
         # The runtime's own checks come back in the same envelope, with the runtime's status.
         ctx = await http.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 255, "top_p": 5})
         assert ctx.status_code == 400 and ctx.json()["error"]["param"] == "top_p"
+
+
+async def test_a_stream_waiting_on_a_cold_model_hears_its_load_progress(
+    client: openai.AsyncOpenAI, served: tuple[str, str]
+) -> None:
+    """While the model loads, a streamed request gets SSE comments (`: loading NAME 1.0s of ~4.1s`),
+    then the runtime's stream; the official client, which skips comments, reads it unchanged."""
+    url, name = served
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+
+        async def unload() -> None:
+            response = await http.post(f"/models/{name}/unload", json={"wait": True})
+            assert response.status_code == 200 and response.json()["phase"] == "unloaded", response.text
+
+        await unload()
+        body = {"model": name, "prompt": "Once", "max_tokens": 4, "stream": True}
+        comments, data = [], []
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith(":"):
+                    assert not data, "a comment after the first chunk"
+                    comments.append(line)
+                elif line.startswith("data: "):
+                    data.append(line)
+        assert comments and comments[0].startswith(f": loading {name} 0.0s of ~"), comments
+        assert data[-1] == "data: [DONE]" and any('"text_completion"' in d for d in data), data
+
+        await unload()
+        stream = await client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert all(c.model == name for c in chunks)
