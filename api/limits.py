@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import PayloadTooLarge
@@ -62,8 +64,16 @@ class HeadAsGet:
             return
 
         async def headers_only(message: Message) -> None:
-            if message["type"] == "http.response.body":
-                message = {**message, "body": b""}
-            await send(message)
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            # The answer ends with its headers: a streamed GET (GET /events) would never end.
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            raise _HeadAnswered
 
-        await self.app({**scope, "method": "GET"}, receive, headers_only)
+        with contextlib.suppress(_HeadAnswered):
+            await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+class _HeadAnswered(Exception):
+    """Stops the GET behind a HEAD once the headers are sent."""

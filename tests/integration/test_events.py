@@ -92,6 +92,9 @@ async def test_events_in_order_resumable_and_scoped(
         bad = await http.get("/events", headers={**ADMIN, "Last-Event-ID": "yesterday"})
         assert bad.status_code == 400 and "Last-Event-ID" in bad.json()["error"]["message"]
         assert (await http.get("/events")).status_code == 401
+        # HEAD answers with the stream's headers and ends (the GET behind it would not).
+        head = await http.head("/events", headers=ADMIN)
+        assert head.status_code == 200 and head.headers["content-type"].startswith("text/event-stream")
 
         async with (
             listening(http, "/events", ADMIN) as admin,
