@@ -21,7 +21,7 @@ import httpx
 from modelium.config import RayServe as RayServeConfig
 from modelium.runtimes import RAY_SERVE
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
-from modelium.runtimes.process import free_port, loopback_for
+from modelium.runtimes.process import free_port
 from modelium.runtimes.records import RuntimeRecords
 from modelium.runtimes.shared_server import ServesManyModels, SharedServer, answers
 from modelium.types import Endpoint, EndpointProtocol, LoadRequest
@@ -45,25 +45,12 @@ class RayServeRuntimeAdapter(ServesManyModels):
         host: str = "127.0.0.1",
         advertise: str | None = None,
     ) -> None:
-        self._node = node
+        records = RuntimeRecords(state_dir / "records")
+        head = SharedServer(_HEAD, records, log_dir / "ray-head.log", NAME, node, EndpointProtocol.MODELIUM_JSON)
+        super().__init__(node, host, advertise, head)
         self._config = config
-        # The local cluster listens on `host`; gateways are given `advertise`.
-        self._host = host
-        self._advertise = advertise or host
-        # Where this node itself reaches the local cluster (never the wildcard address).
-        self._local = loopback_for(host)
-        self._server = SharedServer(
-            _HEAD,
-            RuntimeRecords(state_dir / "records"),
-            log_dir / "ray-head.log",
-            NAME,
-            node,
-            EndpointProtocol.MODELIUM_JSON,
-        )
         self._dashboard: str | None = config.address.rstrip("/") if config.address else None
         self._apps: dict[str, dict[str, Any]] = {}
-        self._endpoints: dict[str, Endpoint] = {}
-        self._lock = asyncio.Lock()
 
     # -- the cluster ---------------------------------------------------------------------------
     async def _get(self, path: str) -> httpx.Response:

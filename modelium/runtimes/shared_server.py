@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from modelium.runtimes.base import Progress, RuntimeUnhealthy
-from modelium.runtimes.process import ManagedProcess, process_argv, process_start_ticks
+from modelium.runtimes.process import ManagedProcess, loopback_for, process_argv, process_start_ticks
 from modelium.runtimes.records import RuntimeRecords
 from modelium.types import Endpoint, EndpointProtocol
 
@@ -103,8 +103,16 @@ class ServesManyModels(abc.ABC):
     models it serves (`_endpoints`), the ones that died with the server, and a model it already
     serves that still answers (a retried load gets it back instead of loading it twice)."""
 
-    _server: SharedServer
-    _endpoints: dict[str, Endpoint]
+    def __init__(self, node: str, host: str, advertise: str | None, server: SharedServer) -> None:
+        self._node = node
+        # The server listens on `host`; gateways are given `advertise`.
+        self._host = host
+        self._advertise = advertise or host
+        # Where this node itself reaches the server (never the wildcard address).
+        self._local = loopback_for(host)
+        self._server = server
+        self._endpoints: dict[str, Endpoint] = {}
+        self._lock = asyncio.Lock()
 
     @abc.abstractmethod
     async def check_health(self, model: str) -> None:

@@ -17,7 +17,6 @@ site-packages on `sys.path` (the user's files are never changed; the copy is).
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import logging
@@ -33,7 +32,7 @@ import httpx
 from modelium.config import Triton as TritonConfig
 from modelium.runtimes import TRITON
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
-from modelium.runtimes.process import free_port, loopback_for
+from modelium.runtimes.process import free_port
 from modelium.runtimes.records import RuntimeRecords
 from modelium.runtimes.shared_server import ServesManyModels, SharedServer, answers
 from modelium.types import Endpoint, EndpointProtocol, LoadRequest, ModelFormat
@@ -177,25 +176,12 @@ class TritonRuntimeAdapter(ServesManyModels):
         host: str = "127.0.0.1",
         advertise: str | None = None,
     ) -> None:
-        self._node = node
+        records = RuntimeRecords(state_dir / "records")
+        server = SharedServer(_SERVER, records, log_dir / "tritonserver.log", NAME, node, EndpointProtocol.KSERVE_V2)
+        super().__init__(node, host, advertise, server)
         self._config = config
         self._repository = config.model_repository or state_dir / "repository"
-        # The started server listens on `host`; gateways are given `advertise`.
-        self._host = host
-        self._advertise = advertise or host
-        # Where this node itself reaches the started server (never the wildcard address).
-        self._local = loopback_for(host)
-        self._server = SharedServer(
-            _SERVER,
-            RuntimeRecords(state_dir / "records"),
-            log_dir / "tritonserver.log",
-            NAME,
-            node,
-            EndpointProtocol.KSERVE_V2,
-        )
         self._url: str | None = config.url.rstrip("/") if config.url else None
-        self._endpoints: dict[str, Endpoint] = {}
-        self._lock = asyncio.Lock()
 
     # -- the server ----------------------------------------------------------------------------
     def _public_url(self) -> str:
