@@ -11,9 +11,10 @@ from typing import Any
 
 from temporalio import activity
 from temporalio.client import Client, WorkflowQueryFailedError, WorkflowUpdateFailedError
-from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from activities import expected_failure
 from modelium import llm_brain
 from modelium.analyzer import ModelDirectoryError, analyze_directory, warm_up
 from modelium.brain import EvictionPolicy, ModelTooLarge, NoCapacity, NoRuntimeAvailable, place
@@ -150,13 +151,7 @@ class RegistryResidents:
 
 
 def _bad_directory(message: str) -> ApplicationError:
-    return ApplicationError(
-        message,
-        type=ErrorType.BAD_MODEL_DIRECTORY,
-        non_retryable=True,
-        # A user's broken directory is an expected outcome, not a worker fault to trace.
-        category=ApplicationErrorCategory.BENIGN,
-    )
+    return expected_failure(message, ErrorType.BAD_MODEL_DIRECTORY)
 
 
 class ControlActivities:
@@ -244,9 +239,7 @@ class ControlActivities:
             # Not a wait for room: no node could ever hold it. The model fails, saying why.
             raise ApplicationError(str(exc), type=ErrorType.MODEL_TOO_LARGE, non_retryable=True) from None
         except NoCapacity as exc:
-            raise ApplicationError(
-                str(exc), type=ErrorType.NO_CAPACITY, non_retryable=True, category=ApplicationErrorCategory.BENIGN
-            ) from None
+            raise expected_failure(str(exc), ErrorType.NO_CAPACITY) from None
         overridden = request.overrides is not None and (
             request.overrides.runtime or request.overrides.devices or request.overrides.node
         )

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+from temporalio.exceptions import ApplicationError
 
+from activities import expected_failure
 from modelium.gpu import GpuReader, MemoryProfile, MemoryProfiles, gpu_memory_held, process_tree, resident_bytes
 from modelium.ledger import InsufficientCapacity, Ledger
 from modelium.metrics import Metrics
@@ -86,12 +87,7 @@ class NodeActivities:
             booking = self._ledger.reserve(request.model, request.device, nbytes, request.devices or None)
         except InsufficientCapacity as exc:
             # Two decisions raced for the same room; the workflow waits and decides again.
-            raise ApplicationError(
-                str(exc),
-                type=ErrorType.INSUFFICIENT_CAPACITY,
-                non_retryable=True,
-                category=ApplicationErrorCategory.BENIGN,
-            ) from None
+            raise expected_failure(str(exc), ErrorType.INSUFFICIENT_CAPACITY) from None
         self.refresh_device_gauges()
         self.bookings_changed.set()
         return booking
@@ -266,12 +262,7 @@ class NodeActivities:
         try:
             await self._adapter(request.runtime).check_health(request.model)
         except RuntimeUnhealthy as exc:
-            raise ApplicationError(
-                str(exc),
-                type=ErrorType.RUNTIME_UNHEALTHY,
-                non_retryable=True,
-                category=ApplicationErrorCategory.BENIGN,
-            ) from None
+            raise expected_failure(str(exc), ErrorType.RUNTIME_UNHEALTHY) from None
 
     def all(self) -> list[Callable[..., Any]]:
         return [
