@@ -248,9 +248,25 @@ def wait_while_running(
 ) -> T:
     """Poll `predicate` (a connection refused counts as not yet) while `proc` runs; fail with its
     log's tail when it exits or `timeout` passes."""
+
+    def running() -> None:
+        assert proc.poll() is None, f"modelium serve exited early:\n{log.read_text()[-3000:]}"
+
+    return poll_while_running(predicate, timeout, what, running, lambda: f"log:\n{log.read_text()[-3000:]}")
+
+
+def poll_while_running(
+    predicate: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    running: Callable[[], None],
+    logs: Callable[[], str],
+) -> T:
+    """Poll `predicate` (a connection refused counts as not yet) every 0.25 s; `running` raises
+    when a process it needs is gone; on timeout, fail with `logs()`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"modelium serve exited early:\n{log.read_text()[-3000:]}"
+        running()
         try:
             result = predicate()
         except httpx.TransportError:
@@ -258,7 +274,7 @@ def wait_while_running(
         if result:
             return result
         time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}; log:\n{log.read_text()[-3000:]}")
+    raise AssertionError(f"timed out waiting for {what}; {logs()}")
 
 
 def interrupt(proc: subprocess.Popen[bytes]) -> int:

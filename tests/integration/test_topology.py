@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from modelium.runtimes.process import free_port
 from scripts.render_chart import objects
-from tests.helpers import compose, copy_model, end_workflows_of, stop_processes, unique
+from tests.helpers import compose, copy_model, end_workflows_of, poll_while_running, stop_processes, unique
 
 pytestmark = pytest.mark.slow
 
@@ -93,20 +92,16 @@ class Topology:
         return f"http://127.0.0.1:{self.ports[name][port]}"
 
     def wait(self, predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None and proc.returncode != -signal.SIGKILL:
-                    raise AssertionError(f"{name} exited:\n{(self.tmp / f'{name}.log').read_text()[-3000:]}")
-            try:
-                result = predicate()
-            except httpx.TransportError:
-                result = None
-            if result:
-                return result
-            time.sleep(0.25)
-        logs = "\n".join(f"--- {n}\n{(self.tmp / f'{n}.log').read_text()[-1500:]}" for n in self.procs)
-        raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        return poll_while_running(predicate, timeout, what, self._running, self._logs)
+
+    def _running(self) -> None:
+        """Every process is up, but those the test killed on purpose."""
+        for name, proc in self.procs.items():
+            if proc.poll() is not None and proc.returncode != -signal.SIGKILL:
+                raise AssertionError(f"{name} exited:\n{(self.tmp / f'{name}.log').read_text()[-3000:]}")
+
+    def _logs(self) -> str:
+        return "\n".join(f"--- {n}\n{(self.tmp / f'{n}.log').read_text()[-1500:]}" for n in self.procs)
 
     def stop_all(self) -> None:
         stop_processes(self.procs.values())
