@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from temporalio import activity
@@ -20,7 +21,15 @@ from modelium.runtimes.base import RuntimeAdapter, RuntimeStartError, RuntimeUnh
 from modelium.runtimes.process import pid_alive
 from modelium.types import Booking, LoadRequest
 from workflows.contracts import ActivityName, ErrorType, MemoryPeak
-from workflows.steps import ConfirmFreedRequest, HealthRequest, LoadResult, ReserveRequest, UnloadRequest
+from workflows.steps import (
+    ConfirmFreedRequest,
+    HealthRequest,
+    LoadResult,
+    LogRequest,
+    LogTail,
+    ReserveRequest,
+    UnloadRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +273,13 @@ class NodeActivities:
         except RuntimeUnhealthy as exc:
             raise expected_failure(str(exc), ErrorType.RUNTIME_UNHEALTHY) from None
 
+    @activity.defn(name=ActivityName.READ_RUNTIME_LOG)
+    async def read_runtime_log(self, request: LogRequest) -> LogTail:
+        """The last `tail` lines of the model's runtime log (at most the last MiB of it), or what
+        was written since the offset `after`."""
+        path = self._adapter(request.runtime).log_path(request.model)
+        return await asyncio.to_thread(read_log_tail, path, request.tail, request.after)
+
     def all(self) -> list[Callable[..., Any]]:
         return [
             self.reserve_gpu,
@@ -272,4 +288,30 @@ class NodeActivities:
             self.unload_model,
             self.check_health,
             self.confirm_memory_freed,
+            self.read_runtime_log,
         ]
+
+
+LOG_READ_LIMIT = 2**20
+
+
+def read_log_tail(path: Path, tail: int, after: int | None) -> LogTail:
+    """Lines from the end of `path` (see `read_runtime_log`); an empty answer when the runtime
+    wrote nothing yet. A file that shrank (rotated, rewritten) is read from its start."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return LogTail(str(path), [], 0)
+    start = max(0, size - LOG_READ_LIMIT)
+    if after is not None and after <= size:
+        start = max(start, after)
+    with path.open("rb") as fh:
+        fh.seek(start)
+        data = fh.read(size - start)
+    # A line still being written is left for the next read (`size` points at its start).
+    complete = data.rfind(b"\n") + 1
+    size, data = start + complete, data[:complete]
+    lines = data.decode("utf-8", "replace").splitlines()
+    if start > 0 and after is None and lines:
+        lines = lines[1:]  # the first line read is cut
+    return LogTail(str(path), lines[-tail:] if after is None else lines, size)

@@ -222,3 +222,13 @@ class OpenAIModel(BaseModel):
 class OpenAIModelList(BaseModel):
     object: str = "list"
     data: list[OpenAIModel]
+
+
+class RuntimeLog(BaseModel):
+    """The end of a model's runtime log, as its node read it."""
+
+    model: str
+    node: str
+    runtime: str
+    path: str
+    lines: list[str]

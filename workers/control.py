@@ -16,6 +16,7 @@ from modelium.metrics import Metrics
 from modelium.runtimes import enabled_runtimes
 from workflows.contracts import running_models_query
 from workflows.lifecycle import ModelLifecycleWorkflow
+from workflows.logs import RuntimeLogWorkflow
 from workflows.nodes import NodeRegistryWorkflow
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def control_worker(client: Client, settings: Settings, metrics: Metrics | None =
     return Worker(
         client,
         task_queue=settings.temporal.control_task_queue,
-        workflows=[ModelLifecycleWorkflow, NodeRegistryWorkflow],
+        workflows=[ModelLifecycleWorkflow, NodeRegistryWorkflow, RuntimeLogWorkflow],
         activities=acts.all(),
         max_cached_workflows=size.max_cached_workflows,
         max_concurrent_workflow_tasks=size.max_concurrent_workflow_tasks,

@@ -50,6 +50,7 @@ class ActivityName:
     CONFIRM_FREED = "confirm_memory_freed"
     NOTIFY_WAITING = "notify_waiting_models"
     NOTIFY_NODE_LOST = "notify_node_lost"
+    READ_RUNTIME_LOG = "read_runtime_log"
 
 
 class ErrorType(StrEnum):

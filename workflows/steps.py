@@ -100,6 +100,26 @@ class HealthRequest:
     runtime: str
 
 
+@dataclass
+class LogRequest:
+    """The end of a model's runtime log on its node: the last `tail` lines, or (with `after`, a
+    byte offset an earlier answer gave) what was written since."""
+
+    model: str
+    runtime: str
+    node: str
+    tail: int = 200
+    after: int | None = None
+
+
+@dataclass
+class LogTail:
+    path: str
+    lines: list[str]
+    # Where the file ended when read: pass it as `after` for what comes next.
+    size: int
+
+
 # -- control steps: local to the workflow's worker, or (histories from before) on its queue ----
 def _control(
     name: str, arg: Any, result_type: type[Any], timeout: timedelta, retry: RetryPolicy, local: bool
@@ -222,4 +242,16 @@ def release_gpu(model: str, node: str) -> workflow.ActivityHandle[None]:
         task_queue=node_task_queue(node),
         start_to_close_timeout=timedelta(seconds=30),
         schedule_to_close_timeout=NODE_SCHEDULE_TO_CLOSE,
+    )
+
+
+def read_runtime_log(request: LogRequest) -> workflow.ActivityHandle[LogTail]:
+    return workflow.start_activity(
+        ActivityName.READ_RUNTIME_LOG,
+        request,
+        result_type=LogTail,
+        task_queue=node_task_queue(request.node),
+        start_to_close_timeout=timedelta(seconds=20),
+        schedule_to_close_timeout=timedelta(seconds=30),
+        retry_policy=RetryPolicy(maximum_attempts=1),
     )

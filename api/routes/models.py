@@ -6,23 +6,28 @@ import asyncio
 import base64
 import hashlib
 import json
-from collections.abc import Awaitable
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
+from datetime import timedelta
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Body, Query
-from fastapi.responses import JSONResponse
-from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
+from fastapi import APIRouter, Body, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError
 
 from api.auth import Principal, require_admin
 from api.deps import Gateway, GatewayDep, PrincipalDep
-from api.errors import BadRequest, temporal_error
-from api.schemas import LoadModelRequest, ModelInfo, ModelList, UnloadModelRequest
+from api.errors import BadRequest, GatewayError, ModelNotReady, temporal_error
+from api.schemas import LoadModelRequest, ModelInfo, ModelList, RuntimeLog, UnloadModelRequest
 from api.serving import known_model
 from modelium.names import workflow_id
 from modelium.types import LISTED_PHASES, ModelState
 from workflows.contracts import EnsureLoadedRequest, EnsureUnloadedRequest, LoadCommand, UnloadCommand
 from workflows.lifecycle import ModelLifecycleWorkflow
+from workflows.logs import RuntimeLogWorkflow
+from workflows.steps import LogRequest, LogTail
 
 router = APIRouter(prefix="/models", tags=["models"])
 _T = TypeVar("_T")
@@ -98,6 +103,74 @@ def _read_token(token: str, phase: str | None) -> bytes:
 @router.get("/{name}", response_model=ModelInfo)
 async def get_model(name: str, gw: GatewayDep, principal: PrincipalDep) -> ModelInfo:
     return _info(gw, await known_model(gw.registry, name, principal), principal)
+
+
+@router.get("/{name}/logs", response_model=None, responses={200: {"model": RuntimeLog}})
+async def model_logs(
+    name: str,
+    request: Request,
+    gw: GatewayDep,
+    principal: PrincipalDep,
+    tail: Annotated[int, Query(ge=1, le=10_000, description="how many of the last lines")] = 200,
+    follow: Annotated[bool, Query(description="stream new lines as server-sent events")] = False,
+) -> RuntimeLog | StreamingResponse:
+    """The end of the model's runtime log, read on the node that runs it (admin keys only).
+    With `follow`, the lines as server-sent events (`data:` one line each), new ones once a
+    second, for as long as the client stays."""
+    require_admin(principal, "read runtime logs")
+    gw.control.require(f"read the runtime log of {name}")
+    state = await known_model(gw.registry, name, principal)
+    node = (
+        state.node
+        or (state.booking.node if state.booking else None)
+        or (state.decision.node if state.decision else None)
+    )
+    if node is None or state.runtime is None:
+        raise ModelNotReady(
+            f"model {name} has no runtime log: it was never placed on a node", extra={"phase": state.phase}
+        )
+    query = LogRequest(state.name, state.runtime, node, tail)
+    first = await _read_log(gw, query)
+    if not follow:
+        return RuntimeLog(model=state.name, node=node, runtime=state.runtime, path=first.path, lines=first.lines)
+
+    async def lines() -> AsyncIterator[bytes]:
+        tail_now = first
+        while True:
+            for line in tail_now.lines:
+                yield b"data: " + line.encode() + b"\n\n"
+            yield b": following\n\n"
+            await asyncio.sleep(1.0)
+            if await request.is_disconnected():
+                return
+            try:
+                tail_now = await _read_log(gw, replace(query, after=tail_now.size))
+            except GatewayError as exc:
+                yield b"event: error\ndata: " + json.dumps(exc.response_body()).encode() + b"\n\n"
+                return
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _read_log(gw: Gateway, query: LogRequest) -> LogTail:
+    """One short `ModeliumRuntimeLog` workflow: the node's activity reads the file."""
+    try:
+        return await gw.temporal.execute_workflow(
+            RuntimeLogWorkflow.run,
+            query,
+            id=f"modelium-log-{query.model}-{uuid.uuid4().hex[:12]}",
+            task_queue=gw.settings.temporal.control_task_queue,
+            execution_timeout=timedelta(seconds=30),
+        )
+    except WorkflowFailureError as exc:
+        # The workflow failed because its activity did: the activity's own error says why.
+        cause: BaseException | None = exc.cause
+        while cause is not None and cause.__cause__ is not None:
+            cause = cause.__cause__
+        message = getattr(cause, "message", None) or str(cause)
+        raise ModelNotReady(f"could not read the runtime log of {query.model} on {query.node}: {message}") from None
+    except RPCError as exc:
+        raise temporal_error(exc, query.model, "read the runtime log of", on_unreachable=gw.control.mark_down) from None
 
 
 @router.post("/{name}/load", response_model=ModelInfo, responses={202: {"model": ModelInfo}})

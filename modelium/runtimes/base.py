@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from modelium.types import Endpoint, LoadRequest
@@ -52,6 +53,11 @@ class RuntimeAdapter(Protocol):
 
     def dead(self) -> dict[str, int | None]:
         """Models whose process exited without being stopped (crashed, killed), with its pid."""
+        ...
+
+    def log_path(self, model: str) -> Path:
+        """The file the runtime writes what it prints while serving `model` (one file per model,
+        or the shared server's one file)."""
         ...
 
     async def adopt(self) -> list[str]:

@@ -93,6 +93,9 @@ class ProcessRuntime(ABC):
     def ports_in_use(self) -> set[int]:
         return {int(e.url.rsplit(":", 1)[1]) for _, e in self._procs.values()}
 
+    def log_path(self, model: str) -> Path:
+        return self._log_dir / f"{model}.log"
+
     async def start(self, request: LoadRequest, progress: Progress) -> Endpoint:
         async with self._lock(request.model):
             existing = self._procs.get(request.model)
@@ -110,7 +113,7 @@ class ProcessRuntime(ABC):
             # Never reach for a model hub: everything is read from the model directory.
             env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
             env.update(self.env(request))
-            proc = ManagedProcess(self.argv(request, port), self._log_dir / f"{request.model}.log", env=env)
+            proc = ManagedProcess(self.argv(request, port), self.log_path(request.model), env=env)
             try:
                 proc.start()
             except OSError as exc:
@@ -163,7 +166,7 @@ class ProcessRuntime(ABC):
             return []
         adopted = []
         for model, record in self._records.load().items():
-            proc = ManagedProcess.adopt(record.pid, record.argv, self._log_dir / f"{model}.log", record.started_at)
+            proc = ManagedProcess.adopt(record.pid, record.argv, self.log_path(model), record.started_at)
             same = process_start_ticks(record.pid) == record.start_ticks and process_argv(record.pid) == record.argv
             if same:
                 try:

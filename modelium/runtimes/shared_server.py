@@ -47,6 +47,10 @@ class SharedServer:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    @property
+    def log_path(self) -> Path:
+        return self._log_path
+
     def exited(self) -> bool:
         """True when this node agent's server process ran and is gone."""
         return self.proc is not None and not self.proc.alive()
@@ -123,6 +127,10 @@ class ServesManyModels(abc.ABC):
 
     def dead(self) -> dict[str, int | None]:
         return dict.fromkeys(self._endpoints, self._server.pid) if self._server.exited() else {}
+
+    def log_path(self, model: str) -> Path:
+        """The server's one log: every model it serves writes there."""
+        return self._server.log_path
 
     async def _still_serving(self, model: str) -> Endpoint | None:
         endpoint = self._endpoints.get(model)
