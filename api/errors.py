@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -62,6 +63,12 @@ class GatewayError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.response_body(), status_code=self.status, headers=self.headers())
+
+    def sse(self, event: str | None = None) -> bytes:
+        """The same envelope as a server-sent event, for a stream whose status line is sent
+        already (OpenAI's streams send it as a plain `data:` line; `event` names it otherwise)."""
+        head = f"event: {event}\n".encode() if event else b""
+        return head + b"data: " + json.dumps(self.response_body()).encode() + b"\n\n"
 
 
 class BadRequest(GatewayError):

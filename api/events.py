@@ -188,10 +188,6 @@ class EventHub:
             self._subscribers.discard(sub)
             self._left_at = time.monotonic()
 
-    @property
-    def listeners(self) -> int:
-        return len(self._subscribers)
-
     # -- watching the fleet ----------------------------------------------------------------------
     def _ensure_watching(self) -> None:
         if self._watcher is None or self._watcher.done():

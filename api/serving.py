@@ -293,9 +293,7 @@ async def relay(gw: Gateway, state: ModelState, stream: Stream, tally: Tally, cl
             status = 499
     except UpstreamFailure as exc:
         status = 502
-        failure = await _unreachable(gw, state, exc)
-        body = {"error": {"message": failure.message, "type": failure.type, "param": None, "code": None}}
-        yield b"data: " + json.dumps(body).encode() + b"\n\n"
+        yield (await _unreachable(gw, state, exc)).sse()
     except BaseException:
         status = 499  # the client went away (the stream was cancelled)
         raise
@@ -331,7 +329,7 @@ async def stream_after_load(
         upstream = await open_stream(gw, loaded, path, content)
     except GatewayError as exc:
         tally.finish(exc.status)
-        yield b"data: " + json.dumps(exc.response_body()).encode() + b"\n\n"
+        yield exc.sse()
         yield b"data: [DONE]\n\n"
         return
     except BaseException:

@@ -146,7 +146,7 @@ async def model_logs(
             try:
                 tail_now = await _read_log(gw, replace(query, after=tail_now.size))
             except GatewayError as exc:
-                yield b"event: error\ndata: " + json.dumps(exc.response_body()).encode() + b"\n\n"
+                yield exc.sse("error")
                 return
 
     return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
