@@ -218,7 +218,7 @@ class NodeActivities:
         adapter = self._adapter(request.runtime)
         started = time.monotonic()
         try:
-            endpoint = await adapter.start(request, progress=lambda msg: activity.heartbeat(msg))
+            endpoint = await adapter.start(request, progress=lambda msg, line=None: activity.heartbeat(msg, line))
         except RuntimeStartError as exc:
             raise ApplicationError(
                 f"{request.runtime} could not start {request.model}: {exc}",

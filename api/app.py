@@ -67,7 +67,7 @@ def create_app(
             timeout=gw_settings.cold_start_timeout_seconds,
             max_waiting=gw_settings.max_waiting_requests,
         )
-        events = EventHub(registry.fleet, registry.nodes, ring_size=gw_settings.events_ring_size)
+        events = EventHub(registry.fleet, registry.nodes, registry.load_report, ring_size=gw_settings.events_ring_size)
         app.state.gateway = Gateway(
             settings=settings,
             temporal=temporal,

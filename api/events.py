@@ -9,8 +9,9 @@ last `ring_size` of them, so a client that reconnects with `Last-Event-ID` gets 
 
 Kinds: `phase` (a model's phase changed: from, to, the reason, seconds in the previous phase),
 `load_progress` (a model on its way up: phase, seconds so far against its last measured load
-time, an estimated fraction), `booking` and `release` (memory booked or given back, per node and
-device), `eviction` (a model unloaded to make room, and why), `node` (a node announced its
+time, an estimated fraction; while it loads, what the load waits on and the runtime's own last
+output line, read from the load activity's heartbeat), `booking` and `release` (memory booked
+or given back, per node and device), `eviction` (a model unloaded to make room, and why), `node` (a node announced its
 devices, or was declared lost), `request` (model, organization, status, latency; at most
 `request_rate` a second, with the number left out since the last one), and `gap`.
 """
@@ -39,6 +40,8 @@ KEEPALIVE_SECONDS = 15.0
 # The fleet is still followed this long after the last listener left, so that a client that
 # reconnects (EventSource retries within seconds) misses nothing.
 LINGER_SECONDS = 60.0
+# Loads whose heartbeats are read each second (one describe call each).
+MAX_REPORTS = 20
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class EventHub:
         self,
         models: Callable[[], Awaitable[list[ModelState]]],
         nodes: Callable[[], Awaitable[list[NodeInventory]]],
+        load_report: Callable[[str], Awaitable[tuple[str | None, str | None] | None]] | None = None,
         *,
         ring_size: int = 2000,
         interval: float = 1.0,
@@ -94,6 +98,7 @@ class EventHub:
     ) -> None:
         self._models = models
         self._nodes = nodes
+        self._load_report = load_report
         self._ring: deque[Event] = deque(maxlen=ring_size)
         self._next_id = 1
         self._subscribers: set[_Subscriber] = set()
@@ -204,7 +209,8 @@ class EventHub:
         nodes_due = 0.0
         while self._subscribers or time.monotonic() - self._left_at < LINGER_SECONDS:
             try:
-                self.models_changed(await self._models())
+                states = await self._models()
+                self.models_changed(states, await self._load_reports(states))
                 if time.monotonic() >= nodes_due:
                     nodes_due = time.monotonic() + self._node_interval
                     self.nodes_announced(await self._nodes())
@@ -215,8 +221,20 @@ class EventHub:
         self._known = None
         self._blind_after = self._next_id - 1
 
-    def models_changed(self, states: list[ModelState]) -> None:
-        """Events for what differs from the last listing (the first one is the baseline)."""
+    async def _load_reports(self, states: list[ModelState]) -> dict[str, tuple[str | None, str | None]]:
+        """What the loads under way last reported (at most MAX_REPORTS of them, one describe
+        call each): the runtime's own progress lines."""
+        if self._load_report is None:
+            return {}
+        loading = [s.name for s in states if s.phase == Phase.LOADING][:MAX_REPORTS]
+        answers = await asyncio.gather(*(self._load_report(name) for name in loading), return_exceptions=True)
+        return {name: answer for name, answer in zip(loading, answers, strict=True) if isinstance(answer, tuple)}
+
+    def models_changed(
+        self, states: list[ModelState], reports: dict[str, tuple[str | None, str | None]] | None = None
+    ) -> None:
+        """Events for what differs from the last listing (the first one is the baseline);
+        `reports`: what running loads last said (`load_report`)."""
         now = time.time()
         current = {s.name: s for s in states}
         known, self._known = self._known, current
@@ -234,6 +252,11 @@ class EventHub:
                 if expected:
                     progress["expected_seconds"] = round(expected, 1)
                     progress["fraction"] = round(min(elapsed / expected, 0.99), 3)
+                waiting_on, line = (reports or {}).get(name, (None, None))
+                if waiting_on:
+                    progress["status"] = waiting_on
+                if line:
+                    progress["runtime_line"] = line
                 self.publish("load_progress", name, progress)
         for name, before in known.items():
             if name not in current:

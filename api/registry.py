@@ -25,6 +25,7 @@ from modelium.types import ModelState, NodeInventory, Phase
 from workflows.contracts import (
     PHASE_KEY,
     UPDATED_KEY,
+    ActivityName,
     listed_inventory,
     listed_state,
     models_changed_query,
@@ -233,11 +234,27 @@ class ModelRegistry:
         List call)."""
         self._control.require("follow the nodes")
         found = []
-        async for execution in self._client.list_workflows(running_nodes_query()):
-            inventory = await listed_inventory(execution)
-            if inventory is not None:
-                found.append(inventory)
+        try:
+            async for execution in self._client.list_workflows(running_nodes_query()):
+                inventory = await listed_inventory(execution)
+                if inventory is not None:
+                    found.append(inventory)
+        except RPCError as exc:
+            raise self._list_failed(exc) from exc
         return found
+
+    async def load_report(self, model: str) -> tuple[str | None, str | None] | None:
+        """What the model's running load last reported by heartbeat: what it waits on, and the
+        runtime's own last output line (one describe call; None when no load is running)."""
+        description = await self._client.get_workflow_handle(workflow_id(model)).describe()
+        for pending in description.raw_description.pending_activities:
+            if pending.activity_type.name != ActivityName.LOAD_MODEL or not pending.HasField("heartbeat_details"):
+                continue
+            values = await self._client.data_converter.decode(pending.heartbeat_details.payloads)
+            message = values[0] if values and isinstance(values[0], str) else None
+            line = values[1] if len(values) > 1 and isinstance(values[1], str) else None
+            return message, line
+        return None
 
     def phase_counts(self) -> dict[str, int]:
         """Models by phase as last listed (empty until the first listing), for `modelium_models`."""

@@ -58,7 +58,7 @@ async def measure(root: Path, device: str, only: set[str]) -> list[tuple[str, in
         analysis = analyze_directory(path, name)
         estimate = analysis.memory_estimates["embedded"]
         request = LoadRequest(name, str(path), "embedded", task, Booking(name, "bench", device, estimate))
-        endpoint = await adapter.start(request, progress=lambda _msg: None)
+        endpoint = await adapter.start(request, progress=lambda *_: None)
         try:
             loaded = rss(endpoint.pid)
             # The node agent's warm-up: one token (or one short input), then its first measure.

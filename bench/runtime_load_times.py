@@ -58,7 +58,7 @@ async def measure(name: str, adapter: Any, request: Callable[[int], LoadRequest]
         for i in range(repeats):
             req = request(i)
             started = time.monotonic()
-            endpoint = await adapter.start(req, progress=lambda _m: None)
+            endpoint = await adapter.start(req, progress=lambda *_: None)
             loads.append(time.monotonic() - started)
             await _ask(endpoint, req.model)
             started = time.monotonic()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from modelium.types import Endpoint, LoadRequest
 
-Progress = Callable[[str], None]
+
+class Progress(Protocol):
+    """Called while a runtime comes up: what the adapter is waiting on, and the runtime's own
+    last output line where it prints one ("Loading safetensors checkpoint shards: 40%")."""
+
+    def __call__(self, message: str, line: str | None = None, /) -> None: ...
 
 
 class RuntimeStartError(RuntimeError):

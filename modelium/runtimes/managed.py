@@ -155,7 +155,7 @@ class ProcessRuntime(ABC):
                         f"not healthy after {self._load_timeout:.0f}s ({exc}); last lines of "
                         f"{proc.log_path}:\n{proc.log_tail()}"
                     ) from None
-            progress(f"waiting for {model} (pid {proc.pid})")
+            progress(f"waiting for {model} (pid {proc.pid})", proc.last_line())
             await asyncio.sleep(0.25)
 
     async def adopt(self) -> list[str]:

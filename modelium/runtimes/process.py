@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -63,6 +64,8 @@ class ManagedProcess:
         # Set instead of `_proc` for a process started by an earlier node agent (adopted).
         self._adopted: int | None = None
         self.started_at: float | None = None
+        # Where this run's output starts in the log (earlier runs' output comes before it).
+        self._log_start = 0
 
     @classmethod
     def adopt(cls, pid: int, argv: Sequence[str], log_path: Path, started_at: float | None = None) -> ManagedProcess:
@@ -79,6 +82,7 @@ class ManagedProcess:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as logfile:
+            self._log_start = logfile.tell()
             self._proc = subprocess.Popen(
                 self.argv,
                 stdout=logfile,
@@ -107,11 +111,30 @@ class ManagedProcess:
             return ""
         return "\n".join(text.strip().splitlines()[-lines:])
 
+    def last_line(self, limit: int = 200) -> str | None:
+        """The last line this run printed (a progress bar's latest state: lines redrawn with a
+        carriage return count as lines), at most `limit` characters; None before any."""
+        try:
+            with self.log_path.open("rb") as f:
+                end = f.seek(0, 2)
+                start = max(self._log_start, end - 4096)
+                if end <= start:
+                    return None
+                f.seek(start)
+                text = f.read(end - start).decode("utf-8", errors="replace")
+        except OSError:
+            return None
+        for line in reversed(re.split(r"[\r\n]", text)):
+            line = line.strip()
+            if line:
+                return line if len(line) <= limit else line[: limit - 1] + "…"
+        return None
+
     async def wait_healthy(
         self,
         url: str,
         timeout: float,
-        tick: Callable[[], None] | None = None,
+        tick: Callable[[str | None], None] | None = None,
         interval: float = 0.25,
     ) -> None:
         """Poll `url` until it answers 200, the process exits, or `timeout` passes."""
@@ -134,7 +157,7 @@ class ManagedProcess:
                         f"not healthy after {timeout:.0f}s at {url}; last lines of {self.log_path}:\n{self.log_tail()}"
                     )
                 if tick is not None:
-                    tick()
+                    tick(self.last_line())
                 await asyncio.sleep(interval)
 
     def stop(self, grace: float = 10.0) -> None:

@@ -72,7 +72,9 @@ class SharedServer:
             self._key, self.proc, Endpoint(url, self._protocol, self._runtime, self._node, self.proc.pid)
         )
         try:
-            await self.proc.wait_healthy(health_url, timeout, tick=lambda: progress(f"waiting for {argv[0]}"))
+            await self.proc.wait_healthy(
+                health_url, timeout, tick=lambda line: progress(f"waiting for {argv[0]}", line)
+            )
         except BaseException:
             await self.stop()
             raise

@@ -41,7 +41,7 @@ async def test_ray_serve_deploys_serves_and_deletes(demo_models: dict[str, Path]
         "sentiment", model, "ray_serve", Task.TEXT_CLASSIFICATION, Booking("sentiment", "n", "cpu", 1)
     )
     started = time.monotonic()
-    endpoint = await adapter.start(request, progress=lambda _m: None)
+    endpoint = await adapter.start(request, progress=lambda *_: None)
     loaded_in = time.monotonic() - started
     head = endpoint.pid
     try:
@@ -53,7 +53,7 @@ async def test_ray_serve_deploys_serves_and_deletes(demo_models: dict[str, Path]
             await adapter.check_health("sentiment")
             # A second model is a second application on the same cluster.
             second = LoadRequest("other", model, "ray_serve", Task.TEXT_CLASSIFICATION, Booking("other", "n", "cpu", 1))
-            other = await adapter.start(second, progress=lambda _m: None)
+            other = await adapter.start(second, progress=lambda *_: None)
             assert other.url.endswith("/other") and other.pid == head
             started = time.monotonic()
             assert await adapter.stop("sentiment")

@@ -60,7 +60,7 @@ async def test_triton_adapter_loads_serves_and_unloads(tmp_path: Path) -> None:
         "adder", str(entry), "triton", Task.CUSTOM, Booking("adder", "n", "cpu", 2**30), ModelFormat.TRITON
     )
     started = time.monotonic()
-    endpoint = await adapter.start(request, progress=lambda _m: None)
+    endpoint = await adapter.start(request, progress=lambda *_: None)
     loaded_in = time.monotonic() - started
     try:
         assert endpoint.protocol == "kserve-v2" and endpoint.pid is not None
@@ -126,13 +126,13 @@ async def test_a_restarted_node_agent_adopts_the_triton_server(tmp_path: Path) -
     request = LoadRequest(
         "adder", str(entry), "triton", Task.CUSTOM, Booking("adder", "n", "cpu", 2**30), ModelFormat.TRITON
     )
-    endpoint = await first.start(request, progress=lambda _m: None)
+    endpoint = await first.start(request, progress=lambda *_: None)
     # The node agent is killed: `first` is dropped without stopping anything. The next one adopts.
     second = TritonRuntimeAdapter("n", tmp_path / "state", tmp_path / "logs", config)
     try:
         assert await second.adopt() == ["adder"]
         await second.check_health("adder")
-        again = await second.start(request, progress=lambda _m: None)
+        again = await second.start(request, progress=lambda *_: None)
         assert again.url == endpoint.url and again.pid == endpoint.pid, "not started a second time"
     finally:
         await second.stop_all()
