@@ -18,9 +18,10 @@ from api.control_plane import ControlPlane
 from api.deps import Gateway
 from api.events import EventHub
 from api.limits import BodyLimit, HeadAsGet
+from api.recent import RecentRequests
 from api.registry import ModelRegistry
 from api.routes import events as events_routes
-from api.routes import health, inference, models, openai
+from api.routes import fleet, health, inference, models, openai
 from api.temporal_client import connect_temporal
 from api.upstream import UpstreamPool
 from api.usage import UsageBatcher
@@ -79,6 +80,7 @@ def create_app(
             keys=keys,
             control=probe,
             events=events,
+            recent=RecentRequests(),
         )
         try:
             yield
@@ -113,6 +115,7 @@ def create_app(
     app.include_router(inference.router)
     app.include_router(openai.router)
     app.include_router(events_routes.router)
+    app.include_router(fleet.router)
     return app
 
 

@@ -12,6 +12,7 @@ from api.auth import KeyRing, Principal
 from api.coldstart import ColdStarts
 from api.control_plane import ControlPlane
 from api.events import EventHub
+from api.recent import RecentRequests
 from api.registry import ModelRegistry
 from api.upstream import UpstreamPool
 from api.usage import UsageBatcher
@@ -34,6 +35,7 @@ class Gateway:
     keys: KeyRing
     control: ControlPlane
     events: EventHub
+    recent: RecentRequests
 
 
 # Dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread

@@ -232,3 +232,68 @@ class RuntimeLog(BaseModel):
     runtime: str
     path: str
     lines: list[str]
+
+
+class DeviceBooking(BaseModel):
+    model: str
+    bytes: int
+    phase: str
+
+
+class DeviceInfo(BaseModel):
+    device: str
+    name: str
+    total_bytes: int
+    used_bytes: int | None
+    booked_bytes: int
+    # Who holds the booked bytes (the models this key may see; the rest are in `booked_bytes`).
+    bookings: list[DeviceBooking]
+
+
+class NodeInfo(BaseModel):
+    node: str
+    devices: list[DeviceInfo]
+    runtimes: list[str]
+    announced_at: float
+    lost: str | None = None
+
+
+class NodeList(BaseModel):
+    nodes: list[NodeInfo]
+
+
+class ModelRequestSeries(BaseModel):
+    # Per second, oldest first: requests answered (any status), and the median latency of those
+    # answered with 200 (null for a second without one).
+    requests: list[int]
+    p50_ms: list[float | None]
+    total: int
+    errors: int
+    p50_ms_window: float | None
+
+
+class RequestSeries(BaseModel):
+    start: int
+    seconds: int
+    models: dict[str, ModelRequestSeries]
+
+
+class Caller(BaseModel):
+    name: str
+    organization: str
+    admin: bool
+
+
+class UiConfig(BaseModel):
+    """What the dashboard needs to know before it asks for anything else."""
+
+    version: str
+    keys_required: bool
+    principal: Caller
+    # The Temporal Web UI, for links to each model's workflow (null: none known).
+    temporal_ui: str | None
+    namespace: str
+    # A model's workflow id is this prefix and its name.
+    workflow_id_prefix: str
+    phases: list[str]
+    recent_seconds: float

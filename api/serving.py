@@ -132,6 +132,7 @@ class Tally:
             model=self.model, runtime=self.runtime, status=str(status), organizationId=self.organization
         ).inc()
         self.gw.events.request(self.model, self.organization, status, seconds)
+        self.gw.recent.add(self.model, self.organization, status, seconds)
         if status == 200:
             metrics.request_duration.labels(model=self.model, runtime=self.runtime).observe(seconds)
             self.gw.usage.record(self.model, self.organization)
