@@ -21,7 +21,7 @@ from api.limits import BodyLimit, HeadAsGet
 from api.recent import RecentRequests
 from api.registry import ModelRegistry
 from api.routes import events as events_routes
-from api.routes import fleet, health, inference, models, openai
+from api.routes import fleet, health, inference, models, openai, ui
 from api.temporal_client import connect_temporal
 from api.upstream import UpstreamPool
 from api.usage import UsageBatcher
@@ -116,6 +116,7 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(events_routes.router)
     app.include_router(fleet.router)
+    app.include_router(ui.router)
     return app
 
 

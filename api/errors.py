@@ -110,6 +110,12 @@ class TooManyWaiting(GatewayError):
     code = "too_many_waiting"
 
 
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
 class ModelNotFound(GatewayError):
     status = 404
     type = "invalid_request_error"

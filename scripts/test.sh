@@ -3,6 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The dashboard's browser tests (tests/integration/test_dashboard.py) use Debian's Chromium; as
+# root with apt-get it is installed here, once (Playwright's own browser download is not used).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing Debian's chromium for the dashboard's browser tests"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 # Static checks first: lint, format and types (STYLE.md), then the tests.
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -210,6 +210,9 @@ class Temporal(_Section):
     port: int = Field(default=7233, ge=1, le=65535)
     ui_port: int = Field(default=8233, ge=1, le=65535)
     ui: bool = True
+    # The Temporal Web UI of a cluster (`address` set), for the dashboard's links to each model's
+    # workflow, e.g. https://temporal.example.com. The embedded server's UI is known without it.
+    ui_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
     startup_timeout_seconds: float = Field(default=60.0, gt=0.0, le=MAX_DURATION_SECONDS)
     # Model workflows the control worker keeps in memory (about 0.3 MB each, bench/scale.py).
     # None: sized from the number of models, at most 4,000; one not cached replays its history

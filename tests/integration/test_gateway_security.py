@@ -123,11 +123,12 @@ async def test_keys_scopes_organizations_and_limits(
 
         # Names from paths are checked before they reach workflow ids or metric labels.
         # ".." and "a%2Fb" never reach a model route (the client resolves "..", "%2F" is a path
-        # separator to the router): no route, a 404 that names no model.
+        # separator to the router): no route (".." resolves to "/", the dashboard's redirect, which
+        # takes no POST: 405), an error that names no model.
         for bad_name in ("UPPER", "a b", ".hidden", "x" * 64, "..", "a%2Fb"):
             answer = await http.post(f"/predict/{bad_name}", json={"prompt": "x"}, headers=user)
             if bad_name in ("..", "a%2Fb"):
-                assert answer.status_code == 404, (bad_name, answer.text)
+                assert answer.status_code in (404, 405), (bad_name, answer.text)
                 assert "known_models" not in answer.json()["error"], answer.text
             else:
                 assert answer.status_code == 400, (bad_name, answer.text)
