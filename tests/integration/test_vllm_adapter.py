@@ -82,8 +82,12 @@ async def test_vllm_contract_from_booking_to_stop(
     )
     model = str(demo_models["text-generation"])
     booking = Booking("big", "n", "cuda:0", 20 * GIB, ["cuda:0", "cuda:1"])
-    progress: list[str] = []
-    endpoint = await adapter.start(LoadRequest("big", model, "vllm", "text-generation", booking), progress.append)
+    progress: list[tuple[str, str | None]] = []
+
+    def report(message: str, line: str | None = None) -> None:
+        progress.append((message, line))
+
+    endpoint = await adapter.start(LoadRequest("big", model, "vllm", "text-generation", booking), report)
     try:
         [seen] = _records(record)
         port = int(endpoint.url.rsplit(":", 1)[1])
@@ -111,11 +115,11 @@ async def test_vllm_contract_from_booking_to_stop(
             answer = await http.post("/v1/completions", json={"model": "big", "prompt": "Hi", "max_tokens": 2})
             assert answer.status_code == 200 and answer.json()["model"] == "big"
         # Idempotent: a retried load returns the running server.
-        again = await adapter.start(LoadRequest("big", model, "vllm", "text-generation", booking), progress.append)
+        again = await adapter.start(LoadRequest("big", model, "vllm", "text-generation", booking), report)
         assert again == endpoint and len(_records(record)) == 1
         # A second model takes the next port of the range.
         single = Booking("small", "n", "cuda:1", 8 * GIB)
-        other = await adapter.start(LoadRequest("small", model, "vllm", "text-generation", single), progress.append)
+        other = await adapter.start(LoadRequest("small", model, "vllm", "text-generation", single), report)
         assert other.url != endpoint.url
         assert _records(record)[1]["argv"][-5:-2] == ["1", "--gpu-memory-utilization", "0.1"]
         await adapter.stop("small")
