@@ -41,7 +41,7 @@ from workflows.contracts import (
     running_nodes_query,
 )
 from workflows.nodes import NodeRegistryWorkflow
-from workflows.steps import DecideRequest
+from workflows.steps import DecideRequest, UpdateOutcome
 
 # Where the nodes' inventories and the loaded models come from: workflows in production, fixed
 # lists in tests.
@@ -364,5 +364,16 @@ class ControlActivities:
             raise ApplicationError("this control worker has no Temporal client", non_retryable=True)
         return self._client
 
+    @activity.defn(name=ActivityName.COUNT_UPDATE)
+    async def count_update(self, outcome: UpdateOutcome) -> None:
+        self._metrics.updates.labels(model=outcome.model, result=outcome.result).inc()
+
     def all(self) -> list[Callable[..., Any]]:
-        return [self.analyze_model, self.decide_runtime, self.evict_models, self.notify_waiting, self.notify_node_lost]
+        return [
+            self.analyze_model,
+            self.decide_runtime,
+            self.evict_models,
+            self.notify_waiting,
+            self.notify_node_lost,
+            self.count_update,
+        ]

@@ -19,15 +19,17 @@ from modelium.ledger import InsufficientCapacity, Ledger
 from modelium.metrics import Metrics
 from modelium.runtimes.base import RuntimeAdapter, RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.process import pid_alive
-from modelium.types import Booking, LoadRequest
+from modelium.types import Booking, Endpoint, LoadRequest
 from workflows.contracts import ActivityName, ErrorType, MemoryPeak
 from workflows.steps import (
     ConfirmFreedRequest,
+    DrainRequest,
     HealthRequest,
     LoadResult,
     LogRequest,
     LogTail,
     ReserveRequest,
+    SmokeRequest,
     UnloadRequest,
 )
 
@@ -273,6 +275,43 @@ class NodeActivities:
         except RuntimeUnhealthy as exc:
             raise expected_failure(str(exc), ErrorType.RUNTIME_UNHEALTHY) from None
 
+    @activity.defn(name=ActivityName.SMOKE_CHECK)
+    async def smoke_check(self, request: SmokeRequest) -> str:
+        """A new version's first real request, before any client's: one token from a fixed prompt,
+        or one short input. Fails (not retried) with what the runtime answered."""
+        adapter = self._adapter(request.runtime)
+        smoke = getattr(adapter, "smoke", None)
+        try:
+            await adapter.check_health(request.model)
+            sent = bool(smoke is not None and await smoke(request.endpoint, request.model))
+        except RuntimeUnhealthy as exc:
+            raise expected_failure(f"smoke check failed: {exc}", ErrorType.SMOKE_FAILED) from None
+        return "answered one real request" if sent else "healthy (this protocol has no request to send blind)"
+
+    @activity.defn(name=ActivityName.DRAIN_RUNTIME)
+    async def drain_runtime(self, request: DrainRequest) -> str:
+        """Wait until an instance that gateways no longer route to has answered what it had: at
+        least `settle_seconds` (gateways reuse an endpoint for up to gateway.endpoint_cache_seconds),
+        then until it reports nothing in flight twice in a row, at most `seconds`. A runtime that
+        does not tell its in-flight requests is given all of `seconds`."""
+        adapter = self._adapter(request.runtime)
+        endpoint = _endpoint_of(adapter, request.model)
+        started = time.monotonic()
+        deadline = started + max(request.seconds, 0.0)
+        idle_checks = 0
+        while time.monotonic() < deadline:
+            activity.heartbeat(f"draining {request.model}")
+            counting = getattr(adapter, "in_flight", None)
+            count = await counting(endpoint) if counting is not None and endpoint is not None else None
+            if endpoint is None:
+                return "nothing to drain: it no longer runs"
+            settled = time.monotonic() - started >= request.settle_seconds
+            idle_checks = idle_checks + 1 if count == 0 else 0
+            if settled and idle_checks >= 2:
+                return f"drained in {time.monotonic() - started:.1f}s"
+            await asyncio.sleep(0.25)
+        return f"drain time of {request.seconds:g}s over"
+
     @activity.defn(name=ActivityName.READ_RUNTIME_LOG)
     async def read_runtime_log(self, request: LogRequest) -> LogTail:
         """The last `tail` lines of the model's runtime log (at most the last MiB of it), or what
@@ -289,7 +328,15 @@ class NodeActivities:
             self.check_health,
             self.confirm_memory_freed,
             self.read_runtime_log,
+            self.smoke_check,
+            self.drain_runtime,
         ]
+
+
+def _endpoint_of(adapter: RuntimeAdapter, key: str) -> Endpoint | None:
+    """The endpoint of a running instance, for runtimes that run one process per instance."""
+    find = getattr(adapter, "endpoint", None)
+    return find(key) if callable(find) else None  # type: ignore[no-any-return]
 
 
 LOG_READ_LIMIT = 2**20

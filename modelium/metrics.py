@@ -125,6 +125,13 @@ class Metrics:
             ["runtime", "source"],
             registry=r,
         )
+        self.updates = Counter(
+            "modelium_model_updates",
+            "New versions of a loaded model: switched beside the old one, failed (the old one kept "
+            "serving) or recreated (taken down, then loaded)",
+            ["model", "result"],
+            registry=r,
+        )
         self.evictions = Counter(
             "modelium_evictions", "Idle models unloaded to make room for another", ["node"], registry=r
         )

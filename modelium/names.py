@@ -50,6 +50,21 @@ def validate_model_name(name: str) -> str:
     return name
 
 
+# A model's runtime instance on a node (its process, booking and log) is keyed by the model's name,
+# or, for a second version loaded beside the serving one during an update, by the name, this
+# mark and the update's number ("tiny-gpt2@u3"): never a model name, which has no '@'.
+INSTANCE_MARK = "@u"
+
+
+def instance_key(model: str, update: int | None = None) -> str:
+    return model if not update else f"{model}{INSTANCE_MARK}{update}"
+
+
+def model_of(key: str) -> str:
+    """The model an instance key belongs to (the name the runtime serves it under)."""
+    return key.split(INSTANCE_MARK, 1)[0]
+
+
 def workflow_id(model: str) -> str:
     return WORKFLOW_ID_PREFIX + validate_model_name(model)
 

@@ -221,6 +221,8 @@ class ModelOverrides:
     # Restrict placement: a node id, and devices on it ("cpu", "cuda:0", ...).
     node: str | None = None
     devices: list[str] = field(default_factory=list)
+    # false: an update switches to the new version without the smoke check's real request.
+    smoke: bool | None = None
     # Where each value came from, for messages ("models.foo in modelium.yaml", ...).
     source: str = ""
 
@@ -331,6 +333,23 @@ class ModelState:
     demanded_at: float | None = None
     # The most memory its runtime held while loaded (RSS on CPU, NVML on a GPU), after a warm-up.
     peak_memory_bytes: int | None = None
+    # The key its runtime instance has on its node (process, booking, log; see
+    # modelium.names.instance_key): None for the model's name, "name@uN" after an update.
+    instance: str | None = None
+    # Updates (new files while loaded): how many were tried; the one under way ("analyzing",
+    # "loading_beside", "smoke_check", "draining") or the last one's failure ("update_failed",
+    # the old version still serving) with its reason; the new version's booking while it loads
+    # beside the old one; and when the serving version was switched to.
+    update_count: int = 0
+    update_state: str | None = None
+    update_error: str | None = None
+    update_booking: Booking | None = None
+    switched_at: float | None = None
+
+    @property
+    def key(self) -> str:
+        """Its runtime instance's key on its node."""
+        return self.instance or self.name
 
     def wait_order(self) -> tuple[int, float]:
         """Its place among models waiting for capacity: pinned first, then the earliest asked."""

@@ -18,7 +18,7 @@ from modelium.config import Settings
 from modelium.gpu import GpuReader, MemoryProfiles, NvmlReader
 from modelium.ledger import Ledger, system_memory_bytes
 from modelium.metrics import Metrics
-from modelium.names import node_task_queue, node_workflow_id, workflow_id
+from modelium.names import model_of, node_task_queue, node_workflow_id, workflow_id
 from modelium.runtimes import EMBEDDED, RAY_SERVE, TRITON, VLLM, enabled_runtimes
 from modelium.runtimes.base import RuntimeAdapter
 from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
@@ -128,7 +128,9 @@ async def report_peaks(client: Client, agent: NodeAgent) -> None:
     for peak in await asyncio.to_thread(agent.activities.track_peaks):
         agent.activities.bookings_changed.set()  # its booking may have grown
         try:
-            await client.get_workflow_handle(workflow_id(peak.model)).signal(ModelLifecycleWorkflow.memory_peak, peak)
+            await client.get_workflow_handle(workflow_id(model_of(peak.model))).signal(
+                ModelLifecycleWorkflow.memory_peak, peak
+            )
         except RPCError as exc:
             log.info("could not report %s's memory peak: %s", peak.model, exc.message)
 
@@ -142,9 +144,9 @@ async def watch_processes(client: Client, agent: NodeAgent, interval: float) -> 
         for model, pid in dead - reported:
             log.warning("runtime process %s of %s exited on its own", pid, model)
             try:
-                await client.get_workflow_handle(workflow_id(model)).signal(
+                await client.get_workflow_handle(workflow_id(model_of(model))).signal(
                     ModelLifecycleWorkflow.report_unhealthy,
-                    HealthReport(f"its runtime process {pid} on node {agent.node_id} exited"),
+                    HealthReport(f"its runtime process {pid} ({model}) on node {agent.node_id} exited"),
                 )
             except RPCError as exc:
                 log.warning("could not report %s's exit: %s", model, exc.message)
@@ -234,7 +236,7 @@ async def reconcile_node(client: Client, agent: NodeAgent) -> int:
     async for execution in client.list_workflows(query):
         handle = client.get_workflow_handle(execution.id)
         state = await handle.query(ModelLifecycleWorkflow.state)
-        if state.name in running:
+        if state.key in running:
             continue
         await handle.signal(
             ModelLifecycleWorkflow.report_unhealthy,
@@ -248,15 +250,17 @@ async def reconcile_node(client: Client, agent: NodeAgent) -> int:
     for model in sorted(set(agent.adopted) | {b.model for b in agent.ledger.bookings()}):
         known: ModelState | None
         try:
-            known = await client.get_workflow_handle(workflow_id(model)).query(ModelLifecycleWorkflow.state)
+            known = await client.get_workflow_handle(workflow_id(model_of(model))).query(ModelLifecycleWorkflow.state)
         except (RPCError, WorkflowQueryFailedError):
             known = None
-        # Wanted: its workflow holds a booking here (or is taking one now). A model written off
-        # when this node was lost holds none, even while it waits to be placed again.
-        wanted = (
-            known is not None
-            and known.node == agent.node_id
-            and ((known.booking is not None and known.booking.node == agent.node_id) or known.phase == Phase.RESERVING)
+        # Wanted: its workflow holds a booking here (or is taking one now) under this key, the
+        # serving instance's or, during an update, the new version's. A model written off when
+        # this node was lost holds none, even while it waits to be placed again.
+        held = [b for b in (known.booking, known.update_booking) if b is not None] if known else []
+        wanted = known is not None and (
+            any(b.node == agent.node_id and b.model == model for b in held)
+            or (known.node == agent.node_id and known.phase == Phase.RESERVING and model == known.key)
+            or (known.update_state == "loading_beside" and model != known.key)
         )
         if not wanted:
             log.info("stopping %s and dropping its booking: no workflow wants it on node %s", model, agent.node_id)

@@ -51,6 +51,9 @@ class ActivityName:
     NOTIFY_WAITING = "notify_waiting_models"
     NOTIFY_NODE_LOST = "notify_node_lost"
     READ_RUNTIME_LOG = "read_runtime_log"
+    SMOKE_CHECK = "smoke_check"
+    DRAIN_RUNTIME = "drain_runtime"
+    COUNT_UPDATE = "count_update"
 
 
 class ErrorType(StrEnum):
@@ -66,6 +69,7 @@ class ErrorType(StrEnum):
     NO_CAPACITY = "NoCapacity"
     MODEL_TOO_LARGE = "ModelTooLarge"
     MEMORY_NOT_FREED = "MemoryNotFreed"
+    SMOKE_FAILED = "SmokeCheckFailed"
 
 
 WORKFLOW_TYPE = "ModelLifecycle"
@@ -209,6 +213,12 @@ class LifecycleInput:
     max_restarts: int = 3
     restart_backoff_seconds: float = 2.0
     preload: str = Preload.FIT
+    # orchestration.updates: `blue_green` or `recreate`, and the old version's drain time.
+    update_strategy: str = "blue_green"
+    drain_seconds: float = 30.0
+    # Runtimes on which the new version runs beside the old one (modelium.runtimes.BESIDE_RUNTIMES;
+    # the others, and workflows started before this was set, recreate).
+    beside_runtimes: list[str] = field(default_factory=list)
     # A run continues as new past this many history events, if Temporal has not suggested it
     # before (Temporal's own hard limit is 51,200).
     history_limit: int | None = 10_000

@@ -95,6 +95,32 @@ class UnloadRequest:
 
 
 @dataclass
+class SmokeRequest:
+    """Check a freshly loaded instance with one real request before any traffic goes to it."""
+
+    model: str  # the instance key (see modelium.names.instance_key)
+    runtime: str
+    endpoint: Endpoint
+
+
+@dataclass
+class DrainRequest:
+    """Wait until an instance that no longer gets new requests has answered those it had, at
+    most `seconds` (and at least `settle_seconds`, for gateways to stop sending it any)."""
+
+    model: str  # the instance key
+    runtime: str
+    seconds: float
+    settle_seconds: float = 2.0
+
+
+@dataclass
+class UpdateOutcome:
+    model: str
+    result: str  # switched | failed | recreated
+
+
+@dataclass
 class HealthRequest:
     model: str
     runtime: str
@@ -254,4 +280,41 @@ def read_runtime_log(request: LogRequest) -> workflow.ActivityHandle[LogTail]:
         start_to_close_timeout=timedelta(seconds=20),
         schedule_to_close_timeout=timedelta(seconds=30),
         retry_policy=RetryPolicy(maximum_attempts=1),
+    )
+
+
+def smoke_check(request: SmokeRequest, node: str) -> workflow.ActivityHandle[str]:
+    """One real request to a new version before the route switches to it; says what was sent."""
+    return workflow.start_activity(
+        ActivityName.SMOKE_CHECK,
+        request,
+        result_type=str,
+        task_queue=node_task_queue(node),
+        start_to_close_timeout=timedelta(seconds=90),
+        schedule_to_close_timeout=timedelta(minutes=3),
+        retry_policy=RetryPolicy(maximum_attempts=2, non_retryable_error_types=[ErrorType.SMOKE_FAILED]),
+    )
+
+
+def drain_runtime(request: DrainRequest, node: str) -> workflow.ActivityHandle[str]:
+    """Wait for an old version's requests to finish (bounded by the request's `seconds`)."""
+    return workflow.start_activity(
+        ActivityName.DRAIN_RUNTIME,
+        request,
+        result_type=str,
+        task_queue=node_task_queue(node),
+        start_to_close_timeout=timedelta(seconds=request.seconds + 60),
+        schedule_to_close_timeout=timedelta(seconds=request.seconds + 120),
+        heartbeat_timeout=timedelta(seconds=20),
+        retry_policy=RetryPolicy(maximum_attempts=2),
+    )
+
+
+def count_update(outcome: UpdateOutcome) -> Awaitable[None]:
+    """`modelium_model_updates_total{model,result}` in the control worker's metrics."""
+    return workflow.execute_local_activity(
+        ActivityName.COUNT_UPDATE,
+        outcome,
+        start_to_close_timeout=timedelta(seconds=10),
+        retry_policy=RetryPolicy(maximum_attempts=3),
     )

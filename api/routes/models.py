@@ -22,7 +22,7 @@ from api.deps import Gateway, GatewayDep, PrincipalDep
 from api.errors import BadRequest, GatewayError, ModelNotReady, temporal_error
 from api.schemas import LoadModelRequest, ModelInfo, ModelList, RuntimeLog, UnloadModelRequest
 from api.serving import known_model
-from modelium.names import workflow_id
+from modelium.names import model_of, workflow_id
 from modelium.types import LISTED_PHASES, ModelState
 from workflows.contracts import EnsureLoadedRequest, EnsureUnloadedRequest, LoadCommand, UnloadCommand
 from workflows.lifecycle import ModelLifecycleWorkflow
@@ -129,7 +129,7 @@ async def model_logs(
         raise ModelNotReady(
             f"model {name} has no runtime log: it was never placed on a node", extra={"phase": state.phase}
         )
-    query = LogRequest(state.name, state.runtime, node, tail)
+    query = LogRequest(state.key, state.runtime, node, tail)
     first = await _read_log(gw, query)
     if not follow:
         return RuntimeLog(model=state.name, node=node, runtime=state.runtime, path=first.path, lines=first.lines)
@@ -154,11 +154,12 @@ async def model_logs(
 
 async def _read_log(gw: Gateway, query: LogRequest) -> LogTail:
     """One short `ModeliumRuntimeLog` workflow: the node's activity reads the file."""
+    name = model_of(query.model)  # the query names the instance (a new version's has its own log)
     try:
         return await gw.temporal.execute_workflow(
             RuntimeLogWorkflow.run,
             query,
-            id=f"modelium-log-{query.model}-{uuid.uuid4().hex[:12]}",
+            id=f"modelium-log-{name}-{uuid.uuid4().hex[:12]}",
             task_queue=gw.settings.temporal.control_task_queue,
             execution_timeout=timedelta(seconds=30),
         )
@@ -168,9 +169,9 @@ async def _read_log(gw: Gateway, query: LogRequest) -> LogTail:
         while cause is not None and cause.__cause__ is not None:
             cause = cause.__cause__
         message = getattr(cause, "message", None) or str(cause)
-        raise ModelNotReady(f"could not read the runtime log of {query.model} on {query.node}: {message}") from None
+        raise ModelNotReady(f"could not read the runtime log of {name} on {query.node}: {message}") from None
     except RPCError as exc:
-        raise temporal_error(exc, query.model, "read the runtime log of", on_unreachable=gw.control.mark_down) from None
+        raise temporal_error(exc, name, "read the runtime log of", on_unreachable=gw.control.mark_down) from None
 
 
 @router.post("/{name}/load", response_model=ModelInfo, responses={202: {"model": ModelInfo}})

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from modelium.config import EmbeddedRuntime as EmbeddedConfig
+from modelium.names import model_of
 from modelium.runtimes import EMBEDDED
 from modelium.runtimes.managed import ProcessRuntime
 from modelium.types import EndpointProtocol, LoadRequest, Task
@@ -61,7 +62,7 @@ class EmbeddedRuntimeAdapter(ProcessRuntime):
             "--model-dir",
             request.path,
             "--name",
-            request.model,
+            model_of(request.model),
             "--task",
             request.task,
             "--host",

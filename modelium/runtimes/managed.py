@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from modelium.gpu import process_tree
+from modelium.names import model_of
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.process import ManagedProcess, free_port, process_argv, process_start_ticks
 from modelium.runtimes.records import RuntimeRecords
@@ -89,6 +90,11 @@ class ProcessRuntime(ABC):
     def process(self, model: str) -> ManagedProcess | None:
         entry = self._procs.get(model)
         return entry[0] if entry else None
+
+    def endpoint(self, model: str) -> Endpoint | None:
+        """Where a running instance answers (None when it does not run)."""
+        entry = self._procs.get(model)
+        return entry[1] if entry is not None and entry[0].alive() else None
 
     def ports_in_use(self) -> set[int]:
         return {int(e.url.rsplit(":", 1)[1]) for _, e in self._procs.values()}
@@ -191,8 +197,18 @@ class ProcessRuntime(ABC):
         """One smallest real request (one token, or one short input), so that memory measured
         afterwards includes what the first inference maps and allocates. False when this
         protocol has no request that needs no model-specific input."""
+        try:
+            return await self.smoke(endpoint, model)
+        except RuntimeUnhealthy as exc:
+            log.warning("warm-up request to %s failed: %s", model, exc)
+            return False
+
+    async def smoke(self, endpoint: Endpoint, model: str) -> bool:
+        """The smallest real request, checked: one token from a fixed prompt (OpenAI protocol),
+        or one short input (`/predict`). Raises RuntimeUnhealthy with what went wrong; False when
+        the protocol has no request that needs no model-specific input (nothing was sent)."""
         if endpoint.protocol == EndpointProtocol.OPENAI:
-            url, body = f"{endpoint.url}/v1/completions", {"model": model, "prompt": "Hello", "max_tokens": 1}
+            url, body = f"{endpoint.url}/v1/completions", {"model": model_of(model), "prompt": "Hello", "max_tokens": 1}
         elif endpoint.protocol == EndpointProtocol.MODELIUM_JSON:
             url, body = f"{endpoint.url}/predict", {"inputs": "Hello"}
         else:
@@ -201,12 +217,27 @@ class ProcessRuntime(ABC):
             async with httpx.AsyncClient(timeout=WARM_UP_TIMEOUT) as client:
                 response = await client.post(url, json=body)
         except httpx.HTTPError as exc:
-            log.warning("warm-up request to %s failed: %s", model, exc)
-            return False
+            raise RuntimeUnhealthy(f"{url} did not answer: {exc or type(exc).__name__}") from None
         if response.status_code != 200:
-            log.warning("warm-up request to %s answered %s: %s", model, response.status_code, response.text[:200])
-            return False
+            raise RuntimeUnhealthy(f"{url} answered {response.status_code}: {response.text[:200]}")
+        try:
+            answer = response.json()
+        except ValueError:
+            raise RuntimeUnhealthy(f"{url} answered 200 with no JSON: {response.text[:200]}") from None
+        wanted = "choices" if endpoint.protocol == EndpointProtocol.OPENAI else "output"
+        if not isinstance(answer, dict) or wanted not in answer or answer[wanted] in ([], None):
+            raise RuntimeUnhealthy(f"{url} answered 200 without an answer: {response.text[:200]}")
         return True
+
+    async def in_flight(self, endpoint: Endpoint) -> int | None:
+        """Requests the runtime is answering now, as its `/health` tells (the embedded runtime
+        does); None when it does not say."""
+        try:
+            answer = (await _get_ok(f"{endpoint.url}/health")).json()
+        except (RuntimeUnhealthy, ValueError):
+            return None
+        count = answer.get("in_flight") if isinstance(answer, dict) else None
+        return count if isinstance(count, int) and not isinstance(count, bool) else None
 
     async def check_health(self, model: str) -> None:
         entry = self._procs.get(model)

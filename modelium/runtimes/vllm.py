@@ -17,8 +17,11 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import httpx
+
 from modelium.config import Vllm as VllmConfig
 from modelium.gpu import GpuReader, gpu_memory_held
+from modelium.names import model_of
 from modelium.runtimes import VLLM
 from modelium.runtimes.base import RuntimeStartError
 from modelium.runtimes.managed import ProcessRuntime, probe_openai
@@ -81,11 +84,11 @@ class VllmRuntimeAdapter(ProcessRuntime):
                 f"node {self._node} does not know the size of {', '.join(devices)}", retryable=False
             )
         utilization = min(self.gpu_memory_utilization(booking.bytes, t) for t in totals if t)
-        fill = {"model_dir": request.path, "name": request.model}
+        fill = {"model_dir": request.path, "name": model_of(request.model)}
         return [
             *(part.format(**fill) for part in self._config.command),
             "--served-model-name",
-            request.model,
+            model_of(request.model),
             "--host",
             self._host,
             "--port",
@@ -119,7 +122,26 @@ class VllmRuntimeAdapter(ProcessRuntime):
         raise RuntimeStartError(f"no free port in vllm.port_range {first}-{last} on node {self._node}")
 
     async def probe(self, endpoint: Endpoint, model: str) -> None:
-        await probe_openai(endpoint, model)
+        await probe_openai(endpoint, model_of(model))
+
+    async def in_flight(self, endpoint: Endpoint) -> int | None:
+        """Running and waiting requests, from vLLM's Prometheus metrics; None without them."""
+        try:
+            async with httpx.AsyncClient(timeout=5.0) as client:
+                response = await client.get(f"{endpoint.url}/metrics")
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        total, seen = 0.0, False
+        for line in response.text.splitlines():
+            if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
+                try:
+                    total += float(line.rsplit(" ", 1)[1])
+                    seen = True
+                except ValueError:
+                    return None
+        return int(total) if seen else None
 
     async def after_stop(self, model: str, pids: set[int]) -> None:
         """Wait until NVML no longer counts GPU memory for the stopped processes."""

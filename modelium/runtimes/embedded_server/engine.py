@@ -5,11 +5,13 @@ OpenAI API checks them. No HTTP here (`http.py` puts it behind routes)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +54,21 @@ class Loaded:
     model: Any
     created: int
     context_length: int | None
+    # OpenAI's `system_fingerprint`: which version of the model answered (a hash of its config
+    # and its weight files' names and sizes), so that clients can tell versions apart.
+    fingerprint: str = ""
+
+
+def files_fingerprint(model_dir: str) -> str:
+    digest = hashlib.sha256()
+    root = Path(model_dir)
+    config = root / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for path in sorted(root.iterdir()):
+        if path.is_file() and path.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
+            digest.update(f"{path.name}:{path.stat().st_size};".encode())
+    return "fp_" + digest.hexdigest()[:12]
 
 
 def load(model_dir: str, name: str, task: str, device: str) -> Loaded:
@@ -67,7 +84,7 @@ def load(model_dir: str, name: str, task: str, device: str) -> Loaded:
         tokenizer.pad_token = tokenizer.eos_token
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     log.info("loaded %s (%s) on %s in %.2fs", name, task, device, time.monotonic() - started)
-    return Loaded(name, task, device, tokenizer, model, int(time.time()), context)
+    return Loaded(name, task, device, tokenizer, model, int(time.time()), context, files_fingerprint(model_dir))
 
 
 def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:

@@ -30,6 +30,9 @@ class Routes:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.m = engine.m
+        # Requests being answered, streams until their last byte: /health tells it, so that an
+        # old version being replaced is stopped once it has answered what it had (a drain).
+        self.in_flight = 0
 
     async def completions(self, request: Request) -> Response:
         body = await _json(request)
@@ -55,6 +58,7 @@ class Routes:
                     "object": "text_completion",
                     "created": created,
                     "model": self.m.name,
+                    "system_fingerprint": self.m.fingerprint,
                     "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
                 }
 
@@ -66,6 +70,7 @@ class Routes:
                 "object": "text_completion",
                 "created": created,
                 "model": self.m.name,
+                "system_fingerprint": self.m.fingerprint,
                 "choices": [
                     {"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
                     for i, r in enumerate(results)
@@ -96,6 +101,7 @@ class Routes:
                     "object": "chat.completion.chunk",
                     "created": created,
                     "model": self.m.name,
+                    "system_fingerprint": self.m.fingerprint,
                     "choices": [choice],
                 }
 
@@ -107,6 +113,7 @@ class Routes:
                 "object": "chat.completion",
                 "created": created,
                 "model": self.m.name,
+                "system_fingerprint": self.m.fingerprint,
                 "choices": [
                     {
                         "index": 0,
@@ -145,7 +152,15 @@ class Routes:
         return JSONResponse(answer)
 
     async def health(self, request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": self.m.name, "task": self.m.task})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": self.m.name,
+                "task": self.m.task,
+                "fingerprint": self.m.fingerprint,
+                "in_flight": self.in_flight,
+            }
+        )
 
     async def models(self, request: Request) -> JSONResponse:
         return JSONResponse(
@@ -155,7 +170,7 @@ class Routes:
             }
         )
 
-    def app(self) -> Starlette:
+    def app(self) -> _Counting:
         routes = [
             Route("/health", self.health),
             Route("/v1/models", self.models),
@@ -166,7 +181,36 @@ class Routes:
                 Route("/v1/completions", _guard(self.completions), methods=["POST"]),
                 Route("/v1/chat/completions", _guard(self.chat_completions), methods=["POST"]),
             ]
-        return Starlette(routes=routes)
+        return _Counting(Starlette(routes=routes), self)
+
+
+class _Counting:
+    """ASGI middleware: counts the requests being answered (all but /health), a streamed one
+    until its last body message is sent or the client goes away."""
+
+    def __init__(self, app: Any, routes: Routes) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        self.routes.in_flight += 1
+        done = False
+
+        async def counted(message: Any) -> None:
+            nonlocal done
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body") and not done:
+                done = True
+                self.routes.in_flight -= 1
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            if not done:
+                self.routes.in_flight -= 1
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
