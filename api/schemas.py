@@ -83,6 +83,14 @@ class ModelInfo(BaseModel):
     pinned: bool
     requests_by_organization: dict[str, int]
     waiting_requests: int = 0
+    # The serving version: its files' fingerprint, and when it was switched to (an update).
+    fingerprint: str = ""
+    switched_at: float | None = None
+    # An update under way (analyzing, loading_beside, smoke_check, draining), or update_failed
+    # (the previous version still serves) with its reason; updates tried so far.
+    update_state: str | None = None
+    update_error: str | None = None
+    update_count: int = 0
 
     def for_non_admin(self, organization: str) -> ModelInfo:
         """What a key without the admin scope may read: no paths, endpoints or error details
@@ -95,6 +103,7 @@ class ModelInfo(BaseModel):
                 "last_error": public_detail(self.last_error) if self.last_error else None,
                 "unload_reason": one_line(self.unload_reason) if self.unload_reason else None,
                 "rest_reason": one_line(self.rest_reason) if self.rest_reason else None,
+                "update_error": public_detail(self.update_error) if self.update_error else None,
                 "request_count": own,
                 "requests_by_organization": {organization: own} if own else {},
             }
@@ -132,6 +141,11 @@ class ModelInfo(BaseModel):
             demanded_at=s.demanded_at,
             pinned=s.pinned,
             requests_by_organization=s.requests_by_organization,
+            fingerprint=s.fingerprint,
+            switched_at=s.switched_at,
+            update_state=s.update_state,
+            update_error=s.update_error,
+            update_count=s.update_count,
         )
 
 

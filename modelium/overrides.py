@@ -53,5 +53,6 @@ def read_overrides(model_path: str | Path, name: str, configured: Mapping[str, M
         idle_timeout_seconds=settings.idle_timeout_seconds,
         node=settings.node,
         devices=list(settings.devices),
+        smoke=settings.smoke,
         source=" and ".join(sources),
     )

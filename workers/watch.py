@@ -13,7 +13,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from modelium.config import Settings
 from modelium.names import workflow_id
-from modelium.runtimes import load_timeouts
+from modelium.runtimes import BESIDE_RUNTIMES, load_timeouts
 from modelium.types import ModelSource, Phase
 from modelium.watcher import ModelFolderWatcher
 from workflows.contracts import (
@@ -66,6 +66,9 @@ class WorkflowBridge:
                 max_restarts=self._settings.orchestration.policies.max_restarts,
                 restart_backoff_seconds=self._settings.orchestration.policies.restart_backoff_seconds,
                 preload=self._settings.orchestration.preload,
+                update_strategy=self._settings.orchestration.updates.strategy,
+                drain_seconds=self._settings.orchestration.updates.drain_seconds,
+                beside_runtimes=sorted(BESIDE_RUNTIMES),
             ),
             id=workflow_id(source.name),
             task_queue=self._task_queue,

@@ -15,6 +15,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
+    from modelium.names import instance_key
     from modelium.types import (
         MAX_USAGE_PER_REPORT,
         MIN_IDLE_SECONDS,
@@ -149,6 +150,10 @@ class ModelLifecycleWorkflow:
             return
         if source.fingerprint != self._state.fingerprint or self._state.phase == Phase.FAILED:
             self._new_source = source
+        elif self._state.update_state == "update_failed":
+            # The files are the serving version's again: the failed update is over.
+            self._state.update_state = self._state.update_error = None
+            self._upsert_summary()
 
     @workflow.signal
     def retry(self, request: RetryRequest | None = None) -> None:
@@ -181,7 +186,7 @@ class ModelLifecycleWorkflow:
     def memory_peak(self, peak: MemoryPeak | None = None) -> None:
         """Its node measured a new peak: shown in the state, and the booking follows it."""
         st = self._state
-        if peak is None or not _valid_bytes(peak.bytes) or st.phase != Phase.LOADED:
+        if peak is None or not _valid_bytes(peak.bytes) or st.phase != Phase.LOADED or peak.model != st.key:
             return
         st.peak_memory_bytes = max(peak.bytes, st.peak_memory_bytes or 0)
         if st.booking is not None and _valid_bytes(peak.booked_bytes):
@@ -548,7 +553,7 @@ class ModelLifecycleWorkflow:
                 decision.node,
                 steps.reserve_gpu(
                     steps.ReserveRequest(
-                        self._state.name,
+                        self._state.key,
                         decision.device,
                         decision.memory_bytes or self._analysis.memory_estimate_bytes,
                         decision.runtime,
@@ -565,7 +570,7 @@ class ModelLifecycleWorkflow:
                 decision.node,
                 steps.load_model(
                     LoadRequest(
-                        self._state.name,
+                        self._state.key,
                         self._state.path,
                         decision.runtime,
                         self._analysis.task,
@@ -661,10 +666,12 @@ class ModelLifecycleWorkflow:
         except ActivityError as err:
             workflow.logger.info("could not wake models waiting for capacity: %s", _describe(err))
 
-    async def _evict_for(self, decision: Decision) -> None:
+    async def _evict_for(self, decision: Decision, *, announce: bool = True) -> None:
         """Unload the idle models the brain chose, then confirm their memory came back on the
-        node before this model books it. Raises NoCapacity when none could be evicted."""
-        self._set_phase(Phase.EVICTING)
+        node before this model books it. Raises NoCapacity when none could be evicted.
+        `announce`: enter `evicting` (not for a new version: the old one serves meanwhile)."""
+        if announce:
+            self._set_phase(Phase.EVICTING)
         names = ", ".join(v.model for v in decision.evict)
         workflow.logger.info("model %s evicts %s on %s", self._state.name, names, decision.node)
         result = await steps.evict_models(EvictRequest(self._state.name, decision.evict))
@@ -769,7 +776,7 @@ class ModelLifecycleWorkflow:
             await self._on_node(
                 self._state.node or "",
                 steps.check_health(
-                    steps.HealthRequest(self._state.name, self._state.runtime or ""), self._state.node or ""
+                    steps.HealthRequest(self._state.key, self._state.runtime or ""), self._state.node or ""
                 ),
             )
         except _NodeLost:
@@ -824,12 +831,172 @@ class ModelLifecycleWorkflow:
         assert source is not None
         workflow.logger.info("model %s: files changed, reading them again", self._state.name)
         if self._state.phase == Phase.LOADED:
+            # Histories recorded before blue/green updates replay as they ran (take down first).
+            if self._input.update_strategy == "blue_green" and workflow.patched("blue-green-update"):
+                if await self._update_beside(source):
+                    return
+                await steps.count_update(steps.UpdateOutcome(self._state.name, "recreated"))
             await self._take_down(Phase.DISCOVERED, "model files changed", UnloadKind.FILES_CHANGED)
         self._state.path, self._state.fingerprint = source.path, source.fingerprint
         self._analysis = None
         self._retry = False
         self._want_loaded = True
         self._set_phase(Phase.DISCOVERED)
+
+    async def _update_beside(self, source: ModelSource) -> bool:
+        """A new version of a loaded model, brought up beside the serving one: analyzed, placed
+        (evicting idle models if need be, as demand would), booked and loaded as a second
+        instance, checked with one real request, then switched to; the old instance drains and
+        goes. The model stays `loaded` throughout. True when done: switched, or failed with the
+        old version still serving (`update_failed`). False when it must be recreated instead
+        (no room beside it, or a runtime that serves many models from one server)."""
+        st = self._state
+        st.update_count += 1
+        key = instance_key(st.name, st.update_count)
+        st.update_error = None
+        self._updating("analyzing")
+        new_booking: Booking | None = None
+        loaded: steps.LoadResult | None = None
+        decision: Decision | None = None
+        node = ""
+        step = "analyze"
+        try:
+            analysis = await steps.analyze_model(source, local=self._local_steps)
+            self._check_interrupt()
+            step = "place"
+            decision = await steps.decide_runtime(
+                steps.DecideRequest(analysis, overrides=analysis.overrides, may_evict=True), local=self._local_steps
+            )
+            if decision.runtime not in self._input.beside_runtimes or decision.no_room is not None:
+                why = decision.no_room or f"{decision.runtime} serves many models from one server"
+                workflow.logger.info("model %s: new version recreated, not beside the old one (%s)", st.name, why)
+                st.update_state = None
+                return False
+            node = decision.node
+            if decision.evict:
+                step = "evict"
+                await self._evict_for(decision, announce=False)
+            self._check_interrupt()
+            step = "reserve"
+            self._updating("loading_beside")
+            new_booking = await self._on_node(
+                node,
+                steps.reserve_gpu(
+                    steps.ReserveRequest(
+                        key,
+                        decision.device,
+                        decision.memory_bytes or analysis.memory_estimate_bytes,
+                        decision.runtime,
+                        decision.devices,
+                    ),
+                    node,
+                ),
+            )
+            st.update_booking = new_booking
+            self._check_interrupt()
+            step = "load"
+            loaded = await self._on_node(
+                node,
+                steps.load_model(
+                    LoadRequest(key, source.path, decision.runtime, analysis.task, new_booking, analysis.format),
+                    node,
+                    self._load_timeout(decision.runtime),
+                ),
+                interruptible=True,
+            )
+            step = "smoke check"
+            if analysis.overrides is None or analysis.overrides.smoke is not False:
+                self._updating("smoke_check")
+                checked = await self._on_node(
+                    node, steps.smoke_check(steps.SmokeRequest(key, decision.runtime, loaded.endpoint), node)
+                )
+                workflow.logger.info("model %s: new version %s", st.name, checked)
+            self._check_interrupt()
+        except (ActivityError, ApplicationError, _Interrupted) as err:
+            runtime = decision.runtime if decision is not None else ""
+            if isinstance(err, _NodeLost):
+                loaded, new_booking = None, None  # nothing runs there any more
+            await self._drop_instance(key, runtime, node, loaded is not None, new_booking)
+            no_room = _error_type(err) in (ErrorType.NO_CAPACITY, ErrorType.INSUFFICIENT_CAPACITY)
+            if isinstance(err, _Interrupted) or (no_room and step in ("place", "evict", "reserve")):
+                # Removed, newer files or a lost node: the main loop handles them. No room beside
+                # the old version: it is recreated.
+                st.update_state = None
+                return isinstance(err, _Interrupted)
+            st.update_error = f"{step} failed: {_describe(err)}"
+            workflow.logger.warning("model %s: new version not switched to: %s", st.name, st.update_error)
+            # The old version serves on. Fixing the files tries again (a new fingerprint).
+            self._updating("update_failed")
+            await steps.count_update(steps.UpdateOutcome(st.name, "failed"))
+            return True
+        # The switch: from here on the new instance is the model's.
+        old_key, old_runtime, old_node, old_booking = st.key, st.runtime or "", st.node or "", st.booking
+        now = workflow.now().timestamp()
+        st.path, st.fingerprint = source.path, source.fingerprint
+        self._analysis = analysis
+        st.task, st.analysis_summary = analysis.task, analysis.summary()
+        st.memory_estimate_bytes = analysis.memory_estimate_bytes
+        st.decision, st.runtime, st.node, st.device = decision, decision.runtime, decision.node, decision.device
+        st.instance, st.booking, st.update_booking = key, new_booking, None
+        if st.booking is not None and _valid_bytes(loaded.booked_bytes):
+            st.booking.bytes = loaded.booked_bytes  # type: ignore[assignment]
+        st.endpoint = loaded.endpoint
+        st.load_seconds, st.measured_memory_bytes = loaded.load_seconds, loaded.measured_bytes
+        st.peak_memory_bytes = loaded.measured_bytes
+        st.loaded_at = st.switched_at = now
+        st.load_count += 1
+        st.last_error = None
+        workflow.logger.info("model %s switched to its new version (%s on %s)", st.name, key, st.node)
+        self._updating("draining")
+        await steps.count_update(steps.UpdateOutcome(st.name, "switched"))
+        # The old instance: gateways stop sending it requests within their endpoint cache time;
+        # it answers what it has (bounded), then goes, and its booking with it.
+        try:
+            drained = await self._on_node(
+                old_node,
+                steps.drain_runtime(
+                    steps.DrainRequest(old_key, old_runtime, self._input.drain_seconds, settle_seconds=5.0), old_node
+                ),
+            )
+            workflow.logger.info("model %s: old version %s", st.name, drained)
+        except (ActivityError, _Interrupted) as err:
+            workflow.logger.warning("model %s: drain of %s cut short: %s", st.name, old_key, _describe(err))
+        await self._drop_instance(old_key, old_runtime, old_node, True, old_booking, reason="replaced by a new version")
+        st.update_state = None
+        self._set_phase(Phase.LOADED)
+        return True
+
+    def _updating(self, state: str) -> None:
+        self._state.update_state = state
+        workflow.set_current_details(self._details())
+        self._upsert_summary()
+
+    async def _drop_instance(
+        self,
+        key: str,
+        runtime: str,
+        node: str,
+        running: bool,
+        booking: Booking | None,
+        *,
+        reason: str = "new version not switched to",
+    ) -> None:
+        """Stop an instance that is not (or no longer) the model's and give back its booking;
+        best effort, each step logged when it fails (the node's reconcile catches what is left)."""
+        if running and node:
+            try:
+                await self._on_node(
+                    node,
+                    steps.unload_model(steps.UnloadRequest(key, runtime, reason, UnloadKind.FILES_CHANGED), node),
+                )
+            except (ActivityError, _Interrupted) as err:
+                workflow.logger.warning("model %s: could not stop %s: %s", self._state.name, key, _describe(err))
+        if booking is not None:
+            try:
+                await self._on_node(booking.node, steps.release_gpu(key, booking.node))
+            except (ActivityError, _Interrupted) as err:
+                workflow.logger.warning("model %s: could not release %s: %s", self._state.name, key, _describe(err))
+        self._state.update_booking = None
 
     async def _take_down(
         self, final_phase: Phase, reason: str, kind: UnloadKind, *, unload: bool | None = None
@@ -841,7 +1008,7 @@ class ModelLifecycleWorkflow:
                 await self._on_node(
                     self._state.node or "",
                     steps.unload_model(
-                        steps.UnloadRequest(self._state.name, self._state.runtime or "", reason, kind),
+                        steps.UnloadRequest(self._state.key, self._state.runtime or "", reason, kind),
                         self._state.node or "",
                     ),
                 )
@@ -865,7 +1032,7 @@ class ModelLifecycleWorkflow:
         try:
             await self._on_node(
                 node,
-                steps.release_gpu(self._state.name, node),
+                steps.release_gpu(self._state.key, node),
             )
             freed, self._state.booking = self._state.booking, None
         except _NodeLost:
@@ -922,6 +1089,8 @@ class ModelLifecycleWorkflow:
             st.demanded_at,
             st.load_count,
             st.decision is None,
+            st.update_state,
+            st.update_error,
         )
         usage_only = key == self._summary
         if usage_only and (not throttle or now - self._summary_at < _SUMMARY_USAGE_INTERVAL):
@@ -946,6 +1115,12 @@ class ModelLifecycleWorkflow:
             lines.append(f"- last unloaded: {st.unload_reason}")
         if st.last_error:
             lines.append(f"- last error: {st.last_error}")
+        if st.update_state == "update_failed":
+            lines.append(f"- **update failed**, the previous version serves: {st.update_error}")
+        elif st.update_state:
+            lines.append(f"- new version: {st.update_state.replace('_', ' ')}")
+        if st.switched_at is not None:
+            lines.append(f"- serving version switched to at {st.switched_at:.0f} ({st.key}, {st.fingerprint[:12]})")
         return "\n".join(lines)
 
 

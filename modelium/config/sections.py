@@ -120,6 +120,18 @@ class Eviction(_Section):
     policy: Literal["score", "lru"] = "score"
 
 
+class Updates(_Section):
+    """What happens when a loaded model's files change."""
+
+    # blue_green: the new version is loaded beside the serving one (room permitting), checked
+    # with one real request, and the route switches to it; a broken new version leaves the old
+    # one serving. recreate: the model is taken down first, then loaded (requests are held).
+    # Runtimes that serve many models from one server (Triton, Ray Serve) always recreate.
+    strategy: Literal["blue_green", "recreate"] = "blue_green"
+    # How long the old version may take to answer the requests it has after the switch.
+    drain_seconds: float = Field(default=30.0, ge=0.0, le=3600.0)
+
+
 class Orchestration(_Section):
     # What a discovered model does before anyone asks for it: `fit` loads it at once when it fits
     # without evicting anything (else it rests in `unloaded`); `none` only analyzes and decides.
@@ -128,6 +140,7 @@ class Orchestration(_Section):
     model_discovery: ModelDiscovery = Field(default_factory=ModelDiscovery)
     policies: Policies = Field(default_factory=Policies)
     eviction: Eviction = Field(default_factory=Eviction)
+    updates: Updates = Field(default_factory=Updates)
 
 
 RuntimeName = Literal["embedded", "vllm", "triton", "ray_serve"]
@@ -142,6 +155,8 @@ class ModelSettings(_Section):
     # Place the model only on this node, and only on these of its devices ("cpu", "cuda:0").
     node: str | None = None
     devices: list[str] = Field(default_factory=list)
+    # false: a new version of this model is switched to without the one real request first.
+    smoke: bool | None = None
 
     @field_validator("devices")
     @classmethod

@@ -21,6 +21,9 @@ files. The node has room for one demo model, so that placement has to choose.
 - restarted: the runtime process is killed; the node agent reports it, and the workflow restarts
   it after its backoff.
 - node: the node's registry workflow through all of the above (announcements, bookings).
+- updated: on a node with room for two, new files while loaded: the new version loaded beside,
+  checked, switched to, the old one drained and stopped; then a broken new version (truncated
+  weights) that leaves the serving one and shows update_failed; the serving files put back.
 """
 
 from __future__ import annotations
@@ -184,6 +187,41 @@ async def restart(r: Recorder, good: Path) -> None:
     await r.remove_and_save((h, "restarted"))
 
 
+async def updated(r: Recorder, good: Path) -> None:
+    served = r.models / "updated"
+    shutil.copytree(good, served)
+    h = await r.discover("updated", served)
+    await _until(h, Phase.LOADED, 120, "loaded")
+    v2 = write_demo_model(r.models / "v2", seed=1, layers=3)
+    for path in v2.iterdir():
+        shutil.copy2(path, served / path.name)
+    await r.discover("updated", served)  # the watcher's signal: new files
+
+    async def switched() -> bool:
+        state = await _state(h)
+        return state.switched_at is not None and state.update_state is None
+
+    await wait_for(switched, 120, what="switched to the new version")
+    kept = r.models / "kept"
+    shutil.copytree(served, kept)
+    weights = served / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    await r.discover("updated", served)
+
+    async def failed() -> bool:
+        return (await _state(h)).update_state == "update_failed"
+
+    await wait_for(failed, 120, what="update_failed")
+    shutil.copy2(kept / "model.safetensors", weights)
+    await r.discover("updated", served)  # the serving files back: update_failed cleared
+
+    async def cleared() -> bool:
+        return (await _state(h)).update_state is None
+
+    await wait_for(cleared, 60, what="update_failed cleared")
+    await r.remove_and_save((h, "updated"))
+
+
 SCENARIOS = (lifecycle, failed_then_retried, eviction, waiting, restart)
 
 
@@ -218,11 +256,18 @@ async def main(only: list[str]) -> None:
                 node = env.client.get_workflow_handle(node_workflow_id(settings.node.id))
                 (HERE / "node.json").write_text((await node.fetch_history()).to_json())
                 print("recorded node.json")
+        if not only or "updated" in only:
+            # A node with room for two versions side by side.
+            roomy = make_settings(tmp / "roomy", node={"cpu_memory_budget_bytes": 3 * booking})
+            async with running_modelium(roomy, env.client, gateway=False, watch=False):
+                r = Recorder(env.client, WorkflowBridge(env.client, roomy), tmp, roomy.node.id)
+                await updated(r, good)
     finally:
         await env.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    # Scenario names (lifecycle, failed_then_retried, eviction, waiting, restart) record just those.
+    # Scenario names (lifecycle, failed_then_retried, eviction, waiting, restart, node, updated)
+    # record just those.
     asyncio.run(main(sys.argv[1:]))
