@@ -84,7 +84,7 @@ def one_run(workdir: Path, strategy: str, clients: int, run: int) -> dict[str, f
     template = write_demo_model(workdir / f"v1-{tag}")
     v2 = write_demo_model(workdir / f"v2-{tag}", seed=1, layers=3)
     config = {
-        "orchestration": {"updates": {"strategy": strategy}, "model_discovery": {"settle_seconds": 1.0}},
+        "orchestration": {"updates": {"strategy": strategy}},
         "runtimes": {"embedded": {"cpu_threads": 1}},
     }
     with modelium_serve(workdir, tag, **config) as served:

@@ -313,6 +313,15 @@ function renderRows() {
 
 function phaseCell(m) {
   const cell = el("span", { class: "phase" }, el("span", { class: `badge ${m.phase}`, text: m.phase.replaceAll("_", " ") }));
+  if (m.update_state) {
+    // A new version on its way beside the serving one, or one that failed (the old one serves).
+    const failed = m.update_state === "update_failed";
+    cell.append(el("span", {
+      class: `badge update${failed ? " failed" : ""}`,
+      text: failed ? "update failed" : `updating: ${m.update_state.replaceAll("_", " ")}`,
+      title: failed ? m.update_error || "" : "the previous version serves until the switch",
+    }));
+  }
   if (COMING_UP.has(m.phase)) {
     const p = state.progress.get(m.name);
     const bar = el("div", { class: "progress" }, el("div"));
@@ -421,6 +430,8 @@ function renderDetail() {
     ...field("decision", m.decision_reason ? `${m.decision_reason} (${m.decision_source})` : null),
     ...field("placed on", m.node ? `${m.node} / ${m.device}` : null),
     ...field("memory", `estimate ${bytes(m.memory_estimate_bytes)} · booked ${bytes(m.booked_bytes)} · measured ${bytes(m.measured_memory_bytes)} · peak ${bytes(m.peak_memory_bytes)}`),
+    ...field("version", `${m.fingerprint ? m.fingerprint.slice(0, 12) : "–"}${m.switched_at ? `, switched ${ago(m.switched_at)}` : ""}`),
+    ...field("update", m.update_state ? `${m.update_state.replaceAll("_", " ")}${m.update_error ? `: ${m.update_error}` : ""}` : null),
     ...field("loads", `${m.load_count}${m.load_seconds ? `, last in ${m.load_seconds.toFixed(1)} s` : ""}`),
     ...field("idle unload", idleText(m)),
     ...field("requests", `${m.request_count}${orgs ? ` (${orgs})` : ""}${m.waiting_requests ? `, ${m.waiting_requests} waiting` : ""}`),
