@@ -181,7 +181,7 @@ class ControlActivities:
     @activity.defn(name=ActivityName.ANALYZE_MODEL)
     async def analyze_model(self, source: ModelSource) -> ModelAnalysis:
         try:
-            analysis = await asyncio.to_thread(analyze_directory, source.path, source.name)
+            analysis = await asyncio.to_thread(analyze_directory, source.path, source.name, version=source.version)
         except ModelDirectoryError as exc:
             raise _bad_directory(f"{source.path}: {exc}") from None
         try:

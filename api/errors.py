@@ -110,6 +110,14 @@ class TooManyWaiting(GatewayError):
     code = "too_many_waiting"
 
 
+class Conflict(GatewayError):
+    """The request is fine, the model's state does not allow it now."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"

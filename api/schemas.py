@@ -91,6 +91,11 @@ class ModelInfo(BaseModel):
     update_state: str | None = None
     update_error: str | None = None
     update_count: int = 0
+    # The serving version's folder (a symlink resolved, a numbered version folder) and number
+    # (numbered layouts); what POST /models/{name}/rollback would go back to (null: nothing).
+    serving_path: str | None = None
+    version: str | None = None
+    rollback_to: str | None = None
 
     def for_non_admin(self, organization: str) -> ModelInfo:
         """What a key without the admin scope may read: no paths, endpoints or error details
@@ -104,6 +109,8 @@ class ModelInfo(BaseModel):
                 "unload_reason": one_line(self.unload_reason) if self.unload_reason else None,
                 "rest_reason": one_line(self.rest_reason) if self.rest_reason else None,
                 "update_error": public_detail(self.update_error) if self.update_error else None,
+                "serving_path": None,
+                "rollback_to": _without_dirs(self.rollback_to),
                 "request_count": own,
                 "requests_by_organization": {organization: own} if own else {},
             }
@@ -146,7 +153,17 @@ class ModelInfo(BaseModel):
             update_state=s.update_state,
             update_error=s.update_error,
             update_count=s.update_count,
+            serving_path=s.serving_path,
+            version=s.version,
+            rollback_to=(f"version {s.previous.version}" if s.previous.version else s.previous.path)
+            if s.previous
+            else None,
         )
+
+
+def _without_dirs(where: str | None) -> str | None:
+    """A path cut to its last part, for keys that see no server paths."""
+    return where.rstrip("/").rsplit("/", 1)[-1] if where else None
 
 
 class ModelList(BaseModel):
@@ -173,6 +190,15 @@ class LoadModelRequest(BaseModel):
         description="this model's idle timeout (1 s to a year)",
     )
     wait: StrictBool = Field(default=True, description="answer once the model serves (bounded by timeout_seconds)")
+    timeout_seconds: float | None = Field(
+        default=None, gt=0, le=MAX_DURATION_SECONDS, description="default: gateway.cold_start_timeout_seconds"
+    )
+
+
+class RollbackModelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    reason: str = Field(default="rollback requested through the API", max_length=500)
     timeout_seconds: float | None = Field(
         default=None, gt=0, le=MAX_DURATION_SECONDS, description="default: gateway.cold_start_timeout_seconds"
     )

@@ -1,5 +1,5 @@
 """The `modelium` command: one subcommand per role (`serve`, `gateway`, `watch`, `worker ...`)
-and the operator's tools (`models`, `load`, `unload`, `keys`, `check`, `config`, `demo-model`).
+and the operator's tools (`models`, `load`, `unload`, `rollback`, `keys`, `check`, `config`, `demo-model`).
 
 The composition roots (`workers/`) and heavy libraries are imported inside the commands that need
 them, so that `modelium keys create` or `modelium models` start in a fraction of a second.
@@ -255,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     unload.add_argument("name")
     unload.add_argument("--no-wait", action="store_true")
     client_options(unload)
+
+    rollback = sub.add_parser(
+        "rollback", help="serve a model's previous version again (numbered version folders, or a symlink to releases)"
+    )
+    rollback.add_argument("name")
+    client_options(rollback)
 
     keys = sub.add_parser("keys", help="API keys for the gateway")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

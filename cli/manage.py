@@ -1,4 +1,4 @@
-"""`modelium models | load | unload`: the management API from the command line.
+"""`modelium models | load | unload | rollback`: the management API from the command line.
 
 Talks to a running gateway over HTTP (so API keys and scopes apply as for any client):
 `--url` or `$MODELIUM_URL`, `--api-key` or `$MODELIUM_API_KEY`.
@@ -122,6 +122,14 @@ def run(command: str, client: GatewayClient, args: Any) -> int:
             where = f"{data.get('runtime')} on {data.get('node')}"
             pinned = ", pinned" if data.get("pinned") else f", unloads after {data['idle_timeout_seconds']:g}s idle"
             print(f"{args.name}: loaded ({where}{pinned})")
+        return 0
+    if command == "rollback":
+        status, data = client.call("POST", f"/models/{args.name}/rollback", {})
+        if status == 202:
+            print(f"{args.name}: rollback under way; `modelium models` shows when it serves")
+        else:
+            serving = f"version {data['version']}" if data.get("version") else data.get("serving_path")
+            print(f"{args.name}: serves {serving}")
         return 0
     if command == "unload":
         status, data = client.call("POST", f"/models/{args.name}/unload", {"wait": not args.no_wait})

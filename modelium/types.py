@@ -106,6 +106,8 @@ class ModelSource:
     name: str
     path: str
     fingerprint: str
+    # Serve this numbered version folder rather than the highest complete one (a rollback).
+    version: str | None = None
 
 
 @dataclass
@@ -345,6 +347,17 @@ class ModelState:
     update_error: str | None = None
     update_booking: Booking | None = None
     switched_at: float | None = None
+    # The serving version: the folder its runtime loaded (a symlink resolved, a numbered version
+    # folder), and its number in a numbered layout (`my-model/3/`).
+    serving_path: str | None = None
+    version: str | None = None
+    # What `rollback` goes back to: the version served before the last switch, while its files
+    # exist (None when they were replaced in place). After a rollback: the watched folder's
+    # fingerprint that was rolled back from (those same files again are not an update), and the
+    # numbered version held to.
+    previous: ModelSource | None = None
+    held_fingerprint: str | None = None
+    version_pin: str | None = None
 
     @property
     def key(self) -> str:

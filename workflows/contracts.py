@@ -227,6 +227,11 @@ class LifecycleInput:
 
 
 @dataclass
+class RollbackRequest:
+    reason: str = "rollback requested"
+
+
+@dataclass
 class UsageReport:
     """Requests served since the last report (the gateway coalesces them)."""
 

@@ -52,6 +52,7 @@ with workflow.unsafe.imports_passed_through():
         Preload,
         RemoveCommand,
         RetryRequest,
+        RollbackRequest,
         UnloadCommand,
         UsageReport,
         WithdrawDemand,
@@ -123,6 +124,8 @@ class ModelLifecycleWorkflow:
         self._demand_driven = False
         self._local_steps = False
         self._lost_races = 0
+        # A rollback asked for (POST /models/{name}/rollback), until the main loop has done it.
+        self._rollback_wanted: RollbackRequest | None = None
 
     # -- messages ------------------------------------------------------------------------------
     @workflow.query
@@ -148,12 +151,39 @@ class ModelLifecycleWorkflow:
     def files_changed(self, source: ModelSource | None = None) -> None:
         if source is None or not source.path:
             return
+        if source.fingerprint == self._state.held_fingerprint and self._state.phase != Phase.FAILED:
+            # The files this model was rolled back from: they are no new version.
+            return
         if source.fingerprint != self._state.fingerprint or self._state.phase == Phase.FAILED:
             self._new_source = source
         elif self._state.update_state == "update_failed":
             # The files are the serving version's again: the failed update is over.
             self._state.update_state = self._state.update_error = None
             self._upsert_summary()
+
+    @workflow.update
+    async def rollback(self, request: RollbackRequest | None = None) -> ModelState:
+        """Serve the version served before the last switch again, beside the current one first
+        (as an update); answers once it serves, or fails with why it could not."""
+        self._rollback_wanted = request or RollbackRequest()
+        await workflow.wait_condition(lambda: self._rollback_wanted is None)
+        if self._state.update_state == "update_failed":
+            raise ApplicationError(f"rollback failed, the current version serves on: {self._state.update_error}")
+        return self._state
+
+    @rollback.validator
+    def _validate_rollback(self, request: RollbackRequest | None = None) -> None:
+        st = self._state
+        if st.phase != Phase.LOADED:
+            raise ApplicationError(f"only a loaded model can be rolled back; {st.name} is {st.phase}")
+        if st.previous is None:
+            raise ApplicationError(
+                f"{st.name} has no previous version to roll back to: none was switched from since it "
+                "was loaded, or its files were replaced in place (keep versions in numbered folders, "
+                "or point the model's folder at releases with a symlink)"
+            )
+        if st.update_state not in (None, "update_failed") or self._rollback_wanted is not None:
+            raise ApplicationError(f"{st.name} is being updated ({st.update_state}); roll back once it is done")
 
     @workflow.signal
     def retry(self, request: RetryRequest | None = None) -> None:
@@ -429,6 +459,9 @@ class ModelLifecycleWorkflow:
             if self._new_source is not None:
                 await self._apply_new_source()
                 continue
+            if self._rollback_wanted is not None:
+                await self._roll_back()
+                continue
             if self._retry:
                 self._retry = False
                 self._want_loaded = True
@@ -497,7 +530,10 @@ class ModelLifecycleWorkflow:
             if self._analysis is None:
                 self._set_phase(Phase.ANALYZING)
                 self._analysis = await steps.analyze_model(
-                    ModelSource(self._state.name, self._state.path, self._state.fingerprint), local=self._local_steps
+                    ModelSource(
+                        self._state.name, self._state.path, self._state.fingerprint, version=self._state.version_pin
+                    ),
+                    local=self._local_steps,
                 )
                 self._state.task = self._analysis.task
                 self._state.analysis_summary = self._analysis.summary()
@@ -571,7 +607,9 @@ class ModelLifecycleWorkflow:
                 steps.load_model(
                     LoadRequest(
                         self._state.key,
-                        self._state.path,
+                        # The folder analyzed (a symlink resolved, a numbered version): what is
+                        # loaded is what was read, even if the link moves meanwhile.
+                        self._analysis.path or self._state.path,
                         decision.runtime,
                         self._analysis.task,
                         booking,
@@ -623,6 +661,8 @@ class ModelLifecycleWorkflow:
             self._state.booking.bytes = result.booked_bytes  # type: ignore[assignment]
         self._state.loaded_at = now
         self._state.last_used_at = now
+        self._state.serving_path = self._analysis.path
+        self._state.version = self._analysis.details.get("version")
         self._state.load_count += 1
         self._state.last_error = None
         self._state.unload_reason = None
@@ -745,7 +785,12 @@ class ModelLifecycleWorkflow:
                 )
             except TimeoutError:
                 continue
-            if self._remove_reason is not None or self._new_source is not None or self._lost_node is not None:
+            if (
+                self._remove_reason is not None
+                or self._new_source is not None
+                or self._lost_node is not None
+                or self._rollback_wanted is not None
+            ):
                 return
             if self._unload_reason is not None:
                 reason, self._unload_reason = self._unload_reason, None
@@ -768,6 +813,7 @@ class ModelLifecycleWorkflow:
             or self._health_report is not None
             or self._lost_node is not None
             or self._history_full()
+            or self._rollback_wanted is not None
         )
 
     async def _check_health(self) -> None:
@@ -830,6 +876,8 @@ class ModelLifecycleWorkflow:
         source, self._new_source = self._new_source, None
         assert source is not None
         workflow.logger.info("model %s: files changed, reading them again", self._state.name)
+        # New files end a rollback's hold: they are the version to serve now.
+        self._state.held_fingerprint = self._state.version_pin = None
         if self._state.phase == Phase.LOADED:
             # Histories recorded before blue/green updates replay as they ran (take down first).
             if self._input.update_strategy == "blue_green" and workflow.patched("blue-green-update"):
@@ -898,7 +946,9 @@ class ModelLifecycleWorkflow:
             loaded = await self._on_node(
                 node,
                 steps.load_model(
-                    LoadRequest(key, source.path, decision.runtime, analysis.task, new_booking, analysis.format),
+                    LoadRequest(
+                        key, analysis.path or source.path, decision.runtime, analysis.task, new_booking, analysis.format
+                    ),
                     node,
                     self._load_timeout(decision.runtime),
                 ),
@@ -931,6 +981,14 @@ class ModelLifecycleWorkflow:
             return True
         # The switch: from here on the new instance is the model's.
         old_key, old_runtime, old_node, old_booking = st.key, st.runtime or "", st.node or "", st.booking
+        old_path = st.serving_path or st.path
+        if st.version is not None:
+            st.previous = ModelSource(st.name, st.path, st.fingerprint, version=st.version)
+        elif old_path != (analysis.path or source.path):
+            st.previous = ModelSource(st.name, old_path, st.fingerprint)
+        else:
+            st.previous = None  # its files were replaced in place: nothing to go back to
+        st.serving_path, st.version = analysis.path or source.path, analysis.details.get("version")
         now = workflow.now().timestamp()
         st.path, st.fingerprint = source.path, source.fingerprint
         self._analysis = analysis
@@ -965,6 +1023,28 @@ class ModelLifecycleWorkflow:
         st.update_state = None
         self._set_phase(Phase.LOADED)
         return True
+
+    async def _roll_back(self) -> None:
+        """Serve `previous` again: beside the current version as an update, or, without room
+        beside it, taken down and loaded again on it. Until new files arrive, the watched folder's
+        current files are held off (they are the version rolled back from)."""
+        st = self._state
+        target, held = st.previous, st.fingerprint
+        try:
+            if target is None or st.phase != Phase.LOADED:
+                return
+            workflow.logger.info("model %s: rolling back to %s", st.name, target.version or target.path)
+            if not await self._update_beside(target):
+                await self._take_down(
+                    Phase.DISCOVERED, "rolling back to the previous version", UnloadKind.FILES_CHANGED
+                )
+                st.path, st.fingerprint, st.previous = target.path, target.fingerprint, None
+                self._analysis = None
+                self._want_loaded = True
+            if st.update_state != "update_failed":
+                st.held_fingerprint, st.version_pin = held, target.version
+        finally:
+            self._rollback_wanted = None
 
     def _updating(self, state: str) -> None:
         self._state.update_state = state

@@ -19,12 +19,19 @@ from temporalio.service import RPCError
 
 from api.auth import Principal, require_admin
 from api.deps import Gateway, GatewayDep, PrincipalDep
-from api.errors import BadRequest, GatewayError, ModelNotReady, temporal_error
-from api.schemas import LoadModelRequest, ModelInfo, ModelList, RuntimeLog, UnloadModelRequest
+from api.errors import BadRequest, Conflict, GatewayError, ModelNotReady, public_detail, temporal_error
+from api.schemas import LoadModelRequest, ModelInfo, ModelList, RollbackModelRequest, RuntimeLog, UnloadModelRequest
 from api.serving import known_model
 from modelium.names import model_of, workflow_id
-from modelium.types import LISTED_PHASES, ModelState
-from workflows.contracts import EnsureLoadedRequest, EnsureUnloadedRequest, LoadCommand, UnloadCommand
+from modelium.types import LISTED_PHASES, ModelState, Phase
+from workflows.contracts import (
+    EnsureLoadedRequest,
+    EnsureUnloadedRequest,
+    LoadCommand,
+    RollbackRequest,
+    UnloadCommand,
+    failure_message,
+)
 from workflows.lifecycle import ModelLifecycleWorkflow
 from workflows.logs import RuntimeLogWorkflow
 from workflows.steps import LogRequest, LogTail
@@ -196,6 +203,48 @@ async def load_model(
     timeout = body.timeout_seconds or gw.settings.gateway.cold_start_timeout_seconds
     update = handle.execute_update(ModelLifecycleWorkflow.ensure_loaded, request)
     return await _settled(gw, state, "load", update, timeout, principal)
+
+
+@router.post("/{name}/rollback", response_model=ModelInfo)
+async def rollback_model(
+    name: str,
+    gw: GatewayDep,
+    principal: PrincipalDep,
+    body: Annotated[RollbackModelRequest | None, Body()] = None,
+) -> ModelInfo | JSONResponse:
+    """Serve the version served before the last switch again (admin keys only): loaded beside
+    the current one, checked, switched to, as an update. Only while that version's files exist
+    (numbered version folders, or a symlink to releases); the files rolled back from are held
+    off until newer ones arrive. Answers once it serves (or 202 once `timeout_seconds` pass)."""
+    require_admin(principal, "roll back models")
+    gw.control.require(f"roll back {name}")
+    body = body or RollbackModelRequest()
+    state = await known_model(gw.registry, name, principal)
+    if state.phase != Phase.LOADED:
+        raise Conflict(f"only a loaded model can be rolled back; {name} is {state.phase}", extra={"phase": state.phase})
+    if state.previous is None:
+        raise Conflict(
+            f"{name} has no previous version to roll back to: none was switched from since it was loaded, or "
+            "its files were replaced in place (keep versions in numbered folders, or point the model's folder "
+            "at a release with a symlink)"
+        )
+    handle = gw.temporal.get_workflow_handle(workflow_id(name))
+    request = RollbackRequest(f"{body.reason} (by {principal.name})")
+    timeout = body.timeout_seconds or gw.settings.gateway.cold_start_timeout_seconds
+    try:
+        after = await asyncio.wait_for(handle.execute_update(ModelLifecycleWorkflow.rollback, request), timeout)
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        gw.registry.invalidate(name)
+        return JSONResponse(_info(gw, state, principal).model_dump(mode="json"), status_code=202)
+    except WorkflowUpdateFailedError as exc:
+        # Refused (another update under way) or failed (the previous version did not come up):
+        # the current version serves on either way.
+        gw.registry.invalidate(name)
+        raise Conflict(f"could not roll back {name}: {public_detail(failure_message(exc))}") from None
+    except RPCError as exc:
+        raise temporal_error(exc, name, "roll back", on_unreachable=gw.control.mark_down) from None
+    gw.registry.store(after)
+    return _info(gw, after, principal)
 
 
 @router.post("/{name}/unload", response_model=ModelInfo, responses={202: {"model": ModelInfo}})

@@ -388,6 +388,17 @@ async function act(name, verb, body) {
   }
 }
 
+async function rollback(name) {
+  try {
+    const info = await api(`/models/${encodeURIComponent(name)}/rollback`, { method: "POST", json: { reason: "rolled back from the dashboard" } });
+    state.models.set(name, info);
+    refreshView();
+    renderDetail();
+  } catch (err) {
+    notice(`Could not roll back ${name}: ${err.message}`);
+  }
+}
+
 function unpin(m) {
   // Unpinning a loaded model keeps it loaded (it may now unload when idle); one that is not
   // loaded yet stops waiting for room too.
@@ -415,7 +426,14 @@ function renderDetail() {
   if (!m) { box.hidden = true; return; }
   box.hidden = false;
   $("detail-name").textContent = m.name;
-  $("detail-actions").replaceChildren(...actions(m).childNodes);
+  const buttons = [...actions(m).childNodes];
+  if (state.config.principal.admin && m.phase === "loaded" && m.rollback_to && !m.update_state) {
+    buttons.push(el("button", {
+      type: "button", class: "rollback", text: `roll back to ${m.rollback_to}`,
+      onclick: () => rollback(m.name),
+    }));
+  }
+  $("detail-actions").replaceChildren(...buttons);
   const cfg = state.config;
   const link = cfg.temporal_ui
     ? el("a", { href: `${cfg.temporal_ui}/namespaces/${encodeURIComponent(cfg.namespace)}/workflows/${encodeURIComponent(cfg.workflow_id_prefix + m.name)}`, target: "_blank", rel: "noopener", text: "open in the Temporal UI", class: "temporal-link" })

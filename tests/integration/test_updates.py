@@ -6,7 +6,10 @@ the session's Temporal dev server: a client loop runs through each update and ge
 - a broken new version (truncated weights, then a malformed config) never takes the model
   down: it stays `loaded`, answering as before, and shows `update_failed` with the reason;
   putting the serving files back clears it;
-- no room beside it: the model is recreated, and requests are held meanwhile, not refused.
+- no room beside it: the model is recreated, and requests are held meanwhile, not refused;
+- numbered version folders (the highest complete one serves), a symlink swapped to another
+  release, and rollback (API and CLI) to the version served before; files replaced in place
+  leave nothing to roll back to.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ from temporalio.testing import WorkflowEnvironment
 from cli.demo import write_demo_model
 from modelium.analyzer import analyze_directory
 from tests.bad_models import BROKEN
-from tests.helpers import make_settings, metric_value, runtime_pids, serving_model, unique, wait_for
+from tests.helpers import make_settings, metric_value, modelium_http, runtime_pids, serving_model, unique, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -198,3 +202,98 @@ async def test_no_room_beside_it_recreates_and_holds_requests(
         assert await answer(http, name) != old_answer
         metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
         assert metric_value(metrics, "modelium_model_updates_total", model=name, result="recreated") == 1.0
+
+
+def link(target: Path, at: Path) -> None:
+    """Point the symlink `at` to `target` in one rename (`ln -sfn` done atomically)."""
+    tmp = at.with_name(f".{at.name}.link")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, at)
+
+
+async def switched_to(http: httpx.AsyncClient, name: str, count: int, **expected: str) -> dict[str, Any]:
+    async def reached() -> dict[str, Any] | None:
+        now = await model(http, name)
+        done = now["update_count"] >= count and now["update_state"] is None and now["phase"] == "loaded"
+        return now if done and all(str(now.get(k)).endswith(v) for k, v in expected.items()) else None
+
+    return await wait_for(reached, 120, what=f"{name} switched to {expected}")
+
+
+async def test_numbered_versions_symlinked_releases_and_rollback(
+    temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path, orchestration={"updates": {"drain_seconds": 5}})
+    incoming = settings.watch_directories[0]
+    incoming.mkdir(parents=True)
+    v1 = demo_models["text-generation"]
+    v2 = write_demo_model(tmp_path / "v2", seed=1, layers=3)
+    v3 = write_demo_model(tmp_path / "v3", seed=2)
+    numbered, linked, plain = unique("numbered"), unique("linked"), unique("plain")
+    # Numbered versions: 1/ and 2/ (the highest complete one serves).
+    stage = tmp_path / "stage" / numbered
+    shutil.copytree(v1, stage / "1")
+    shutil.copytree(v2, stage / "2")
+    stage.rename(incoming / numbered)
+    # Releases outside the watched folder, the model's folder a symlink to one of them.
+    releases = tmp_path / "releases"
+    shutil.copytree(v1, releases / "r1")
+    shutil.copytree(v2, releases / "r2")
+    link(releases / "r1", incoming / linked)
+    shutil.copytree(v1, incoming / plain)
+    async with modelium_http(settings, temporal_env.client) as (running, http):
+        for name in (numbered, linked, plain):
+            await wait_for(lambda name=name: _loaded(http, name), 120, what=f"{name} loaded")
+        first = await model(http, numbered)
+        assert first["version"] == "2" and first["serving_path"].endswith(f"{numbered}/2"), first
+        fp_v1, fp_v2 = await answer(http, linked), await answer(http, numbered)
+        assert fp_v1 != fp_v2
+        nothing = await http.post(f"/models/{numbered}/rollback")
+        assert nothing.status_code == 409 and "no previous version" in nothing.json()["error"]["message"]
+
+        # A new numbered version: switched to; rollback (from the CLI) serves 2 again; 4 ends the hold.
+        shutil.copytree(v3, tmp_path / "stage" / "3")
+        (tmp_path / "stage" / "3").rename(incoming / numbered / "3")
+        third = await switched_to(http, numbered, 1, version="3")
+        assert third["rollback_to"] == "version 2" and await answer(http, numbered) not in (fp_v1, fp_v2)
+        # (a child process awaited, not waited for: this loop runs Modelium too)
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cli",
+            "rollback",
+            numbered,
+            "--url",
+            str(http.base_url),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        said = (await asyncio.wait_for(cli.communicate(), 300))[0].decode()
+        assert cli.returncode == 0 and "serves version 2" in said, said
+        back = await model(http, numbered)
+        assert back["version"] == "2" and back["rollback_to"] == "version 3" and await answer(http, numbered) == fp_v2
+        shutil.copytree(v1, tmp_path / "stage" / "4")
+        (tmp_path / "stage" / "4").rename(incoming / numbered / "4")
+        await switched_to(http, numbered, 3, version="4")
+        assert await answer(http, numbered) == fp_v1
+
+        # A symlink swapped to another release: one change, switched to; rolled back to r1.
+        assert (await model(http, linked))["serving_path"].endswith("releases/r1")
+        link(releases / "r2", incoming / linked)
+        swapped = await switched_to(http, linked, 1, serving_path="releases/r2")
+        assert swapped["rollback_to"].endswith("releases/r1") and await answer(http, linked) == fp_v2
+        rolled = await http.post(f"/models/{linked}/rollback", json={"reason": "r2 misbehaves"})
+        assert rolled.status_code == 200, rolled.text
+        assert rolled.json()["serving_path"].endswith("releases/r1") and await answer(http, linked) == fp_v1
+
+        # Files replaced in place leave nothing to go back to: refused, by name.
+        replace_files(v2, incoming / plain)
+        await switched_to(http, plain, 1)
+        refused = await http.post(f"/models/{plain}/rollback")
+        assert refused.status_code == 409 and "replaced in place" in refused.json()["error"]["message"]
+
+
+async def _loaded(http: httpx.AsyncClient, name: str) -> bool:
+    response = await http.get(f"/models/{name}")
+    return response.status_code == 200 and response.json()["phase"] == "loaded"

@@ -55,7 +55,8 @@ class Loaded:
     created: int
     context_length: int | None
     # OpenAI's `system_fingerprint`: which version of the model answered (a hash of its config
-    # and its weight files' names and sizes), so that clients can tell versions apart.
+    # and its weight files' names, sizes and times, as the watcher tells versions apart; the
+    # weights are not read for it), so that clients can tell versions apart.
     fingerprint: str = ""
 
 
@@ -67,7 +68,8 @@ def files_fingerprint(model_dir: str) -> str:
         digest.update(config.read_bytes())
     for path in sorted(root.iterdir()):
         if path.is_file() and path.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
-            digest.update(f"{path.name}:{path.stat().st_size};".encode())
+            st = path.stat()
+            digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return "fp_" + digest.hexdigest()[:12]
 
 
