@@ -29,8 +29,14 @@ from temporalio.testing import WorkflowEnvironment
 
 from cli.demo import write_demo_model
 from modelium.analyzer import analyze_directory
+from modelium.names import workflow_id
+from modelium.types import ModelSource
+from modelium.watcher import fingerprint
 from tests.bad_models import BROKEN
 from tests.helpers import make_settings, metric_value, modelium_http, runtime_pids, serving_model, unique, wait_for
+from workers.watch import WorkflowBridge
+from workflows.contracts import EnsureLoadedRequest
+from workflows.lifecycle import ModelLifecycleWorkflow
 
 pytestmark = pytest.mark.slow
 
@@ -286,6 +292,16 @@ async def test_numbered_versions_symlinked_releases_and_rollback(
         rolled = await http.post(f"/models/{linked}/rollback", json={"reason": "r2 misbehaves"})
         assert rolled.status_code == 200, rolled.text
         assert rolled.json()["serving_path"].endswith("releases/r1") and await answer(http, linked) == fp_v1
+        # A watcher started afresh signals the folder's files (r2, rolled back from): held off.
+        held = rolled.json()["update_count"]
+        bridge = WorkflowBridge(temporal_env.client, settings)
+        await bridge.model_ready(ModelSource(linked, str(incoming / linked), fingerprint(incoming / linked)[0]))
+        handle = temporal_env.client.get_workflow_handle(workflow_id(linked))
+        # An update answers after the workflow task that took the signal (and ran on) completed.
+        await handle.execute_update(ModelLifecycleWorkflow.ensure_loaded, EnsureLoadedRequest("probe"))
+        after_signal = await handle.query(ModelLifecycleWorkflow.state)
+        assert after_signal.update_count == held and after_signal.update_state is None
+        assert after_signal.serving_path is not None and after_signal.serving_path.endswith("releases/r1")
 
         # Files replaced in place leave nothing to go back to: refused, by name.
         replace_files(v2, incoming / plain)
