@@ -24,6 +24,8 @@ files. The node has room for one demo model, so that placement has to choose.
 - updated: on a node with room for two, new files while loaded: the new version loaded beside,
   checked, switched to, the old one drained and stopped; then a broken new version (truncated
   weights) that leaves the serving one and shows update_failed; the serving files put back.
+- rolled-back: numbered versions 1/ and 2/ (2 serves); 3/ added and switched to; rolled back to
+  2 by the `rollback` update; the folder's files signalled again (held off); 4/ added.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from workflows.contracts import (
     LoadCommand,
     RemoveCommand,
     RetryRequest,
+    RollbackRequest,
     UsageReport,
     listed_inventory,
     running_nodes_query,
@@ -222,6 +225,29 @@ async def updated(r: Recorder, good: Path) -> None:
     await r.remove_and_save((h, "updated"))
 
 
+async def rolled_back(r: Recorder, good: Path) -> None:
+    folder = r.models / "rolled-back"
+    shutil.copytree(good, folder / "1")
+    shutil.copytree(write_demo_model(r.models / "r-v2", seed=1, layers=3), folder / "2")
+    h = await r.discover("rolled-back", folder)
+    await _until(h, Phase.LOADED, 120, "loaded")
+
+    async def serving(version: str, updates: int) -> bool:
+        state = await _state(h)
+        return state.version == version and state.update_count == updates and state.update_state is None
+
+    shutil.copytree(write_demo_model(r.models / "r-v3", seed=2), folder / "3")
+    await r.discover("rolled-back", folder)
+    await wait_for(lambda: serving("3", 1), 120, what="version 3 serving")
+    state = await h.execute_update(ModelLifecycleWorkflow.rollback, RollbackRequest("recorded"))
+    assert state.version == "2", state
+    await r.discover("rolled-back", folder)  # the files rolled back from: held off
+    shutil.copytree(good, folder / "4")
+    await r.discover("rolled-back", folder)
+    await wait_for(lambda: serving("4", 3), 120, what="version 4 serving")
+    await r.remove_and_save((h, "rolled-back"))
+
+
 SCENARIOS = (lifecycle, failed_then_retried, eviction, waiting, restart)
 
 
@@ -256,18 +282,21 @@ async def main(only: list[str]) -> None:
                 node = env.client.get_workflow_handle(node_workflow_id(settings.node.id))
                 (HERE / "node.json").write_text((await node.fetch_history()).to_json())
                 print("recorded node.json")
-        if not only or "updated" in only:
+        if not only or {"updated", "rolled_back"} & set(only):
             # A node with room for two versions side by side.
-            roomy = make_settings(tmp / "roomy", node={"cpu_memory_budget_bytes": 3 * booking})
+            roomy = make_settings(tmp / "roomy", node={"cpu_memory_budget_bytes": 4 * booking})
             async with running_modelium(roomy, env.client, gateway=False, watch=False):
                 r = Recorder(env.client, WorkflowBridge(env.client, roomy), tmp, roomy.node.id)
-                await updated(r, good)
+                if not only or "updated" in only:
+                    await updated(r, good)
+                if not only or "rolled_back" in only:
+                    await rolled_back(r, good)
     finally:
         await env.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    # Scenario names (lifecycle, failed_then_retried, eviction, waiting, restart, node, updated)
-    # record just those.
+    # Scenario names (lifecycle, failed_then_retried, eviction, waiting, restart, node, updated,
+    # rolled_back) record just those.
     asyncio.run(main(sys.argv[1:]))
