@@ -11,9 +11,10 @@ Kinds: `phase` (a model's phase changed: from, to, the reason, seconds in the pr
 `load_progress` (a model on its way up: phase, seconds so far against its last measured load
 time, an estimated fraction; while it loads, what the load waits on and the runtime's own last
 output line, read from the load activity's heartbeat), `booking` and `release` (memory booked
-or given back, per node and device), `eviction` (a model unloaded to make room, and why), `node` (a node announced its
-devices, or was declared lost), `request` (model, organization, status, latency; at most
-`request_rate` a second, with the number left out since the last one), and `gap`.
+or given back, per node and device), `eviction` (a model unloaded to make room, and why),
+`update` (a new version's step, its switch, or its failure with the reason), `node` (a node
+announced its devices, or was declared lost), `request` (model, organization, status, latency;
+at most `request_rate` a second, with the number left out since the last one), and `gap`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from modelium.types import ModelState, NodeInventory, Phase
 
 log = logging.getLogger(__name__)
 
-KINDS = ("phase", "load_progress", "booking", "release", "eviction", "node", "request", "gap")
+KINDS = ("phase", "load_progress", "booking", "release", "eviction", "update", "node", "request", "gap")
 # Phases in which a model is on its way to serving: their events carry load progress.
 _COMING_UP = (Phase.DECIDING, Phase.RESERVING, Phase.LOADING, Phase.RESTARTING, Phase.EVICTING)
 KEEPALIVE_SECONDS = 15.0
@@ -244,6 +245,11 @@ class EventHub:
             before = known.get(name)
             if before is None or before.phase != state.phase:
                 self._phase(state, before, now)
+            if before is not None and (before.update_state, before.switched_at) != (
+                state.update_state,
+                state.switched_at,
+            ):
+                self._update(state, before)
             self._bookings(state, before)
             if state.phase in _COMING_UP:
                 elapsed = max(0.0, now - (state.updated_at or now))
@@ -280,6 +286,20 @@ class EventHub:
         ):
             if before is None or before.phase != Phase.EVICTING:
                 self.publish("eviction", state.name, {"reason": state.unload_reason or "evicted to make room"})
+
+    def _update(self, state: ModelState, before: ModelState) -> None:
+        """A new version's progress: under way (its step), switched to, or failed (the previous
+        version serves on), with the serving version."""
+        if state.update_state is not None:
+            step = state.update_state
+        elif state.switched_at != before.switched_at:
+            step = "switched"
+        else:
+            step = "done"  # a failure cleared (the serving files back), or a recreate's end
+        data: dict[str, Any] = {"state": step, "fingerprint": state.fingerprint, "version": state.version}
+        if step == "update_failed":
+            data["error"] = state.update_error
+        self.publish("update", state.name, data)
 
     def _bookings(self, state: ModelState, before: ModelState | None) -> None:
         old = before.booking if before else None

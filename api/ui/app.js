@@ -606,6 +606,7 @@ function describe(kind, e) {
     case "booking": return `${e.model}: booked ${bytes(e.bytes)} on ${e.node} ${e.devices.join(",")}`;
     case "release": return `${e.model}: released ${bytes(e.bytes)} on ${e.node} ${e.devices.join(",")}`;
     case "eviction": return `${e.model}: evicted (${e.reason})`;
+    case "update": return `${e.model}: new version ${e.state.replaceAll("_", " ")}${e.error ? ` (${firstLine(e.error)})` : ""}`;
     case "node": return `${e.node}${e.lost ? ` lost: ${e.lost}` : " announced"} (${e.devices.length} devices)`;
     case "request": return `${e.model} ${e.status} in ${e.latency_ms} ms (${e.organization || "?"})${e.skipped_before ? `, ${e.skipped_before} not shown` : ""}`;
     case "gap": return e.reason;
@@ -640,6 +641,9 @@ function onEvent(kind, data, id) {
       state.progress.set(e.model, e);
       if (m && m.phase !== e.phase) { m.phase = e.phase; markDirty(e.model); }
       renderRows();
+      break;
+    case "update":
+      markDirty(e.model);
       break;
     case "booking": case "release": case "eviction":
       scheduleNodes();
