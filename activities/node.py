@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -17,6 +18,7 @@ from activities import expected_failure
 from modelium.gpu import GpuReader, MemoryProfile, MemoryProfiles, gpu_memory_held, process_tree, resident_bytes
 from modelium.ledger import InsufficientCapacity, Ledger
 from modelium.metrics import Metrics
+from modelium.names import model_of
 from modelium.runtimes.base import RuntimeAdapter, RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.process import pid_alive
 from modelium.types import Booking, Endpoint, LoadRequest
@@ -283,6 +285,8 @@ class NodeActivities:
         smoke = getattr(adapter, "smoke", None)
         try:
             await adapter.check_health(request.model)
+            if request.path:
+                return await custom_smoke(request)
             sent = bool(smoke is not None and await smoke(request.endpoint, request.model))
         except RuntimeUnhealthy as exc:
             raise expected_failure(f"smoke check failed: {exc}", ErrorType.SMOKE_FAILED) from None
@@ -331,6 +335,23 @@ class NodeActivities:
             self.smoke_check,
             self.drain_runtime,
         ]
+
+
+async def custom_smoke(request: SmokeRequest) -> str:
+    """The model's own smoke request (modelium.yaml `smoke:`): its body POSTed to its path."""
+    assert request.path is not None
+    body = dict(request.body or {})
+    if request.path.startswith("/v1/"):
+        body.setdefault("model", model_of(request.model))
+    url = request.endpoint.url + request.path
+    try:
+        async with httpx.AsyncClient(timeout=60.0) as client:
+            response = await client.post(url, json=body)
+    except httpx.HTTPError as exc:
+        raise RuntimeUnhealthy(f"{url} did not answer: {exc or type(exc).__name__}") from None
+    if response.status_code != request.status:
+        raise RuntimeUnhealthy(f"{url} answered {response.status_code}, not {request.status}: {response.text[:200]}")
+    return f"answered the model's own check ({request.path}, {response.status_code})"
 
 
 def _endpoint_of(adapter: RuntimeAdapter, key: str) -> Endpoint | None:

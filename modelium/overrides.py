@@ -13,7 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from modelium.analyzer.common import ModelDirectoryError
-from modelium.config import ModelSettings
+from modelium.config import ModelSettings, SmokeRequest
 from modelium.types import ModelOverrides
 
 MODEL_SETTINGS_FILE = "modelium.yaml"
@@ -53,6 +53,9 @@ def read_overrides(model_path: str | Path, name: str, configured: Mapping[str, M
         idle_timeout_seconds=settings.idle_timeout_seconds,
         node=settings.node,
         devices=list(settings.devices),
-        smoke=settings.smoke,
+        smoke=settings.smoke if isinstance(settings.smoke, bool) else None,
+        smoke_path=settings.smoke.path if isinstance(settings.smoke, SmokeRequest) else None,
+        smoke_body=dict(settings.smoke.body) if isinstance(settings.smoke, SmokeRequest) else None,
+        smoke_status=settings.smoke.status if isinstance(settings.smoke, SmokeRequest) else 200,
         source=" and ".join(sources),
     )

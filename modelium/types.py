@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 # Bounds on numbers that come from outside (API, configuration, a model's own settings file, a
 # signal sent from the Temporal UI). Every duration is finite and at most a year, so that timers
@@ -223,8 +224,12 @@ class ModelOverrides:
     # Restrict placement: a node id, and devices on it ("cpu", "cuda:0", ...).
     node: str | None = None
     devices: list[str] = field(default_factory=list)
-    # false: an update switches to the new version without the smoke check's real request.
+    # false: an update switches to the new version without the smoke check's real request; a
+    # custom check: POST `smoke_body` to `smoke_path` on the runtime, expecting `smoke_status`.
     smoke: bool | None = None
+    smoke_path: str | None = None
+    smoke_body: dict[str, Any] | None = None
+    smoke_status: int = 200
     # Where each value came from, for messages ("models.foo in modelium.yaml", ...).
     source: str = ""
 

@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
         MIN_TIMER_SECONDS,
         Booking,
         Decision,
+        Endpoint,
         LoadRequest,
         ModelAnalysis,
         ModelSource,
@@ -958,7 +959,8 @@ class ModelLifecycleWorkflow:
             if analysis.overrides is None or analysis.overrides.smoke is not False:
                 self._updating("smoke_check")
                 checked = await self._on_node(
-                    node, steps.smoke_check(steps.SmokeRequest(key, decision.runtime, loaded.endpoint), node)
+                    node,
+                    steps.smoke_check(_smoke_request(key, decision.runtime, loaded.endpoint, analysis), node),
                 )
                 workflow.logger.info("model %s: new version %s", st.name, checked)
             self._check_interrupt()
@@ -1202,6 +1204,14 @@ class ModelLifecycleWorkflow:
         if st.switched_at is not None:
             lines.append(f"- serving version switched to at {st.switched_at:.0f} ({st.key}, {st.fingerprint[:12]})")
         return "\n".join(lines)
+
+
+def _smoke_request(key: str, runtime: str, endpoint: Endpoint, analysis: ModelAnalysis) -> steps.SmokeRequest:
+    """The smoke check of a new version: the model's own (modelium.yaml `smoke:`) or the default."""
+    own = analysis.overrides
+    if own is not None and own.smoke_path:
+        return steps.SmokeRequest(key, runtime, endpoint, own.smoke_path, own.smoke_body, own.smoke_status)
+    return steps.SmokeRequest(key, runtime, endpoint)
 
 
 def _timer(seconds: float) -> timedelta:

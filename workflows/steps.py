@@ -101,6 +101,10 @@ class SmokeRequest:
     model: str  # the instance key (see modelium.names.instance_key)
     runtime: str
     endpoint: Endpoint
+    # The model's own check (modelium.yaml `smoke: {path, body, status}`); None: the default one.
+    path: str | None = None
+    body: dict[str, Any] | None = None
+    status: int = 200
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -146,6 +146,16 @@ class Orchestration(_Section):
 RuntimeName = Literal["embedded", "vllm", "triton", "ray_serve"]
 
 
+class SmokeRequest(_Section):
+    """The one real request a new version must answer before it is switched to."""
+
+    # On the runtime, e.g. /v1/completions or /predict.
+    path: str = Field(pattern=r"^/[A-Za-z0-9._~/-]{0,200}$")
+    # JSON body; for an OpenAI path without "model", the model's name is added.
+    body: dict[str, Any] = Field(default_factory=dict)
+    status: int = Field(default=200, ge=100, le=599)
+
+
 class ModelSettings(_Section):
     """Per-model overrides: under `models.<name>` here, or in a `modelium.yaml` beside the model."""
 
@@ -155,8 +165,9 @@ class ModelSettings(_Section):
     # Place the model only on this node, and only on these of its devices ("cpu", "cuda:0").
     node: str | None = None
     devices: list[str] = Field(default_factory=list)
-    # false: a new version of this model is switched to without the one real request first.
-    smoke: bool | None = None
+    # false: a new version of this model is switched to without the one real request first;
+    # {path, body, status}: that request instead of the default one.
+    smoke: bool | SmokeRequest | None = None
 
     @field_validator("devices")
     @classmethod

@@ -3,9 +3,9 @@ the session's Temporal dev server: a client loop runs through each update and ge
 
 - blue/green: the new version (other weights, another layer) is loaded beside
   the serving one, checked, switched to; the old one drains and goes; its booking with it;
-- a broken new version (truncated weights, then a malformed config) never takes the model
-  down: it stays `loaded`, answering as before, and shows `update_failed` with the reason;
-  putting the serving files back clears it;
+- a broken new version (truncated weights, then a malformed config, then one that loads but
+  fails its smoke check) never takes the model down: it stays `loaded`, answering as before,
+  and shows `update_failed` with the reason; putting the serving files back clears it;
 - no room beside it: the model is recreated, and requests are held meanwhile, not refused;
 - numbered version folders (the highest complete one serves), a symlink swapped to another
   release, and rollback (API and CLI) to the version served before; files replaced in place
@@ -169,8 +169,18 @@ async def test_blue_green_switch_and_broken_versions_with_no_failed_request(
             await wait_for(
                 lambda: _cleared(http, name), 60, what="update_failed cleared once the serving files are back"
             )
+        # A version that loads but fails its smoke check (here the model's own, from modelium.yaml,
+        # expecting a status the runtime does not answer): stopped, the serving one stays.
+        check = "smoke:\n  path: /v1/completions\n  body: {prompt: Hi, max_tokens: 1}\n  status: 418\n"
+        (served / "modelium.yaml").write_text(check)
+        state = await wait_for(lambda: _failed_with(http, name, "not 418"), 120, what="the smoke check failing")
+        assert "smoke check failed" in state["update_error"] and state["fingerprint"] == after["fingerprint"]
+        await wait_for(lambda: runtime_pids(name) == [new_pid], 60, what="the new instance stopped")
+        assert await answer(http, name) == new_answer
+        (served / "modelium.yaml").unlink()
+        await wait_for(lambda: _cleared(http, name), 60, what="update_failed cleared")
         metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
-        assert metric_value(metrics, "modelium_model_updates_total", model=name, result="failed") == 2.0
+        assert metric_value(metrics, "modelium_model_updates_total", model=name, result="failed") == 3.0
         assert runtime_pids(name) == [new_pid]
 
 
