@@ -117,8 +117,11 @@ class ModelRegistry:
 
     def _ttl_for(self, state: ModelState) -> float:
         # A serving endpoint is stable; a model on its way up changes any moment, and a stale
-        # "not loaded" would turn clients away after the load finished.
-        return self._ttl if state.phase == Phase.LOADED else min(self._ttl, NOT_LOADED_TTL)
+        # "not loaded" would turn clients away after the load finished. So does one whose new
+        # version is about to be switched to (or was, and the old one drains): read again within
+        # NOT_LOADED_TTL, the switch reaches requests at once rather than after the cache time.
+        stable = state.phase == Phase.LOADED and state.update_state in (None, "update_failed", "analyzing")
+        return self._ttl if stable else min(self._ttl, NOT_LOADED_TTL)
 
     async def _query(self, model: str, timeout: timedelta) -> ModelState | None:
         handle = self._client.get_workflow_handle(workflow_id(model))

@@ -142,6 +142,12 @@ async def test_blue_green_switch_and_broken_versions_with_no_failed_request(
         assert new_pid != old_pid
         bookings = [b.model for b in running.node.ledger.bookings() if b.model.startswith(name)]
         assert bookings == [f"{name}@u1"], bookings
+        # Both versions were booked at once, and the device never past its room (the journal).
+        journal = running.node.ledger.journal()
+        capacity = running.node.ledger.capacities["cpu"]
+        assert all(e["booked"]["cpu"] <= capacity for e in journal)
+        ops = [(e["op"], e["model"]) for e in journal if e["model"].startswith(name) and e["op"] != "resize"]
+        assert ops.index(("reserve", f"{name}@u1")) < ops.index(("release", name)), ops
         metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
         assert metric_value(metrics, "modelium_model_updates_total", model=name, result="switched") == 1.0
 
