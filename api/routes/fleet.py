@@ -25,11 +25,16 @@ async def list_nodes(gw: GatewayDep, principal: PrincipalDep) -> NodeList:
     states = await gw.registry.all()
     held: dict[tuple[str, str], list[DeviceBooking]] = {}
     for state in states:
-        if state.booking is None or not principal.may_use(state.name):
+        if not principal.may_use(state.name):
             continue
-        for device in state.booking.all_devices:
-            booking = DeviceBooking(model=state.name, bytes=state.booking.bytes, phase=state.phase)
-            held.setdefault((state.booking.node, device), []).append(booking)
+        # The serving version's booking, and a new version's beside it (listed from its smoke
+        # check on; while it loads, its bytes count in the device's booked_bytes only).
+        for booked, phase in ((state.booking, str(state.phase)), (state.update_booking, "new version")):
+            if booked is None:
+                continue
+            for device in booked.all_devices:
+                booking = DeviceBooking(model=state.name, bytes=booked.bytes, phase=phase)
+                held.setdefault((booked.node, device), []).append(booking)
     nodes = [
         NodeInfo(
             node=inv.node,
