@@ -140,7 +140,8 @@ class RegistryResidents:
                     node=s.booking.node,
                     devices=s.booking.all_devices,
                     bytes=s.booking.bytes,
-                    pinned=s.pinned,
+                    # One whose new version is on its way (or whose old one drains) is not evicted.
+                    pinned=s.pinned or s.update_state not in (None, "update_failed"),
                     loaded_at=s.loaded_at or 0.0,
                     last_used_at=s.last_used_at or s.loaded_at or 0.0,
                     load_seconds=s.load_seconds,

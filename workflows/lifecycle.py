@@ -307,6 +307,10 @@ class ModelLifecycleWorkflow(NewVersions):
             raise ApplicationError(f"model {state.name} is pinned")
         if self._unload_reason is not None or self._remove_reason is not None or self._new_source is not None:
             raise ApplicationError(f"model {state.name} is already on its way down")
+        if state.update_state not in (None, "update_failed") or self._rollback_wanted is not None:
+            # Its new version is loading beside it (or its old one drains): evicting it would
+            # wait for that, and then free less than the evictor was promised.
+            raise ApplicationError(f"model {state.name} is being updated ({state.update_state or 'rollback'})")
         idle = workflow.now().timestamp() - (state.last_used_at or state.loaded_at or 0.0)
         min_idle = command.min_idle_seconds
         if isinstance(min_idle, bool) or not isinstance(min_idle, int | float) or not min_idle >= 0:
