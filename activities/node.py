@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -20,6 +19,7 @@ from modelium.ledger import InsufficientCapacity, Ledger
 from modelium.metrics import Metrics
 from modelium.names import model_of
 from modelium.runtimes.base import RuntimeAdapter, RuntimeStartError, RuntimeUnhealthy
+from modelium.runtimes.managed import post_expecting
 from modelium.runtimes.process import pid_alive
 from modelium.types import Booking, Endpoint, LoadRequest
 from workflows.contracts import ActivityName, ErrorType, MemoryPeak
@@ -300,15 +300,15 @@ class NodeActivities:
         does not tell its in-flight requests is given all of `seconds`."""
         adapter = self._adapter(request.runtime)
         endpoint = _endpoint_of(adapter, request.model)
+        if endpoint is None:
+            return "nothing to drain: it no longer runs"
+        counting = getattr(adapter, "in_flight", None)
         started = time.monotonic()
         deadline = started + max(request.seconds, 0.0)
         idle_checks = 0
         while time.monotonic() < deadline:
             activity.heartbeat(f"draining {request.model}")
-            counting = getattr(adapter, "in_flight", None)
-            count = await counting(endpoint) if counting is not None and endpoint is not None else None
-            if endpoint is None:
-                return "nothing to drain: it no longer runs"
+            count = await counting(endpoint) if counting is not None else None
             settled = time.monotonic() - started >= request.settle_seconds
             idle_checks = idle_checks + 1 if count == 0 else 0
             if settled and idle_checks >= 2:
@@ -343,14 +343,7 @@ async def custom_smoke(request: SmokeRequest) -> str:
     body = dict(request.body or {})
     if request.path.startswith("/v1/"):
         body.setdefault("model", model_of(request.model))
-    url = request.endpoint.url + request.path
-    try:
-        async with httpx.AsyncClient(timeout=60.0) as client:
-            response = await client.post(url, json=body)
-    except httpx.HTTPError as exc:
-        raise RuntimeUnhealthy(f"{url} did not answer: {exc or type(exc).__name__}") from None
-    if response.status_code != request.status:
-        raise RuntimeUnhealthy(f"{url} answered {response.status_code}, not {request.status}: {response.text[:200]}")
+    response = await post_expecting(request.endpoint.url + request.path, body, request.status)
     return f"answered the model's own check ({request.path}, {response.status_code})"
 
 

@@ -13,6 +13,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -213,13 +214,7 @@ class ProcessRuntime(ABC):
             url, body = f"{endpoint.url}/predict", {"inputs": "Hello"}
         else:
             return False
-        try:
-            async with httpx.AsyncClient(timeout=WARM_UP_TIMEOUT) as client:
-                response = await client.post(url, json=body)
-        except httpx.HTTPError as exc:
-            raise RuntimeUnhealthy(f"{url} did not answer: {exc or type(exc).__name__}") from None
-        if response.status_code != 200:
-            raise RuntimeUnhealthy(f"{url} answered {response.status_code}: {response.text[:200]}")
+        response = await post_expecting(url, body)
         try:
             answer = response.json()
         except ValueError:
@@ -282,6 +277,20 @@ async def _get_ok(url: str, timeout: float = 5.0) -> httpx.Response:
         raise RuntimeUnhealthy(f"{url} does not answer: {exc}") from exc
     if response.status_code != 200:
         raise RuntimeUnhealthy(f"{url} answered {response.status_code}")
+    return response
+
+
+async def post_expecting(url: str, body: dict[str, Any], status: int = 200) -> httpx.Response:
+    """POST `body` to a runtime; RuntimeUnhealthy unless it answers with `status` (a smoke
+    check's request: the default one, or a model's own)."""
+    try:
+        async with httpx.AsyncClient(timeout=WARM_UP_TIMEOUT) as client:
+            response = await client.post(url, json=body)
+    except httpx.HTTPError as exc:
+        raise RuntimeUnhealthy(f"{url} did not answer: {exc or type(exc).__name__}") from None
+    if response.status_code != status:
+        expected = "" if status == 200 else f", not {status}"
+        raise RuntimeUnhealthy(f"{url} answered {response.status_code}{expected}: {response.text[:200]}")
     return response
 
 
