@@ -530,15 +530,15 @@ class ModelLifecycleWorkflow(NewVersions):
         try:
             if self._analysis is None:
                 self._set_phase(Phase.ANALYZING)
-                self._analysis = await steps.analyze_model(
-                    ModelSource(
-                        self._state.name, self._state.path, self._state.fingerprint, version=self._state.version_pin
-                    ),
-                    local=self._local_steps,
+                self._take_analysis(
+                    await steps.analyze_model(
+                        ModelSource(
+                            self._state.name, self._state.path, self._state.fingerprint, version=self._state.version_pin
+                        ),
+                        local=self._local_steps,
+                    )
                 )
-                self._state.task = self._analysis.task
-                self._state.analysis_summary = self._analysis.summary()
-                self._state.memory_estimate_bytes = self._analysis.memory_estimate_bytes
+                assert self._analysis is not None
                 if self._analysis.overrides is not None:
                     overrides = self._analysis.overrides
                     self._configure(overrides.pin, overrides.idle_timeout_seconds)
@@ -654,18 +654,8 @@ class ModelLifecycleWorkflow(NewVersions):
             self._set_phase(Phase.FAILED)
             return
         now = workflow.now().timestamp()
-        self._state.endpoint = result.endpoint
-        self._state.load_seconds = result.load_seconds
-        self._state.measured_memory_bytes = result.measured_bytes
-        self._state.peak_memory_bytes = result.measured_bytes
-        if self._state.booking is not None and _valid_bytes(result.booked_bytes):
-            self._state.booking.bytes = result.booked_bytes  # type: ignore[assignment]
-        self._state.loaded_at = now
+        self._took_load(result, self._analysis, now)
         self._state.last_used_at = now
-        self._state.serving_path = self._analysis.path
-        self._state.version = self._analysis.details.get("version")
-        self._state.load_count += 1
-        self._state.last_error = None
         self._state.unload_reason = None
         self._state.rest_reason = None
         self._state.demanded_at = None
@@ -674,6 +664,29 @@ class ModelLifecycleWorkflow(NewVersions):
         self._lost_races = 0
         self._bringups += 1
         self._set_phase(Phase.LOADED)
+
+    def _take_analysis(self, analysis: ModelAnalysis) -> None:
+        """The model is now what `analysis` read: its task, summary and memory estimate."""
+        self._analysis = analysis
+        self._state.task = analysis.task
+        self._state.analysis_summary = analysis.summary()
+        self._state.memory_estimate_bytes = analysis.memory_estimate_bytes
+
+    def _took_load(self, result: steps.LoadResult, analysis: ModelAnalysis, now: float) -> None:
+        """What a finished load of `analysis`'s folder tells: where it answers, how long it took,
+        what it holds (its booking follows the measurement), and which folder and version."""
+        st = self._state
+        st.endpoint = result.endpoint
+        st.load_seconds = result.load_seconds
+        st.measured_memory_bytes = result.measured_bytes
+        st.peak_memory_bytes = result.measured_bytes
+        if st.booking is not None and _valid_bytes(result.booked_bytes):
+            st.booking.bytes = result.booked_bytes  # type: ignore[assignment]
+        st.loaded_at = now
+        st.serving_path = analysis.path or st.path
+        st.version = analysis.details.get("version")
+        st.load_count += 1
+        st.last_error = None
 
     def _load_timeout(self, runtime: str) -> float:
         """The chosen runtime's own load timeout (a vLLM load may take 900 s, an embedded one 600 s)."""

@@ -29,7 +29,6 @@ with workflow.unsafe.imports_passed_through():
     from workflows.failures import NodeGone as _NodeLost
     from workflows.failures import describe as _describe
     from workflows.failures import error_type as _error_type
-    from workflows.failures import valid_bytes as _valid_bytes
 
 _T = TypeVar("_T")
 
@@ -56,6 +55,10 @@ class NewVersions:
         def _check_interrupt(self) -> None: ...
 
         def _load_timeout(self, runtime: str) -> float: ...
+
+        def _take_analysis(self, analysis: ModelAnalysis) -> None: ...
+
+        def _took_load(self, result: steps.LoadResult, analysis: ModelAnalysis, now: float) -> None: ...
 
         def _set_phase(self, phase: Phase) -> None: ...
 
@@ -161,22 +164,13 @@ class NewVersions:
             st.previous = ModelSource(st.name, old_path, st.fingerprint)
         else:
             st.previous = None  # its files were replaced in place: nothing to go back to
-        st.serving_path, st.version = analysis.path or source.path, analysis.details.get("version")
         now = workflow.now().timestamp()
         st.path, st.fingerprint = source.path, source.fingerprint
-        self._analysis = analysis
-        st.task, st.analysis_summary = analysis.task, analysis.summary()
-        st.memory_estimate_bytes = analysis.memory_estimate_bytes
+        self._take_analysis(analysis)
         st.decision, st.runtime, st.node, st.device = decision, decision.runtime, decision.node, decision.device
         st.instance, st.booking, st.update_booking = key, new_booking, None
-        if st.booking is not None and _valid_bytes(loaded.booked_bytes):
-            st.booking.bytes = loaded.booked_bytes  # type: ignore[assignment]
-        st.endpoint = loaded.endpoint
-        st.load_seconds, st.measured_memory_bytes = loaded.load_seconds, loaded.measured_bytes
-        st.peak_memory_bytes = loaded.measured_bytes
-        st.loaded_at = st.switched_at = now
-        st.load_count += 1
-        st.last_error = None
+        self._took_load(loaded, analysis, now)
+        st.switched_at = now
         workflow.logger.info("model %s switched to its new version (%s on %s)", st.name, key, st.node)
         self._updating("draining")
         await steps.count_update(steps.UpdateOutcome(st.name, "switched"))
