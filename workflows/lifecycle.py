@@ -538,10 +538,7 @@ class ModelLifecycleWorkflow(NewVersions):
                         local=self._local_steps,
                     )
                 )
-                assert self._analysis is not None
-                if self._analysis.overrides is not None:
-                    overrides = self._analysis.overrides
-                    self._configure(overrides.pin, overrides.idle_timeout_seconds)
+            assert self._analysis is not None  # read just now, or by an earlier bring-up
             self._check_interrupt()
             step = "decide"
             self._set_phase(Phase.DECIDING)
@@ -666,11 +663,14 @@ class ModelLifecycleWorkflow(NewVersions):
         self._set_phase(Phase.LOADED)
 
     def _take_analysis(self, analysis: ModelAnalysis) -> None:
-        """The model is now what `analysis` read: its task, summary and memory estimate."""
+        """The model is now what `analysis` read: its task, summary and memory estimate, and the
+        settings its folder asks for (modelium.yaml, `models.<name>`)."""
         self._analysis = analysis
         self._state.task = analysis.task
         self._state.analysis_summary = analysis.summary()
         self._state.memory_estimate_bytes = analysis.memory_estimate_bytes
+        if analysis.overrides is not None:
+            self._configure(analysis.overrides.pin, analysis.overrides.idle_timeout_seconds)
 
     def _took_load(self, result: steps.LoadResult, analysis: ModelAnalysis, now: float) -> None:
         """What a finished load of `analysis`'s folder tells: where it answers, how long it took,

@@ -262,6 +262,7 @@ async def test_numbered_versions_symlinked_releases_and_rollback(
     releases = tmp_path / "releases"
     shutil.copytree(v1, releases / "r1")
     shutil.copytree(v2, releases / "r2")
+    (releases / "r2" / "modelium.yaml").write_text("idle_timeout_seconds: 1234\n")
     link(releases / "r1", incoming / linked)
     shutil.copytree(v1, incoming / plain)
     async with modelium_http(settings, temporal_env.client) as (running, http):
@@ -305,6 +306,7 @@ async def test_numbered_versions_symlinked_releases_and_rollback(
         link(releases / "r2", incoming / linked)
         swapped = await switched_to(http, linked, 1, serving_path="releases/r2")
         assert swapped["rollback_to"].endswith("releases/r1") and await answer(http, linked) == fp_v2
+        assert swapped["idle_timeout_seconds"] == 1234  # the new version's own settings apply
         rolled = await http.post(f"/models/{linked}/rollback", json={"reason": "r2 misbehaves"})
         assert rolled.status_code == 200, rolled.text
         assert rolled.json()["serving_path"].endswith("releases/r1") and await answer(http, linked) == fp_v1
