@@ -364,22 +364,23 @@ function actions(m) {
   const stop = (fn) => (ev) => { ev.stopPropagation(); fn(); };
   const busy = COMING_UP.has(m.phase) || m.phase === "unloading" || m.phase === "waiting_for_capacity";
   if (m.phase !== "loaded" && !busy) {
-    box.append(el("button", { type: "button", class: "load", text: m.phase === "failed" ? "retry" : "load", onclick: stop(() => act(m.name, "load", {})) }));
+    box.append(el("button", { type: "button", class: "load", text: m.phase === "failed" ? "retry" : "load", onclick: stop(() => ask(m.name, "load", {})) }));
   }
   if (m.phase === "loaded" || busy) {
-    box.append(el("button", { type: "button", class: "unload", text: "unload", onclick: stop(() => act(m.name, "unload", { reason: "unloaded from the dashboard" })) }));
+    box.append(el("button", { type: "button", class: "unload", text: "unload", onclick: stop(() => ask(m.name, "unload", { reason: "unloaded from the dashboard" })) }));
   }
   if (m.pinned) {
     box.append(el("button", { type: "button", class: "unpin", text: "unpin", onclick: stop(() => unpin(m)) }));
   } else {
-    box.append(el("button", { type: "button", class: "pin", text: "pin", onclick: stop(() => act(m.name, "load", { pin: true })) }));
+    box.append(el("button", { type: "button", class: "pin", text: "pin", onclick: stop(() => ask(m.name, "load", { pin: true })) }));
   }
   return box;
 }
 
+// A management call; the answer is the model's state, and the events tell the rest.
 async function act(name, verb, body) {
   try {
-    const info = await api(`/models/${encodeURIComponent(name)}/${verb}`, { method: "POST", json: Object.assign({ wait: false }, body) });
+    const info = await api(`/models/${encodeURIComponent(name)}/${verb}`, { method: "POST", json: body });
     state.models.set(name, info);
     refreshView();
     markDirty(name);
@@ -388,22 +389,16 @@ async function act(name, verb, body) {
   }
 }
 
-async function rollback(name) {
-  try {
-    const info = await api(`/models/${encodeURIComponent(name)}/rollback`, { method: "POST", json: { reason: "rolled back from the dashboard" } });
-    state.models.set(name, info);
-    refreshView();
-    renderDetail();
-  } catch (err) {
-    notice(`Could not roll back ${name}: ${err.message}`);
-  }
+// Load and unload answer at once (202) and the row follows the events.
+function ask(name, verb, body) {
+  return act(name, verb, Object.assign({ wait: false }, body));
 }
 
 function unpin(m) {
   // Unpinning a loaded model keeps it loaded (it may now unload when idle); one that is not
   // loaded yet stops waiting for room too.
-  if (m.phase === "loaded") act(m.name, "load", { pin: false });
-  else act(m.name, "unload", { reason: "unpinned from the dashboard" });
+  if (m.phase === "loaded") ask(m.name, "load", { pin: false });
+  else ask(m.name, "unload", { reason: "unpinned from the dashboard" });
 }
 
 // -- the detail panel ---------------------------------------------------------------------------
@@ -430,7 +425,7 @@ function renderDetail() {
   if (state.config.principal.admin && m.phase === "loaded" && m.rollback_to && !m.update_state) {
     buttons.push(el("button", {
       type: "button", class: "rollback", text: `roll back to ${m.rollback_to}`,
-      onclick: () => rollback(m.name),
+      onclick: () => act(m.name, "rollback", { reason: "rolled back from the dashboard" }),
     }));
   }
   $("detail-actions").replaceChildren(...buttons);
