@@ -126,8 +126,11 @@ class NodeActivities:
             # On the CPU, "used" is what the models' runtime processes hold resident now. This
             # runs in the peak tracker's thread too, while loads and unloads change the map on
             # the event loop: it reads a copy (list() of a dict is one step under the GIL).
-            alive = {m: pid for m, pid in list(self._cpu_pids.items()) if pid_alive(pid)}
-            used = sum(resident_bytes(process_tree(pid)) for pid in alive.values())
+            alive = [pid for pid in list(self._cpu_pids.values()) if pid_alive(pid)]
+            # The warm pool's spares hold memory of the CPU budget too (and are booked in it).
+            for adapter in self._adapters.values():
+                alive += getattr(adapter, "spare_pids", list)()
+            used = sum(resident_bytes(process_tree(pid)) for pid in alive)
             gauge.labels(node=self._node, gpu="cpu", kind="used").set(used)
 
     def measure(self, request: LoadRequest, pid: int | None) -> int | None:

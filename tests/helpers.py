@@ -97,7 +97,10 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "orchestration": {
             "model_discovery": {"watch_directories": [str(tmp_path / "incoming")], "settle_seconds": 0.5},
         },
-        "runtimes": {"embedded": {"cpu_threads": 1}},
+        # No warm pool unless a test asks for one (tests/integration/test_warm_pool.py): a spare
+        # takes a few hundred MB of the budgets tests size for their models, and two cores'
+        # worth of seconds to start.
+        "runtimes": {"embedded": {"cpu_threads": 1, "warm_pool": 0}},
     }
     return Settings.model_validate(merged(base, overrides))
 
@@ -137,6 +140,7 @@ def serve_config(tmp_path: Path, *, ui: bool = False, **sections: Any) -> ServeC
         "orchestration": {
             "model_discovery": {"watch_directories": [str(tmp_path / "incoming")], "settle_seconds": 0.5}
         },
+        "runtimes": {"embedded": {"warm_pool": 0}},  # as in make_settings
     }
     path = tmp_path / "modelium.yaml"
     path.write_text(yaml.safe_dump(merged(base, sections)))

@@ -25,6 +25,7 @@ from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
 from modelium.runtimes.ray_serve import RayServeRuntimeAdapter
 from modelium.runtimes.triton import TritonRuntimeAdapter
 from modelium.runtimes.vllm import VllmRuntimeAdapter
+from modelium.runtimes.warm_pool import POOL_BOOKING
 from modelium.types import DeviceInventory, ModelState, NodeInventory, Phase
 from workflows.contracts import (
     NODE_KEY,
@@ -66,6 +67,12 @@ class NodeAgent:
         if adopted:
             log.info("node %s adopted %d running model(s): %s", self.node_id, len(adopted), ", ".join(adopted))
         return adopted
+
+    def start_warm_pool(self) -> None:
+        """After `adopt_runtimes`: the embedded runtime's spares, booked in the CPU budget."""
+        embedded = self.adapters.get(EMBEDDED)
+        if isinstance(embedded, EmbeddedRuntimeAdapter):
+            embedded.start_pool(self.ledger, self.activities.bookings_changed.set)
 
     async def shutdown_runtimes(self) -> None:
         for adapter in self.adapters.values():
@@ -247,7 +254,9 @@ async def reconcile_node(client: Client, agent: NodeAgent) -> int:
         log.info("asked %d workflow(s) to reload models this node no longer runs", told)
     # Adopted runtimes, and bookings whose runtime did not survive (the machine was lost, its models
     # were placed elsewhere meanwhile): what no workflow wants here any more is stopped and released.
-    for model in sorted(set(agent.adopted) | {b.model for b in agent.ledger.bookings()}):
+    # The warm pool's booking is the node's own, not a model's.
+    booked = {b.model for b in agent.ledger.bookings() if b.model != POOL_BOOKING}
+    for model in sorted(set(agent.adopted) | booked):
         known: ModelState | None
         try:
             known = await client.get_workflow_handle(workflow_id(model_of(model))).query(ModelLifecycleWorkflow.state)

@@ -163,6 +163,7 @@ async def serve(
             # Before any load can arrive: a runtime a killed agent left running is taken over,
             # not started twice.
             await agent.adopt_runtimes()
+            agent.start_warm_pool()
             announcer = asyncio.create_task(
                 announce_forever(
                     client,

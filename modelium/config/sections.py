@@ -354,6 +354,9 @@ class EmbeddedRuntime(_Section):
     load_timeout_seconds: float = Field(default=600.0, gt=0.0, le=MAX_DURATION_SECONDS)
     # Threads each CPU model may use; None lets PyTorch decide.
     cpu_threads: int | None = Field(default=None, ge=1)
+    # Runtime processes kept started, imports done, for the next loads (0: none). Their resident
+    # memory is booked in the node's CPU budget.
+    warm_pool: int = Field(default=1, ge=0, le=16)
 
 
 class Runtimes(_Section):

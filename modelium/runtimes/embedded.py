@@ -1,19 +1,35 @@
 """The embedded runtime: one process per model, serving it with transformers + PyTorch.
 
 Always available; works on the CPU. Text generation speaks the OpenAI protocol; classification and
-embedding models speak Modelium's JSON (`POST /predict {"inputs": ...}`).
+embedding models speak Modelium's JSON (`POST /predict {"inputs": ...}`). A load is handed to a
+warm spare from the pool (`warm_pool.py`) when there is one, else a process is started for it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+
 from modelium.config import EmbeddedRuntime as EmbeddedConfig
+from modelium.ledger import Ledger
 from modelium.names import model_of
 from modelium.runtimes import EMBEDDED
+from modelium.runtimes.base import Progress, RuntimeStartError
 from modelium.runtimes.managed import ProcessRuntime
-from modelium.types import EndpointProtocol, LoadRequest, Task
+from modelium.runtimes.process import ManagedProcess, loopback_for, process_argv, process_start_ticks, runtime_http
+from modelium.runtimes.warm_pool import SPARE_PREFIX, Spare, WarmPool
+from modelium.types import Endpoint, EndpointProtocol, LoadRequest, Task
+
+log = logging.getLogger(__name__)
+
+# A spare handed a model is replaced after the model's warm-up request, or this long after.
+REFILL_AFTER_SECONDS = 2.0
 
 NAME = EMBEDDED
 
@@ -45,6 +61,131 @@ class EmbeddedRuntimeAdapter(ProcessRuntime):
             state_dir=state_dir,
         )
         self._python = python
+        self.pool = WarmPool(
+            self._config.warm_pool,
+            self._spare_argv,
+            self.base_env,
+            log_dir / "warm-pool.log",
+            host,
+            self._records,
+            ready_timeout=self._config.load_timeout_seconds,
+        )
+
+    # -- the warm pool -------------------------------------------------------------------------
+    def start_pool(self, ledger: Ledger | None = None, on_booking: Callable[[], None] | None = None) -> None:
+        """Start the spares (after `adopt`: what an earlier agent left is stopped first). With
+        `ledger`, the pool's memory is booked in its CPU budget; `on_booking` after a change."""
+        if ledger is not None:
+            self.pool.book_in(ledger, on_booking or (lambda: None))
+        self.pool.start()
+
+    def _spare_argv(self, port: int) -> list[str]:
+        # --pool names whose spare it is (`ps` shows it; a test finds what a node left behind).
+        owner = ["--pool", str(self._log_dir.parent)]
+        server = "modelium.runtimes.embedded_server"
+        return [self._python, "-m", server, "--spare", *owner, "--host", self._host, "--port", str(port)]
+
+    async def from_pool(self, request: LoadRequest, progress: Progress) -> Endpoint | None:
+        if self.pool.size <= 0:
+            return None
+        spare = await self.pool.take()
+        if spare is None:
+            self.pool.fill()
+            return None
+        proc = spare.proc
+        proc.serves = self.argv(request, spare.port)
+        proc.rebind_log(self.log_path(request.model))
+        endpoint = Endpoint(
+            f"http://{self._advertise}:{spare.port}", self.protocol(request), self.name, self._node, proc.pid
+        )
+        self.pool.handed_over(spare)
+        self.track(request.model, proc, endpoint)
+        try:
+            await self._hand_over(spare, request, progress)
+            await self._wait_healthy(proc, endpoint, request.model, progress)
+        except BaseException:
+            await self._stop_locked(request.model)
+            self.pool.fill()
+            raise
+        # The replacement starts once the model has answered its warm-up request (`warm_up`):
+        # on a small machine a spare importing meanwhile slows the load's last steps and the
+        # first requests. At the latest after REFILL_AFTER_SECONDS (when no warm-up is sent).
+        asyncio.get_running_loop().call_later(REFILL_AFTER_SECONDS, self.pool.fill)
+        log.info("%s serves %s at %s (warm spare pid %s)", self.name, request.model, endpoint.url, proc.pid)
+        return endpoint
+
+    async def warm_up(self, endpoint: Endpoint, model: str) -> bool:
+        try:
+            return await super().warm_up(endpoint, model)
+        finally:
+            self.pool.fill()
+
+    async def _hand_over(self, spare: Spare, request: LoadRequest, progress: Progress) -> None:
+        """Tell the spare its model; returns once it is loaded, with progress meanwhile."""
+        proc = spare.proc
+        order = {
+            "model_dir": request.path,
+            "name": model_of(request.model),
+            "task": request.task,
+            "device": self._device(request.booking.device),
+            "threads": self._config.cpu_threads,
+            "env": self.env(request),
+            "log": str(proc.log_path),
+        }
+        url = f"http://{loopback_for(self._host)}:{spare.port}/take"
+        async with runtime_http(self._load_timeout) as http:
+            post = asyncio.create_task(http.post(url, json=order))
+            try:
+                while not (await asyncio.wait({post}, timeout=0.25))[0]:
+                    if not proc.alive():
+                        raise self._exited(proc)
+                    progress(f"waiting for {request.model} (warm spare pid {proc.pid})", proc.last_line())
+            finally:
+                post.cancel()
+                with contextlib.suppress(BaseException):
+                    await post
+        try:
+            response = post.result()
+        except httpx.HTTPError as exc:
+            if not proc.alive():
+                raise self._exited(proc) from None
+            raise RuntimeStartError(
+                f"the warm spare pid {proc.pid} did not answer when given {request.model}: {exc}; "
+                f"last lines of {proc.log_path}:\n{proc.log_tail()}"
+            ) from None
+        if response.status_code != 200:
+            try:
+                reason = response.json().get("error")
+            except ValueError:
+                reason = response.text[:300]
+            raise RuntimeStartError(
+                f"could not load {request.model}: {reason}; last lines of {proc.log_path}:\n{proc.log_tail()}"
+            )
+
+    @staticmethod
+    def _exited(proc: ManagedProcess) -> RuntimeStartError:
+        return RuntimeStartError(
+            f"process {proc.pid} exited before it became healthy; last lines of {proc.log_path}:\n{proc.log_tail()}"
+        )
+
+    def spare_pids(self) -> list[int]:
+        return self.pool.pids()
+
+    async def adopt(self) -> list[str]:
+        # Spares an earlier node agent left are stopped, never adopted: this agent starts its own.
+        if self._records is not None:
+            for key, record in self._records.load().items():
+                if not key.startswith(SPARE_PREFIX):
+                    continue
+                if process_start_ticks(record.pid) == record.start_ticks and process_argv(record.pid) == record.argv:
+                    log.info("stopping warm spare pid %s, left running by an earlier node agent", record.pid)
+                    await asyncio.to_thread(ManagedProcess.adopt(record.pid, record.argv, self.log_path(key)).stop)
+                self._records.remove(key)
+        return await super().adopt()
+
+    async def stop_all(self) -> None:
+        await self.pool.close()
+        await super().stop_all()
 
     def _device(self, booked: str) -> str:
         """The device as the runtime process names it. A booked GPU is the only one the process

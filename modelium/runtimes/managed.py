@@ -20,7 +20,7 @@ import httpx
 from modelium.gpu import process_tree
 from modelium.names import model_of
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
-from modelium.runtimes.process import ManagedProcess, free_port, process_argv, process_start_ticks
+from modelium.runtimes.process import ManagedProcess, free_port, process_argv, process_start_ticks, runtime_http
 from modelium.runtimes.records import RuntimeRecords
 from modelium.types import Endpoint, EndpointProtocol, LoadRequest
 
@@ -108,18 +108,18 @@ class ProcessRuntime(ABC):
             existing = self._procs.get(request.model)
             if existing is not None:
                 proc, endpoint = existing
-                if proc.alive() and proc.argv == self.argv(request, int(endpoint.url.rsplit(":", 1)[1])):
+                if proc.alive() and proc.serves == self.argv(request, int(endpoint.url.rsplit(":", 1)[1])):
                     try:
                         await self.probe(endpoint, request.model)
                         return endpoint
                     except RuntimeUnhealthy:
                         pass
                 await self._stop_locked(request.model)
+            taken = await self.from_pool(request, progress)
+            if taken is not None:
+                return taken
             port = self.port()
-            env = dict(os.environ)
-            # Never reach for a model hub: everything is read from the model directory.
-            env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-            env.update(self.env(request))
+            env = {**self.base_env(), **self.env(request)}
             proc = ManagedProcess(self.argv(request, port), self.log_path(request.model), env=env)
             try:
                 proc.start()
@@ -132,9 +132,7 @@ class ProcessRuntime(ABC):
             )
             # Recorded before it is healthy: a node agent killed while this model loads must not
             # leave it behind.
-            self._procs[request.model] = (proc, endpoint)
-            if self._records is not None:
-                self._records.save(request.model, proc, endpoint)
+            self.track(request.model, proc, endpoint)
             try:
                 await self._wait_healthy(proc, endpoint, request.model, progress)
             except BaseException:
@@ -143,6 +141,23 @@ class ProcessRuntime(ABC):
                 raise
             log.info("%s serves %s at %s (pid %s)", self.name, request.model, endpoint.url, proc.pid)
             return endpoint
+
+    async def from_pool(self, request: LoadRequest, progress: Progress) -> Endpoint | None:
+        """Serve `request` from a process started ahead of it (a warm pool), called with the
+        model's lock held; None (the default) starts a process for it."""
+        return None
+
+    @staticmethod
+    def base_env() -> dict[str, str]:
+        """The environment of every runtime process, before the model's own variables."""
+        # Never reach for a model hub: everything is read from the model directory.
+        return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+    def track(self, model: str, proc: ManagedProcess, endpoint: Endpoint) -> None:
+        """`proc` serves `model` from now on: kept, and recorded for the next node agent."""
+        self._procs[model] = (proc, endpoint)
+        if self._records is not None:
+            self._records.save(model, proc, endpoint)
 
     async def _wait_healthy(self, proc: ManagedProcess, endpoint: Endpoint, model: str, progress: Progress) -> None:
         loop = asyncio.get_running_loop()
@@ -174,6 +189,7 @@ class ProcessRuntime(ABC):
         adopted = []
         for model, record in self._records.load().items():
             proc = ManagedProcess.adopt(record.pid, record.argv, self.log_path(model), record.started_at)
+            proc.serves = record.serves or record.argv
             same = process_start_ticks(record.pid) == record.start_ticks and process_argv(record.pid) == record.argv
             if same:
                 try:
@@ -271,7 +287,7 @@ class ProcessRuntime(ABC):
 
 async def _get_ok(url: str, timeout: float = 5.0) -> httpx.Response:
     try:
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with runtime_http(timeout) as client:
             response = await client.get(url)
     except httpx.TransportError as exc:
         raise RuntimeUnhealthy(f"{url} does not answer: {exc}") from exc
@@ -284,7 +300,7 @@ async def post_expecting(url: str, body: dict[str, Any], status: int = 200) -> h
     """POST `body` to a runtime; RuntimeUnhealthy unless it answers with `status` (a smoke
     check's request: the default one, or a model's own)."""
     try:
-        async with httpx.AsyncClient(timeout=WARM_UP_TIMEOUT) as client:
+        async with runtime_http(WARM_UP_TIMEOUT) as client:
             response = await client.post(url, json=body)
     except httpx.HTTPError as exc:
         raise RuntimeUnhealthy(f"{url} did not answer: {exc or type(exc).__name__}") from None

@@ -21,7 +21,7 @@ import httpx
 from modelium.config import RayServe as RayServeConfig
 from modelium.runtimes import RAY_SERVE
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
-from modelium.runtimes.process import free_port
+from modelium.runtimes.process import free_port, runtime_http
 from modelium.runtimes.records import RuntimeRecords
 from modelium.runtimes.shared_server import ServesManyModels, SharedServer, answers
 from modelium.types import Endpoint, EndpointProtocol, LoadRequest
@@ -55,7 +55,7 @@ class RayServeRuntimeAdapter(ServesManyModels):
     # -- the cluster ---------------------------------------------------------------------------
     async def _get(self, path: str) -> httpx.Response:
         assert self._dashboard is not None
-        async with httpx.AsyncClient(timeout=30.0) as http:
+        async with runtime_http(30.0) as http:
             return await http.get(f"{self._dashboard}{path}")
 
     async def _dashboard_up(self, url: str | None = None) -> bool:
@@ -100,7 +100,7 @@ class RayServeRuntimeAdapter(ServesManyModels):
             "http_options": {"host": self._host, "port": self._config.http_port},
             "applications": list(self._apps.values()),
         }
-        async with httpx.AsyncClient(timeout=60.0) as http:
+        async with runtime_http(60.0) as http:
             response = await http.put(f"{self._dashboard}/api/serve/applications/", json=body)
         if response.status_code != 200:
             raise RuntimeStartError(
@@ -171,7 +171,7 @@ class RayServeRuntimeAdapter(ServesManyModels):
         if self._server.exited():
             raise RuntimeUnhealthy(f"the local Ray cluster (pid {self._server.pid}) exited")
         try:
-            async with httpx.AsyncClient(timeout=10.0) as http:
+            async with runtime_http(10.0) as http:
                 response = await http.get(f"{endpoint.url}/health")
         except httpx.TransportError as exc:
             raise RuntimeUnhealthy(f"{endpoint.url} does not answer: {exc}") from exc
@@ -198,7 +198,7 @@ class RayServeRuntimeAdapter(ServesManyModels):
             # Serve shut down first: the head then has nothing to drain and stops at once.
             if await self._dashboard_up():
                 try:
-                    async with httpx.AsyncClient(timeout=60.0) as http:
+                    async with runtime_http(60.0) as http:
                         await http.delete(f"{self._dashboard}/api/serve/applications/")
                 except httpx.HTTPError as exc:
                     log.warning("could not shut Ray Serve down: %s", exc)

@@ -29,6 +29,8 @@ class RuntimeRecord:
     argv: list[str]
     endpoint: Endpoint
     started_at: float | None
+    # The command that would start what it serves, when not its own argv (a warm spare's).
+    serves: list[str] | None = None
 
 
 class RuntimeRecords:
@@ -37,7 +39,15 @@ class RuntimeRecords:
 
     def save(self, model: str, proc: ManagedProcess, endpoint: Endpoint) -> None:
         assert proc.pid is not None
-        record = RuntimeRecord(model, proc.pid, process_start_ticks(proc.pid), proc.argv, endpoint, proc.started_at)
+        record = RuntimeRecord(
+            model,
+            proc.pid,
+            process_start_ticks(proc.pid),
+            proc.argv,
+            endpoint,
+            proc.started_at,
+            proc.serves if proc.serves != proc.argv else None,
+        )
         self._dir.mkdir(parents=True, exist_ok=True)
         path = self._dir / f"{model}.json"
         tmp = path.with_suffix(".tmp")

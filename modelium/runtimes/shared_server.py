@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from modelium.runtimes.base import Progress, RuntimeUnhealthy
-from modelium.runtimes.process import ManagedProcess, loopback_for, process_argv, process_start_ticks
+from modelium.runtimes.process import ManagedProcess, loopback_for, process_argv, process_start_ticks, runtime_http
 from modelium.runtimes.records import RuntimeRecords
 from modelium.types import Endpoint, EndpointProtocol
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 async def answers(url: str, timeout: float = 10.0) -> bool:
     """True when a GET of `url` answers 200."""
     try:
-        async with httpx.AsyncClient(timeout=timeout) as http:
+        async with runtime_http(timeout) as http:
             return (await http.get(url)).status_code == 200
     except httpx.TransportError:
         return False

@@ -27,12 +27,10 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from modelium.config import Triton as TritonConfig
 from modelium.runtimes import TRITON
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
-from modelium.runtimes.process import free_port
+from modelium.runtimes.process import free_port, runtime_http
 from modelium.runtimes.records import RuntimeRecords
 from modelium.runtimes.shared_server import ServesManyModels, SharedServer, answers
 from modelium.types import Endpoint, EndpointProtocol, LoadRequest, ModelFormat
@@ -302,7 +300,7 @@ class TritonRuntimeAdapter(ServesManyModels):
             return []
         self._url = self._server.url
         adopted = []
-        async with httpx.AsyncClient(timeout=10.0) as http:
+        async with runtime_http(10.0) as http:
             index = (await http.post(f"{self._url}/v2/repository/index", json={"ready": True})).json()
         for item in index:
             name = item.get("name")

@@ -25,6 +25,7 @@ from modelium.names import model_of
 from modelium.runtimes import VLLM
 from modelium.runtimes.base import RuntimeStartError
 from modelium.runtimes.managed import ProcessRuntime, probe_openai
+from modelium.runtimes.process import runtime_http
 from modelium.types import Endpoint, EndpointProtocol, LoadRequest
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class VllmRuntimeAdapter(ProcessRuntime):
     async def in_flight(self, endpoint: Endpoint) -> int | None:
         """Running and waiting requests, from vLLM's Prometheus metrics; None without them."""
         try:
-            async with httpx.AsyncClient(timeout=5.0) as client:
+            async with runtime_http(5.0) as client:
                 response = await client.get(f"{endpoint.url}/metrics")
         except httpx.HTTPError:
             return None

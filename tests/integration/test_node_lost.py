@@ -62,7 +62,7 @@ class Parts:
                     "orchestration": {
                         "model_discovery": {"watch_directories": [str(tmp_path / "incoming")], "settle_seconds": 0.5}
                     },
-                    "runtimes": {"embedded": {"cpu_threads": 1}},
+                    "runtimes": {"embedded": {"cpu_threads": 1, "warm_pool": 0}},  # as in make_settings
                 }
             )
         )

@@ -40,7 +40,7 @@ def _node_config(path: Path, settings: Settings, client_target: str) -> Path:
                 },
                 "temporal": {"address": client_target, "control_task_queue": settings.temporal.control_task_queue},
                 "metrics": {"enabled": False},
-                "runtimes": {"embedded": {"cpu_threads": 1}},
+                "runtimes": {"embedded": {"cpu_threads": 1, "warm_pool": 0}},  # as in make_settings
             }
         )
     )
