@@ -9,6 +9,7 @@ Per size it prints and records:
 - the embedded runtime's load on the GPU: seconds from start to a healthy endpoint, the same as
   GB/s of weights, and the GPU memory NVML sees its process tree hold after a one-token warm-up
   request, against the analyzer's estimate (the ratio the node's booking relies on);
+- the same load handed to a warm spare of the pool, until one token is answered;
 - that the memory is given back once the runtime stops.
 
     python bench/gpu_check.py [--sizes 0.5b,7b] [--out DIR]
@@ -70,6 +71,7 @@ class Row:
     direct_load_gb_s: float
     runtime_load_seconds: float
     runtime_load_gb_s: float
+    warm_spare_seconds: float
     estimate_bytes: int
     measured_bytes: int
     measured_over_estimate: float
@@ -119,6 +121,12 @@ def direct_load(directory: Path, device: str) -> float:
     return seconds
 
 
+async def one_token(url: str, name: str) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        answer = await http.post("/v1/completions", json={"model": name, "prompt": "Hello", "max_tokens": 1})
+        answer.raise_for_status()
+
+
 def held_bytes(reader: NvmlReader, pid: int, device: str) -> int:
     pids = process_tree(pid)
     if device.startswith("cuda"):
@@ -144,18 +152,31 @@ async def check_size(size: str, root: Path, device: str, reader: NvmlReader) -> 
         name, str(directory), "embedded", Task.TEXT_GENERATION, Booking(name, "gpu-check", device, estimate)
     )
     started = time.perf_counter()
-    endpoint = await adapter.start(request, lambda line: None)
+    endpoint = await adapter.start(request, lambda *_: None)
     load_seconds = time.perf_counter() - started
     try:
-        async with httpx.AsyncClient(base_url=endpoint.url, timeout=600) as http:
-            answer = await http.post("/v1/completions", json={"model": name, "prompt": "Hello", "max_tokens": 1})
-            answer.raise_for_status()
+        await one_token(endpoint.url, name)
         assert endpoint.pid is not None
         measured = held_bytes(reader, endpoint.pid, device)
         pid = endpoint.pid
     finally:
         await adapter.stop_all()
     freed = not device.startswith("cuda") or not gpu_memory_held(reader, process_tree(pid))
+    # The same load handed to a warm spare (imports done, CUDA not initialised until it is told
+    # its GPU), until one token is answered: the cold start the warm pool gives on a GPU.
+    pooled = EmbeddedRuntimeAdapter(
+        "gpu-check", root / "logs-pool", EmbeddedRuntime(load_timeout_seconds=1200, warm_pool=1)
+    )
+    pooled.start_pool()
+    try:
+        while not pooled.pool.ready():
+            await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        endpoint = await pooled.start(request, lambda *_: None)
+        await one_token(endpoint.url, name)
+        spare_seconds = time.perf_counter() - started
+    finally:
+        await pooled.stop_all()
     shutil.rmtree(directory, ignore_errors=True)
     weights = analysis.weight_bytes
     return Row(
@@ -167,6 +188,7 @@ async def check_size(size: str, root: Path, device: str, reader: NvmlReader) -> 
         direct_load_gb_s=round(weights / GB / direct, 2),
         runtime_load_seconds=round(load_seconds, 2),
         runtime_load_gb_s=round(weights / GB / load_seconds, 2),
+        warm_spare_seconds=round(spare_seconds, 2),
         estimate_bytes=estimate,
         measured_bytes=measured,
         measured_over_estimate=round(measured / estimate, 3),
@@ -208,12 +230,13 @@ async def main() -> int:
     kind = "GPU (NVML)" if args.device.startswith("cuda") else "resident (RSS)"
     print(
         f"\n{'size':>5} {'params':>9} {'weights':>9} {'direct':>9} {'runtime load':>16} "
-        f"{'estimate':>9} {'measured':>9} {'ratio':>6} freed"
+        f"{'warm spare':>11} {'estimate':>9} {'measured':>9} {'ratio':>6} freed"
     )
     for r in rows:
         print(
             f"{r.size:>5} {r.parameters / 1e9:>8.3f}B {r.weight_bytes / GIB:>7.2f}Gi {r.direct_load_gb_s:>6.2f}GB/s "
-            f"{r.runtime_load_seconds:>7.1f}s {r.runtime_load_gb_s:>5.2f}GB/s {r.estimate_bytes / GIB:>7.2f}Gi "
+            f"{r.runtime_load_seconds:>7.1f}s {r.runtime_load_gb_s:>5.2f}GB/s {r.warm_spare_seconds:>10.2f}s "
+            f"{r.estimate_bytes / GIB:>7.2f}Gi "
             f"{r.measured_bytes / GIB:>7.2f}Gi {r.measured_over_estimate:>6.3f} {r.freed}"
         )
     print(f"(measured: {kind} memory of the runtime's process tree after a one-token request)")

@@ -28,8 +28,10 @@ from modelium.types import Endpoint, EndpointProtocol, LoadRequest, Task
 
 log = logging.getLogger(__name__)
 
-# A spare handed a model is replaced after the model's warm-up request, or this long after.
-REFILL_AFTER_SECONDS = 2.0
+# A spare handed a model is replaced this long after. Started at once, its imports (a core for
+# ~3.5 s here) competed with the model's warm-up and first request: a cold request through the
+# gateway took 170-260 ms more than the load, 135-155 ms with the replacement a second later.
+REFILL_AFTER_SECONDS = 1.0
 
 NAME = EMBEDDED
 
@@ -107,18 +109,12 @@ class EmbeddedRuntimeAdapter(ProcessRuntime):
             await self._stop_locked(request.model)
             self.pool.fill()
             raise
-        # The replacement starts once the model has answered its warm-up request (`warm_up`):
-        # on a small machine a spare importing meanwhile slows the load's last steps and the
-        # first requests. At the latest after REFILL_AFTER_SECONDS (when no warm-up is sent).
+        # The replacement starts a little later: its imports take a core for seconds, which on
+        # a small machine slows the new model's warm-up and first requests. A load that finds
+        # no spare meanwhile starts it at once (`fill` above).
         asyncio.get_running_loop().call_later(REFILL_AFTER_SECONDS, self.pool.fill)
         log.info("%s serves %s at %s (warm spare pid %s)", self.name, request.model, endpoint.url, proc.pid)
         return endpoint
-
-    async def warm_up(self, endpoint: Endpoint, model: str) -> bool:
-        try:
-            return await super().warm_up(endpoint, model)
-        finally:
-            self.pool.fill()
 
     async def _hand_over(self, spare: Spare, request: LoadRequest, progress: Progress) -> None:
         """Tell the spare its model; returns once it is loaded, with progress meanwhile."""

@@ -96,20 +96,19 @@ def warm_imports() -> None:
             log.debug("no modelling code for %s to import", arch)
 
 
-def rehearse() -> None:
-    """One load of a tiny model written here (random weights) and one token from it: a process's
-    first `from_pretrained` and `generate` pay for setup the later ones do not (~70 ms of a
-    0.1 s load of the demo model here)."""
-    import tempfile
+def write_rehearsal_model(directory: str) -> None:
+    """A tiny GPT-2 (random weights) and word-level tokenizer, for a warm spare to load once."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=16, n_positions=8)
-    with tempfile.TemporaryDirectory(prefix="modelium-rehearsal-") as tmp:
-        GPT2LMHeadModel(config).save_pretrained(tmp)
-        model = AutoModelForCausalLM.from_pretrained(tmp, dtype="auto").eval()
-    with torch.inference_mode():
-        model.generate(torch.tensor([[1, 2]]), max_new_tokens=1, do_sample=False, pad_token_id=0)
+    words = {"<unk>": 0, "hello": 1, "world": 2}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>").save_pretrained(directory)
+    config = GPT2Config(
+        n_layer=1, n_embd=8, n_head=1, vocab_size=len(words), n_positions=8, bos_token_id=0, eos_token_id=0
+    )
+    GPT2LMHeadModel(config).save_pretrained(directory)
 
 
 def load(model_dir: str, name: str, task: str, device: str) -> Loaded:
@@ -120,7 +119,12 @@ def load(model_dir: str, name: str, task: str, device: str) -> Loaded:
         TEXT_CLASSIFICATION: AutoModelForSequenceClassification,
         FEATURE_EXTRACTION: AutoModel,
     }[task]
-    model = cls.from_pretrained(model_dir, dtype="auto").to(device).eval()
+    # transformers builds the model on the meta device and fills it from the memory-mapped
+    # safetensors in parallel threads (bench/cold_start.py: the ~1 GB model's weights at 57-168%
+    # of one sequential read of its files). On a GPU, device_map puts each tensor straight on
+    # the device, never a copy of every weight in host memory first.
+    placed = {"device_map": device} if device.startswith("cuda") else {}
+    model = cls.from_pretrained(model_dir, dtype="auto", **placed).to(device).eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
