@@ -119,9 +119,12 @@ class RegistryResidents:
     async def __call__(self) -> list[Resident]:
         from workflows.lifecycle import ModelLifecycleWorkflow
 
+        # Loaded models, and parked ones (asleep: evicting them frees their host memory, and
+        # what they still hold on the GPU).
         handles = [
             self._client.get_workflow_handle(execution.id)
-            async for execution in self._client.list_workflows(running_models_query(**{PHASE_KEY.name: Phase.LOADED}))
+            for phase in (Phase.LOADED, Phase.PARKED)
+            async for execution in self._client.list_workflows(running_models_query(**{PHASE_KEY.name: phase}))
         ]
 
         async def state(handle: Any) -> ModelState | None:
@@ -132,22 +135,24 @@ class RegistryResidents:
 
         found = []
         for s in await asyncio.gather(*(state(h) for h in handles)):
-            if s is None or s.phase != Phase.LOADED or s.booking is None:
+            if s is None or s.phase not in (Phase.LOADED, Phase.PARKED) or s.booking is None:
                 continue
-            found.append(
-                Resident(
-                    model=s.name,
-                    node=s.booking.node,
-                    devices=s.booking.all_devices,
-                    bytes=s.booking.bytes,
-                    # One whose new version is on its way (or whose old one drains) is not evicted.
-                    pinned=s.pinned or s.update_state not in (None, "update_failed"),
-                    loaded_at=s.loaded_at or 0.0,
-                    last_used_at=s.last_used_at or s.loaded_at or 0.0,
-                    load_seconds=s.load_seconds,
-                    pid=s.endpoint.pid if s.endpoint else None,
-                )
+            resident = Resident(
+                model=s.name,
+                node=s.booking.node,
+                devices=s.booking.all_devices,
+                bytes=s.booking.bytes,
+                # One whose new version is on its way (or whose old one drains) is not evicted.
+                pinned=s.pinned or s.update_state not in (None, "update_failed"),
+                loaded_at=s.loaded_at or 0.0,
+                last_used_at=s.last_used_at or s.loaded_at or 0.0,
+                load_seconds=s.load_seconds,
+                pid=s.endpoint.pid if s.endpoint else None,
             )
+            found.append(resident)
+            if s.phase == Phase.PARKED and s.parked_bytes:
+                # Its weights in the node's host memory: the same model, evicted once.
+                found.append(replace(resident, devices=["cpu"], bytes=s.parked_bytes))
         return found
 
 

@@ -17,8 +17,8 @@ from activities import expected_failure
 from modelium.gpu import GpuReader, MemoryProfile, MemoryProfiles, gpu_memory_held, process_tree, resident_bytes
 from modelium.ledger import InsufficientCapacity, Ledger
 from modelium.metrics import Metrics
-from modelium.names import model_of
-from modelium.runtimes.base import RuntimeAdapter, RuntimeStartError, RuntimeUnhealthy
+from modelium.names import model_of, parked_key
+from modelium.runtimes.base import Parking, RuntimeAdapter, RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.managed import post_expecting
 from modelium.runtimes.process import pid_alive
 from modelium.types import Booking, Endpoint, LoadRequest
@@ -30,9 +30,12 @@ from workflows.steps import (
     LoadResult,
     LogRequest,
     LogTail,
+    ParkRequest,
+    ParkResult,
     ReserveRequest,
     SmokeRequest,
     UnloadRequest,
+    WakeRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -217,6 +220,7 @@ class NodeActivities:
     @activity.defn(name=ActivityName.RELEASE_GPU)
     async def release_gpu(self, model: str) -> None:
         self._ledger.release(model)
+        self._ledger.release(parked_key(model))  # the host memory of a parked model, if any
         self.refresh_device_gauges()
         self.bookings_changed.set()
 
@@ -319,6 +323,75 @@ class NodeActivities:
             await asyncio.sleep(0.25)
         return f"drain time of {request.seconds:g}s over"
 
+    @activity.defn(name=ActivityName.PARK_MODEL)
+    async def park_model(self, request: ParkRequest) -> ParkResult:
+        """Put an idle model to sleep: its weights' host memory is booked in the CPU budget
+        first (refused when there is no room: the workflow unloads it instead), then its GPU
+        booking shrinks to what NVML says it still holds."""
+        adapter = self._adapter(request.runtime)
+        if not isinstance(adapter, Parking) or not adapter.parks:
+            raise ApplicationError(
+                f"runtime {request.runtime} on node {self._node} does not park models",
+                type=ErrorType.RUNTIME_UNHEALTHY,
+                non_retryable=True,
+            )
+        host = parked_key(request.model)
+        try:
+            self._ledger.reserve(host, "cpu", request.host_bytes)
+        except InsufficientCapacity as exc:
+            raise expected_failure(f"no room to park {request.model}: {exc}", ErrorType.INSUFFICIENT_CAPACITY) from None
+        try:
+            await adapter.park(request.model)
+        except RuntimeUnhealthy as exc:
+            self._ledger.release(host)
+            raise ApplicationError(
+                f"could not park {request.model}: {exc}", type=ErrorType.RUNTIME_UNHEALTHY, non_retryable=True
+            ) from None
+        booking = self._ledger.get(request.model)
+        held = self._held.get(request.model)
+        gpu_bytes = booking.bytes if booking else 0
+        if booking is not None and held is not None and held.device.startswith("cuda"):
+            still = self._holds(held.pid, held.device)
+            # Spread over its devices as the booking is (tensor parallel), with the usual margin.
+            share = int(still * MEASURED_MARGIN / max(1, len(booking.all_devices)))
+            if share < booking.bytes:
+                booking, _ = self._ledger.resize(request.model, share)
+                gpu_bytes = booking.bytes if booking else share
+        self.refresh_device_gauges()
+        self.bookings_changed.set()
+        activity.logger.info(
+            "parked %s: %s of host memory booked for its weights, %s still booked on the GPU",
+            request.model,
+            _mib(request.host_bytes),
+            _mib(gpu_bytes),
+        )
+        return ParkResult(gpu_bytes=gpu_bytes, host_bytes=request.host_bytes)
+
+    @activity.defn(name=ActivityName.WAKE_MODEL)
+    async def wake_model(self, request: WakeRequest) -> Booking:
+        """Book the GPU memory a parked model gave up, then wake it; its host booking goes."""
+        adapter = self._adapter(request.runtime)
+        if not isinstance(adapter, Parking):
+            raise ApplicationError(
+                f"runtime {request.runtime} on node {self._node} does not park models",
+                type=ErrorType.RUNTIME_UNHEALTHY,
+                non_retryable=True,
+            )
+        try:
+            booking = self._ledger.reserve(request.model, request.device, request.bytes, request.devices or None)
+        except InsufficientCapacity as exc:
+            raise expected_failure(f"no room to wake {request.model}: {exc}", ErrorType.INSUFFICIENT_CAPACITY) from None
+        try:
+            await adapter.wake(request.model)
+        except RuntimeUnhealthy as exc:
+            raise ApplicationError(
+                f"could not wake {request.model}: {exc}", type=ErrorType.RUNTIME_UNHEALTHY, non_retryable=True
+            ) from None
+        self._ledger.release(parked_key(request.model))
+        self.refresh_device_gauges()
+        self.bookings_changed.set()
+        return booking
+
     @activity.defn(name=ActivityName.READ_RUNTIME_LOG)
     async def read_runtime_log(self, request: LogRequest) -> LogTail:
         """The last `tail` lines of the model's runtime log (at most the last MiB of it), or what
@@ -337,6 +410,8 @@ class NodeActivities:
             self.read_runtime_log,
             self.smoke_check,
             self.drain_runtime,
+            self.park_model,
+            self.wake_model,
         ]
 
 

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("phase", "load_progress", "booking", "release", "eviction", "update", "node", "request", "gap")
 # Phases in which a model is on its way to serving: their events carry load progress.
-_COMING_UP = (Phase.DECIDING, Phase.RESERVING, Phase.LOADING, Phase.RESTARTING, Phase.EVICTING)
+_COMING_UP = (Phase.DECIDING, Phase.RESERVING, Phase.LOADING, Phase.RESTARTING, Phase.EVICTING, Phase.WAKING)
 KEEPALIVE_SECONDS = 15.0
 # The fleet is still followed this long after the last listener left, so that a client that
 # reconnects (EventSource retries within seconds) misses nothing.

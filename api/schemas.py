@@ -70,6 +70,9 @@ class ModelInfo(BaseModel):
     measured_memory_bytes: int | None
     peak_memory_bytes: int | None = None
     booked_bytes: int | None
+    # Parked (vLLM asleep): host memory booked for its weights; the GPU booking it takes back.
+    parked_bytes: int | None = None
+    wake_bytes: int | None = None
     idle_timeout_seconds: float
     last_used_at: float | None
     loaded_at: float | None
@@ -136,6 +139,8 @@ class ModelInfo(BaseModel):
             measured_memory_bytes=s.measured_memory_bytes,
             peak_memory_bytes=s.peak_memory_bytes,
             booked_bytes=s.booking.bytes if s.booking else None,
+            parked_bytes=s.parked_bytes,
+            wake_bytes=s.wake_bytes,
             idle_timeout_seconds=s.idle_seconds,
             last_used_at=s.last_used_at,
             loaded_at=s.loaded_at,

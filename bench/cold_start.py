@@ -17,6 +17,12 @@ weights, no download), on this machine:
    demo model against the load time the workflow recorded for that load.
 
     .venv/bin/python bench/cold_start.py [--sizes demo,100mb,1gb] [--runs 3]
+
+`--runtime vllm` measures vLLM instead, on a GPU (`vllm serve`, or `--vllm-command`): a cold start
+until one token is answered, then per run a park (level 1 sleep), the GPU memory NVML sees held
+awake and asleep, and a wake until one token. Without a GPU, `--vllm-command "python
+tests/standins/vllm_serve.py serve {model_dir}"` runs the same steps against the stand-in (on the
+CPU: its timings say nothing about vLLM, only that the script works).
 """
 
 from __future__ import annotations
@@ -210,10 +216,62 @@ def wait_spare_ready(nodes: Path, timeout: float = 120.0) -> None:
     raise SystemExit(f"no warm spare became ready under {nodes} in {timeout:.0f}s")
 
 
+# -- vLLM: cold start, park and wake ----------------------------------------------------------------
+async def vllm_cycle(model_dir: Path, runs: int, command: list[str], work: Path) -> dict[str, Any]:
+    from modelium.config import Vllm
+    from modelium.gpu import NvmlReader, gpu_memory_held, process_tree
+    from modelium.runtimes.process import free_port
+    from modelium.runtimes.vllm import VllmRuntimeAdapter
+    from modelium.types import Booking, LoadRequest
+
+    reader = NvmlReader()
+    gpus = reader.gpus()
+    total = gpus[0].total_bytes if gpus else 80 * 2**30  # the stand-in on a machine without one
+    first = free_port()
+    config = Vllm(enabled=True, command=command, port_range=(first, first + 20), park="sleep")
+    adapter = VllmRuntimeAdapter("bench", work / "vllm-logs", config, {"cuda:0": total}, reader if gpus else None)
+    name = model_dir.name
+    request = LoadRequest(name, str(model_dir), "vllm", "text-generation", Booking(name, "bench", "cuda:0", total // 4))
+
+    def held(pid: int | None) -> int:
+        return sum(gpu_memory_held(reader, process_tree(pid)).values()) if gpus and pid else 0
+
+    body = {"model": name, "prompt": "Hello", "max_tokens": 1}
+    parks, wakes, asleep = [], [], []
+    try:
+        started = time.perf_counter()
+        endpoint = await adapter.start(request, lambda *_: None)
+        async with httpx.AsyncClient(base_url=endpoint.url, timeout=600) as http:
+            (await http.post("/v1/completions", json=body)).raise_for_status()
+            cold = time.perf_counter() - started
+            awake = held(endpoint.pid)
+            for _ in range(runs):
+                started = time.perf_counter()
+                await adapter.park(name)
+                parks.append(time.perf_counter() - started)
+                asleep.append(held(endpoint.pid))
+                started = time.perf_counter()
+                await adapter.wake(name)
+                (await http.post("/v1/completions", json=body)).raise_for_status()
+                wakes.append(time.perf_counter() - started)
+    finally:
+        await adapter.stop_all()
+    return {
+        "cold": cold,
+        "park": statistics.median(parks),
+        "wake": statistics.median(wakes),
+        "awake": awake,
+        "asleep": statistics.median(asleep),
+        "gpu": bool(gpus),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runtime", choices=("embedded", "vllm"), default="embedded")
+    parser.add_argument("--vllm-command", default="vllm serve {model_dir}", help="with --runtime vllm")
     parser.add_argument("--probe", nargs=2, metavar=("MODEL_DIR", "SPAWNED_AT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -222,6 +280,15 @@ def main() -> None:
     from cli.demo import write_demo_model
 
     sizes = [s for s in args.sizes.split(",") if s]
+    if args.runtime == "vllm":
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = {}
+            for label in sizes:
+                layers, width = SIZES[label]
+                model_dir = write_demo_model(Path(tmp) / f"gpt2-{label}", layers=layers, width=width)
+                rows[label] = asyncio.run(vllm_cycle(model_dir, args.runs, args.vllm_command.split(), Path(tmp)))
+        report_vllm(rows, args.vllm_command)
+        return
     with tempfile.TemporaryDirectory(dir=ROOT / ".bench-tmp" if (ROOT / ".bench-tmp").is_dir() else None) as tmp:
         work = Path(tmp)
         phases, reads, loads = {}, {}, {}
@@ -240,6 +307,18 @@ def main() -> None:
             print(f"measured {label}: {nbytes / MIB:.1f} MiB of weights", flush=True)
         gateway = gateway_cold_requests(work / "gpt2-demo", args.runs, work) if "demo" in sizes else []
     report(phases, reads, loads, gateway)
+
+
+def report_vllm(rows: dict[str, dict[str, Any]], command: str) -> None:
+    ms = lambda s: f"{s * 1000:,.0f} ms"  # noqa: E731
+    print(f"\nvLLM ({command}): cold start, park (sleep level 1) and wake, medians")
+    print(f"{'model':<7} {'cold → 1 token':>15} {'park':>8} {'wake → 1 token':>15} {'GPU awake':>10} {'asleep':>8}")
+    for label, r in rows.items():
+        mib = (lambda b: f"{b / MIB:,.0f}Mi") if r["gpu"] else (lambda b: "no GPU")
+        print(
+            f"{label:<7} {ms(r['cold']):>15} {ms(r['park']):>8} {ms(r['wake']):>15} {mib(r['awake']):>10} "
+            f"{mib(r['asleep']):>8}"
+        )
 
 
 def _gbps(nbytes: int, seconds: float) -> str:

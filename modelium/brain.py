@@ -286,13 +286,17 @@ def _cheapest_eviction(
             score, why = policy.rank(r)
             candidates.append((score, r, why))
         victims: list[Eviction] = []
+        # A parked model is two residents (its GPU share, its host memory): evicting it frees both.
+        taken: set[str] = set()
         for score, r, why in sorted(candidates, key=lambda c: (c[0], c[1].model)):
-            if not any(short.get(d, 0) > 0 for d in r.devices):
+            if r.model not in taken and not any(short.get(d, 0) > 0 for d in r.devices):
                 continue
             for d in r.devices:
                 if d in short:
                     short[d] -= r.bytes
-            victims.append(Eviction(r.model, r.node, r.devices[0], r.bytes, score, why, r.pid))
+            if r.model not in taken:
+                taken.add(r.model)
+                victims.append(Eviction(r.model, r.node, r.devices[0], r.bytes, score, why, r.pid))
         if any(v > 0 for v in short.values()):
             continue
         # Retention scores add up (the cost of everything evicted); LRU ranks are idle times, so

@@ -60,6 +60,14 @@ def instance_key(model: str, update: int | None = None) -> str:
     return model if not update else f"{model}{INSTANCE_MARK}{update}"
 
 
+# The ledger's booking of host memory for a parked model's weights: its instance key and this.
+PARKED_MARK = "~parked"
+
+
+def parked_key(key: str) -> str:
+    return key + PARKED_MARK
+
+
 def model_of(key: str) -> str:
     """The model an instance key belongs to (the name the runtime serves it under)."""
     return key.split(INSTANCE_MARK, 1)[0]

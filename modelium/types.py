@@ -46,6 +46,10 @@ class Phase(StrEnum):
     # The runtime crashed; it is started again at `restart_at` (requests get a 503 meanwhile).
     RESTARTING = "restarting"
     LOADED = "loaded"
+    # Idle and asleep (vLLM's sleep mode): its process lives, its weights in host memory, its GPU
+    # memory mostly freed. A request wakes it (`waking`), much faster than a load.
+    PARKED = "parked"
+    WAKING = "waking"
     UNLOADING = "unloading"
     UNLOADED = "unloaded"
     FAILED = "failed"
@@ -363,6 +367,10 @@ class ModelState:
     previous: ModelSource | None = None
     held_fingerprint: str | None = None
     version_pin: str | None = None
+    # While parked: the host memory booked for its weights (the node's CPU budget), and the GPU
+    # booking it takes back when it wakes (its booking meanwhile is what it still holds there).
+    parked_bytes: int | None = None
+    wake_bytes: int | None = None
 
     @property
     def key(self) -> str:

@@ -18,7 +18,7 @@ from modelium.config import Settings
 from modelium.gpu import GpuReader, MemoryProfiles, NvmlReader
 from modelium.ledger import Ledger, system_memory_bytes
 from modelium.metrics import Metrics
-from modelium.names import model_of, node_task_queue, node_workflow_id, workflow_id
+from modelium.names import PARKED_MARK, model_of, node_task_queue, node_workflow_id, workflow_id
 from modelium.runtimes import EMBEDDED, RAY_SERVE, TRITON, VLLM, enabled_runtimes
 from modelium.runtimes.base import RuntimeAdapter
 from modelium.runtimes.embedded import EmbeddedRuntimeAdapter
@@ -257,20 +257,32 @@ async def reconcile_node(client: Client, agent: NodeAgent) -> int:
     # The warm pool's booking is the node's own, not a model's.
     booked = {b.model for b in agent.ledger.bookings() if b.model != POOL_BOOKING}
     for model in sorted(set(agent.adopted) | booked):
+        # A parked model's host memory (its key and PARKED_MARK) is wanted while it is parked.
+        parked = model.endswith(PARKED_MARK)
+        key = model.removesuffix(PARKED_MARK)
         known: ModelState | None
         try:
-            known = await client.get_workflow_handle(workflow_id(model_of(model))).query(ModelLifecycleWorkflow.state)
+            known = await client.get_workflow_handle(workflow_id(model_of(key))).query(ModelLifecycleWorkflow.state)
         except (RPCError, WorkflowQueryFailedError):
             known = None
         # Wanted: its workflow holds a booking here (or is taking one now) under this key, the
         # serving instance's or, during an update, the new version's. A model written off when
         # this node was lost holds none, even while it waits to be placed again.
         held = [b for b in (known.booking, known.update_booking) if b is not None] if known else []
-        wanted = known is not None and (
-            any(b.node == agent.node_id and b.model == model for b in held)
-            or (known.node == agent.node_id and known.phase == Phase.RESERVING and model == known.key)
-            or (known.update_state == "loading_beside" and model != known.key)
-        )
+        if parked:
+            wanted = (
+                known is not None
+                and known.phase in (Phase.PARKED, Phase.WAKING)
+                and known.booking is not None
+                and known.booking.node == agent.node_id
+                and known.booking.model == key
+            )
+        else:
+            wanted = known is not None and (
+                any(b.node == agent.node_id and b.model == model for b in held)
+                or (known.node == agent.node_id and known.phase == Phase.RESERVING and model == known.key)
+                or (known.update_state == "loading_beside" and model != known.key)
+            )
         if not wanted:
             log.info("stopping %s and dropping its booking: no workflow wants it on node %s", model, agent.node_id)
             for adapter in agent.adapters.values():

@@ -13,7 +13,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from modelium.config import Settings
 from modelium.names import workflow_id
-from modelium.runtimes import BESIDE_RUNTIMES, load_timeouts
+from modelium.runtimes import BESIDE_RUNTIMES, VLLM, load_timeouts
 from modelium.types import ModelSource, Phase
 from modelium.watcher import ModelFolderWatcher
 from workflows.contracts import (
@@ -69,6 +69,7 @@ class WorkflowBridge:
                 update_strategy=self._settings.orchestration.updates.strategy,
                 drain_seconds=self._settings.orchestration.updates.drain_seconds,
                 beside_runtimes=sorted(BESIDE_RUNTIMES),
+                park_runtimes=[VLLM] if self._settings.vllm.park == "sleep" else [],
             ),
             id=workflow_id(source.name),
             task_queue=self._task_queue,

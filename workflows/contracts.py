@@ -54,6 +54,8 @@ class ActivityName:
     SMOKE_CHECK = "smoke_check"
     DRAIN_RUNTIME = "drain_runtime"
     COUNT_UPDATE = "count_update"
+    PARK_MODEL = "park_model"
+    WAKE_MODEL = "wake_model"
 
 
 class ErrorType(StrEnum):
@@ -219,6 +221,9 @@ class LifecycleInput:
     # Runtimes on which the new version runs beside the old one (modelium.runtimes.BESIDE_RUNTIMES;
     # the others, and workflows started before this was set, recreate).
     beside_runtimes: list[str] = field(default_factory=list)
+    # Runtimes whose idle models are parked (put to sleep, woken by a request) instead of
+    # unloaded: vLLM with `vllm.park: sleep` (workflows started before this was set unload).
+    park_runtimes: list[str] = field(default_factory=list)
     # A run continues as new past this many history events, if Temporal has not suggested it
     # before (Temporal's own hard limit is 51,200).
     history_limit: int | None = 10_000

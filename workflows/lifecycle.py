@@ -1,7 +1,9 @@
 """ModelLifecycle: one durable workflow per model, from discovery to removal.
 
 discovered -> analyzing -> deciding -> reserving -> loading -> loaded <-> (usage) -> unloading
--> unloaded; failed waits for a retry signal or new files; removed ends the workflow.
+-> unloaded; failed waits for a retry signal or new files; removed ends the workflow. A runtime
+that parks (vLLM's sleep mode) goes loaded -> parked when idle, and parked -> waking -> loaded
+when asked for again (unloaded for real when evicted, unloaded or removed).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.failures import describe as _describe
     from workflows.failures import error_type as _error_type
     from workflows.failures import valid_bytes as _valid_bytes
+    from workflows.parking import Parking
     from workflows.updates import NewVersions
 
 _T = TypeVar("_T")
@@ -75,7 +78,7 @@ _SUMMARY_USAGE_INTERVAL = 30.0
 
 
 @workflow.defn(name=WORKFLOW_TYPE)
-class ModelLifecycleWorkflow(NewVersions):
+class ModelLifecycleWorkflow(NewVersions, Parking):
     @workflow.init
     def __init__(self, inp: LifecycleInput) -> None:
         src = inp.source
@@ -85,7 +88,7 @@ class ModelLifecycleWorkflow(NewVersions):
         self._input = inp
         self._analysis: ModelAnalysis | None = None
         # What the outside world asked for, consumed by the main loop.
-        self._want_loaded = self._state.phase not in (Phase.UNLOADED, Phase.FAILED)
+        self._want_loaded = self._state.phase not in (Phase.UNLOADED, Phase.FAILED, Phase.PARKED)
         self._new_source: ModelSource | None = None
         self._retry = False
         self._unload_reason: str | None = None
@@ -301,7 +304,7 @@ class ModelLifecycleWorkflow(NewVersions):
         state = self._state
         if command is None or not command.for_model:
             raise ApplicationError('evict needs {"reason", "for_model"}')
-        if state.phase != Phase.LOADED:
+        if state.phase not in (Phase.LOADED, Phase.PARKED):
             raise ApplicationError(f"model {state.name} is {state.phase}, not loaded")
         if state.pinned:
             raise ApplicationError(f"model {state.name} is pinned")
@@ -471,6 +474,9 @@ class ModelLifecycleWorkflow(NewVersions):
             if self._state.phase == Phase.LOADED:
                 await self._serve_until_interrupted()
                 continue
+            if self._state.phase == Phase.PARKED and (self._want_loaded or self._unload_reason is not None):
+                await self._leave_park()
+                continue
             if self._state.phase == Phase.FAILED or not self._want_loaded:
                 if self._history_full():
                     await self._continue_as_new()
@@ -493,6 +499,7 @@ class ModelLifecycleWorkflow(NewVersions):
         if st.endpoint is not None:
             st.unload_reason = reason
         st.endpoint = None
+        st.parked_bytes = st.wake_bytes = None
         st.last_error = f"{reason}; placing it again"
         workflow.logger.warning("model %s: %s; placing it again", st.name, reason)
         if st.phase == Phase.LOADED:
@@ -519,6 +526,7 @@ class ModelLifecycleWorkflow(NewVersions):
         failed = self._state.phase == Phase.FAILED
         return (
             (self._want_loaded and not failed)
+            or (self._state.phase == Phase.PARKED and self._unload_reason is not None)
             or self._retry
             or self._new_source is not None
             or self._remove_reason is not None
@@ -785,6 +793,11 @@ class ModelLifecycleWorkflow(NewVersions):
             remaining = last + idle - workflow.now().timestamp()
             if remaining <= 0 and not self._state.pinned:
                 wishes = self._load_wishes
+                parks = self._state.runtime in self._input.park_runtimes
+                if parks and workflow.patched("park-idle") and await self._park(idle):
+                    if self._load_wishes == wishes:
+                        self._want_loaded = False
+                    return
                 await self._take_down(Phase.UNLOADED, f"idle for {idle:g}s", UnloadKind.IDLE)
                 # A load asked for while it was going down (a request, POST .../load) stands: it
                 # is loaded again at once rather than left waiting on an unloaded model.
@@ -898,6 +911,7 @@ class ModelLifecycleWorkflow(NewVersions):
                 if await self._update_beside(source):
                     return
                 await steps.count_update(steps.UpdateOutcome(self._state.name, "recreated"))
+        if self._state.phase in (Phase.LOADED, Phase.PARKED):
             await self._take_down(Phase.DISCOVERED, "model files changed", UnloadKind.FILES_CHANGED)
         self._state.path, self._state.fingerprint = source.path, source.fingerprint
         self._analysis = None
@@ -909,7 +923,7 @@ class ModelLifecycleWorkflow(NewVersions):
         self, final_phase: Phase, reason: str, kind: UnloadKind, *, unload: bool | None = None
     ) -> None:
         """Unload (if loaded, or `unload`) and release the booking, then enter `final_phase`."""
-        if unload if unload is not None else self._state.phase == Phase.LOADED:
+        if unload if unload is not None else self._state.phase in (Phase.LOADED, Phase.PARKED):
             self._set_phase(Phase.UNLOADING)
             try:
                 await self._on_node(
@@ -925,6 +939,7 @@ class ModelLifecycleWorkflow(NewVersions):
                 self._state.last_error = f"unload failed: {_describe(err)}"
         await self._release_booking(wake_waiters=kind != UnloadKind.EVICTED or not self._demand_driven)
         self._state.endpoint = None
+        self._state.parked_bytes = self._state.wake_bytes = None
         self._state.unload_reason = reason
         workflow.logger.info("model %s -> %s: %s", self._state.name, final_phase, reason)
         self._set_phase(final_phase)
@@ -998,6 +1013,7 @@ class ModelLifecycleWorkflow(NewVersions):
             st.decision is None,
             st.update_state,
             st.update_error,
+            st.parked_bytes,
         )
         usage_only = key == self._summary
         if usage_only and (not throttle or now - self._summary_at < _SUMMARY_USAGE_INTERVAL):
@@ -1018,6 +1034,11 @@ class ModelLifecycleWorkflow(NewVersions):
             lines.append(f"- decided by {d.source}: {d.runtime} on {where}: {d.reason}")
         if st.booking is not None:
             lines.append(f"- booked {st.booking.bytes / 2**20:.0f} MiB on each of {', '.join(st.booking.all_devices)}")
+        if st.parked_bytes:
+            lines.append(
+                f"- parked: {st.parked_bytes / 2**20:.0f} MiB of weights in host memory; "
+                f"{(st.wake_bytes or 0) / 2**20:.0f} MiB booked again on waking"
+            )
         if st.unload_reason:
             lines.append(f"- last unloaded: {st.unload_reason}")
         if st.last_error:

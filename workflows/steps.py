@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -40,6 +40,9 @@ NODE_STEP = RetryPolicy(
 )
 # A node agent that is down leaves node activities unstarted; past this they fail visibly.
 NODE_SCHEDULE_TO_CLOSE = timedelta(minutes=10)
+
+
+_R = TypeVar("_R")
 
 
 @dataclass
@@ -122,6 +125,35 @@ class DrainRequest:
 class UpdateOutcome:
     model: str
     result: str  # switched | failed | recreated
+
+
+@dataclass
+class ParkRequest:
+    """Put an idle model's runtime to sleep, booking `host_bytes` of the node's CPU budget for
+    the weights it moves to host memory."""
+
+    model: str  # the instance key
+    runtime: str
+    host_bytes: int
+
+
+@dataclass
+class ParkResult:
+    # What its booking on the GPU is now (what it still holds there), and the host memory booked.
+    gpu_bytes: int
+    host_bytes: int
+
+
+@dataclass
+class WakeRequest:
+    """Book the GPU memory a parked model gave up (`bytes` on `device`, or each of `devices`)
+    and wake its runtime."""
+
+    model: str  # the instance key
+    runtime: str
+    device: str
+    bytes: int
+    devices: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -272,6 +304,28 @@ def release_gpu(model: str, node: str) -> workflow.ActivityHandle[None]:
         task_queue=node_task_queue(node),
         start_to_close_timeout=timedelta(seconds=30),
         schedule_to_close_timeout=NODE_SCHEDULE_TO_CLOSE,
+    )
+
+
+def park_model(request: ParkRequest, node: str) -> workflow.ActivityHandle[ParkResult]:
+    """Weights copied to host memory; tried once: a failed park unloads the model instead."""
+    return _once_on_node(ActivityName.PARK_MODEL, request, ParkResult, node)
+
+
+def wake_model(request: WakeRequest, node: str) -> workflow.ActivityHandle[Booking]:
+    """Tried once: a model that does not wake is loaded afresh instead."""
+    return _once_on_node(ActivityName.WAKE_MODEL, request, Booking, node)
+
+
+def _once_on_node(name: str, request: object, result_type: type[_R], node: str) -> workflow.ActivityHandle[_R]:
+    return workflow.start_activity(
+        name,
+        request,
+        result_type=result_type,
+        task_queue=node_task_queue(node),
+        start_to_close_timeout=timedelta(minutes=5),
+        schedule_to_close_timeout=NODE_SCHEDULE_TO_CLOSE,
+        retry_policy=RetryPolicy(maximum_attempts=1),
     )
 
 

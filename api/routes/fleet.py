@@ -35,6 +35,10 @@ async def list_nodes(gw: GatewayDep, principal: PrincipalDep) -> NodeList:
             for device in booked.all_devices:
                 booking = DeviceBooking(model=state.name, bytes=booked.bytes, phase=phase)
                 held.setdefault((booked.node, device), []).append(booking)
+        if state.parked_bytes and state.booking is not None:
+            # A parked model's weights, in its node's host memory.
+            parked = DeviceBooking(model=state.name, bytes=state.parked_bytes, phase="parked weights")
+            held.setdefault((state.booking.node, "cpu"), []).append(parked)
     nodes = [
         NodeInfo(
             node=inv.node,

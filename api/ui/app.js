@@ -12,7 +12,7 @@ const NODES_SECONDS = 5;
 const STATS_SECONDS = 2;
 const FEED_MAX = 300;
 const ROW = 30;                 // px, as --row in style.css
-const COMING_UP = new Set(["deciding", "reserving", "loading", "restarting", "evicting"]);
+const COMING_UP = new Set(["deciding", "reserving", "loading", "restarting", "evicting", "waking"]);
 
 const state = {
   config: null,
@@ -364,9 +364,10 @@ function actions(m) {
   const stop = (fn) => (ev) => { ev.stopPropagation(); fn(); };
   const busy = COMING_UP.has(m.phase) || m.phase === "unloading" || m.phase === "waiting_for_capacity";
   if (m.phase !== "loaded" && !busy) {
-    box.append(el("button", { type: "button", class: "load", text: m.phase === "failed" ? "retry" : "load", onclick: stop(() => ask(m.name, "load", {})) }));
+    const verb = m.phase === "failed" ? "retry" : m.phase === "parked" ? "wake" : "load";
+    box.append(el("button", { type: "button", class: "load", text: verb, onclick: stop(() => ask(m.name, "load", {})) }));
   }
-  if (m.phase === "loaded" || busy) {
+  if (m.phase === "loaded" || m.phase === "parked" || busy) {
     box.append(el("button", { type: "button", class: "unload", text: "unload", onclick: stop(() => ask(m.name, "unload", { reason: "unloaded from the dashboard" })) }));
   }
   if (m.pinned) {

@@ -71,6 +71,11 @@ class Vllm(_Section):
     # Ports the servers listen on: [first, last].
     port_range: tuple[int, int] = (8300, 8399)
     load_timeout_seconds: float = Field(default=900.0, gt=0.0, le=MAX_DURATION_SECONDS)
+    # What an idle model does: `sleep` parks it (vLLM's sleep mode, level 1: weights to host
+    # memory, KV cache freed; a request wakes it in about a second) when the node's CPU budget
+    # has room for its weights, else it is unloaded; `unload` always unloads. With `sleep` the
+    # server runs with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (which serves /sleep).
+    park: Literal["sleep", "unload"] = "sleep"
 
     @field_validator("port_range")
     @classmethod

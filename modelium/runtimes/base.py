@@ -68,3 +68,21 @@ class RuntimeAdapter(Protocol):
         """Take over the healthy runtime processes an earlier node agent of this node left
         running (it was killed). Returns the models adopted."""
         ...
+
+
+@runtime_checkable
+class Parking(Protocol):
+    """A runtime that can put an idle model to sleep and wake it (vLLM's sleep mode)."""
+
+    @property
+    def parks(self) -> bool:
+        """Parking is turned on (its servers were started able to sleep)."""
+        ...
+
+    async def park(self, model: str) -> None:
+        """Free the model's GPU memory, its weights kept in host memory. RuntimeUnhealthy if not."""
+        ...
+
+    async def wake(self, model: str) -> None:
+        """Bring a parked model back to serving. RuntimeUnhealthy if it cannot."""
+        ...

@@ -23,7 +23,7 @@ from modelium.config import Vllm as VllmConfig
 from modelium.gpu import GpuReader, gpu_memory_held
 from modelium.names import model_of
 from modelium.runtimes import VLLM
-from modelium.runtimes.base import RuntimeStartError
+from modelium.runtimes.base import RuntimeStartError, RuntimeUnhealthy
 from modelium.runtimes.managed import ProcessRuntime, probe_openai
 from modelium.runtimes.process import runtime_http
 from modelium.types import Endpoint, EndpointProtocol, LoadRequest
@@ -98,11 +98,57 @@ class VllmRuntimeAdapter(ProcessRuntime):
             str(len(devices)),
             "--gpu-memory-utilization",
             f"{utilization:g}",
+            *(["--enable-sleep-mode"] if self.parks else []),
             *(part.format(**fill) for part in self._config.extra_args),
         ]
 
+    @property
+    def parks(self) -> bool:
+        """Idle models are put to sleep (`park`) rather than stopped."""
+        return self._config.park == "sleep"
+
     def env(self, request: LoadRequest) -> dict[str, str]:
-        return {"CUDA_VISIBLE_DEVICES": ",".join(d.split(":", 1)[1] for d in request.booking.all_devices)}
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(d.split(":", 1)[1] for d in request.booking.all_devices)}
+        if self.parks:
+            env["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM serves /sleep, /wake_up, /is_sleeping only then
+        return env
+
+    # -- parking (vLLM's sleep mode) -------------------------------------------------------------
+    async def park(self, model: str) -> None:
+        """Level 1 sleep: the weights move to host memory, the KV cache is freed; confirmed by
+        `/is_sleeping`. Raises RuntimeUnhealthy with what went wrong."""
+        url = self._url_of(model)
+        await _post_ok(f"{url}/sleep?level=1")
+        if not await self._sleeping(url):
+            raise RuntimeUnhealthy(f"{url}/is_sleeping still says awake after /sleep")
+
+    async def wake(self, model: str) -> None:
+        """Wake a parked model and check that it answers as before."""
+        url = self._url_of(model)
+        await _post_ok(f"{url}/wake_up")
+        if await self._sleeping(url):
+            raise RuntimeUnhealthy(f"{url}/is_sleeping still says asleep after /wake_up")
+        endpoint = self.endpoint(model)
+        assert endpoint is not None
+        await self.probe(endpoint, model)
+
+    def _url_of(self, model: str) -> str:
+        endpoint = self.endpoint(model)
+        if endpoint is None:
+            raise RuntimeUnhealthy(f"{model} is not running on node {self._node}")
+        return endpoint.url
+
+    @staticmethod
+    async def _sleeping(url: str) -> bool:
+        try:
+            async with runtime_http(10.0) as client:
+                response = await client.get(f"{url}/is_sleeping")
+            answer = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise RuntimeUnhealthy(f"{url}/is_sleeping did not answer: {exc}") from None
+        if response.status_code != 200 or not isinstance(answer, dict) or "is_sleeping" not in answer:
+            raise RuntimeUnhealthy(f"{url}/is_sleeping answered {response.status_code}: {response.text[:200]}")
+        return bool(answer["is_sleeping"])
 
     def protocol(self, request: LoadRequest) -> EndpointProtocol:
         return EndpointProtocol.OPENAI
@@ -154,3 +200,13 @@ class VllmRuntimeAdapter(ProcessRuntime):
                 log.error("vLLM's %s stopped (pids %s) but NVML still counts %s", model, sorted(pids), held)
                 return
             await asyncio.sleep(0.2)
+
+
+async def _post_ok(url: str) -> None:
+    try:
+        async with runtime_http(300.0) as client:  # a sleep copies every weight to host memory
+            response = await client.post(url)
+    except httpx.HTTPError as exc:
+        raise RuntimeUnhealthy(f"{url} did not answer: {exc or type(exc).__name__}") from None
+    if response.status_code != 200:
+        raise RuntimeUnhealthy(f"{url} answered {response.status_code}: {response.text[:200]}")

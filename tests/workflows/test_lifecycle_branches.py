@@ -28,9 +28,18 @@ from modelium.types import (
     Task,
 )
 from tests.helpers import end_workflows_of, unique, wait_for
-from workflows.contracts import ActivityName, EnsureLoadedRequest, ErrorType, LifecycleInput, Preload
+from workflows.contracts import ActivityName, CapacityFreed, EnsureLoadedRequest, ErrorType, LifecycleInput, Preload
 from workflows.lifecycle import ModelLifecycleWorkflow
-from workflows.steps import DecideRequest, HealthRequest, LoadResult, ReserveRequest, UnloadRequest
+from workflows.steps import (
+    DecideRequest,
+    HealthRequest,
+    LoadResult,
+    ParkRequest,
+    ParkResult,
+    ReserveRequest,
+    UnloadRequest,
+    WakeRequest,
+)
 
 NODE = "stub-node"
 
@@ -41,6 +50,8 @@ class Stubs:
 
     bad_directory: bool = False
     no_room: str | None = None
+    park_error: str | None = None
+    wake_error: str | None = None
     calls: list[str] = field(default_factory=list)
 
     def activities(self) -> list[object]:
@@ -90,8 +101,22 @@ class Stubs:
             self.calls.append("health")
 
         @activity.defn(name=ActivityName.NOTIFY_WAITING)
-        async def notify_waiting(notice: object) -> int:
+        async def notify_waiting(notice: CapacityFreed) -> int:
             return 0
+
+        @activity.defn(name=ActivityName.PARK_MODEL)
+        async def park_model(request: ParkRequest) -> ParkResult:
+            self.calls.append("park")
+            if self.park_error:
+                raise ApplicationError(self.park_error, type=ErrorType.INSUFFICIENT_CAPACITY, non_retryable=True)
+            return ParkResult(gpu_bytes=2**10, host_bytes=request.host_bytes)
+
+        @activity.defn(name=ActivityName.WAKE_MODEL)
+        async def wake_model(request: WakeRequest) -> Booking:
+            self.calls.append("wake")
+            if self.wake_error:
+                raise ApplicationError(self.wake_error, type=ErrorType.INSUFFICIENT_CAPACITY, non_retryable=True)
+            return Booking(request.model, NODE, request.device, request.bytes)
 
         return [
             analyze_model,
@@ -102,6 +127,8 @@ class Stubs:
             release_gpu,
             check_health,
             notify_waiting,
+            park_model,
+            wake_model,
         ]
 
 
@@ -169,3 +196,33 @@ async def test_no_room_rests_until_demand_then_may_evict(stubbed: tuple[Client, 
     loaded = await asyncio.wait_for(demand, timeout=30)
     assert loaded.phase == Phase.LOADED
     assert stubs.calls[2:] == ["decide may_evict=True", "reserve", "load"]
+
+
+async def test_parks_when_idle_wakes_on_demand_and_falls_back_when_either_fails(
+    stubbed: tuple[Client, Stubs, str],
+) -> None:
+    client, stubs, queue = stubbed
+    handle = await _start(client, queue, idle_seconds=1, park_runtimes=["embedded"])
+
+    async def asleep() -> object:
+        state = await handle.query(ModelLifecycleWorkflow.state)
+        return state if state.phase == Phase.PARKED and state.parked_bytes else None
+
+    parked = await wait_for(asleep, timeout=20, interval=0.05, what="parked, its bookings taken")
+    assert stubs.calls[-1] == "park" and "release" not in stubs.calls
+    assert (parked.booking.bytes, parked.wake_bytes) == (2**10, 2**20)  # type: ignore[attr-defined]
+    # A request wakes it: the GPU booking comes back, nothing is loaded again.
+    loaded = await handle.execute_update(ModelLifecycleWorkflow.ensure_loaded, EnsureLoadedRequest("a request"))
+    assert loaded.phase == Phase.LOADED and loaded.load_count == 1 and loaded.booking.bytes == 2**20
+    assert stubs.calls[-1] == "wake"
+    # Idle again, and it cannot wake this time (its GPU room went): it is loaded afresh.
+    await wait_for(asleep, timeout=20, interval=0.05, what="parked again")
+    stubs.wake_error = "no room to wake it"
+    loaded = await handle.execute_update(ModelLifecycleWorkflow.ensure_loaded, EnsureLoadedRequest("a request"))
+    assert loaded.phase == Phase.LOADED and loaded.load_count == 2
+    assert stubs.calls[-6:] == ["wake", "unload unhealthy", "release", "decide may_evict=True", "reserve", "load"]
+    # Idle once more, and there is no room to park it: it is unloaded as before parking existed.
+    stubs.park_error = "no room to park it"
+    state = await _phase(handle, Phase.UNLOADED)
+    assert stubs.calls[-3:] == ["park", "unload idle", "release"]
+    assert "could not park it" in (state.last_error or "")  # type: ignore[attr-defined]

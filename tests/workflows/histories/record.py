@@ -46,9 +46,11 @@ from activities.control import RegistryNodes
 from cli.demo import write_demo_model
 from modelium.analyzer import analyze_directory
 from modelium.names import node_workflow_id, workflow_id
+from modelium.runtimes.process import free_port
 from modelium.types import ModelSource, ModelState, Phase
 from modelium.watcher import fingerprint
-from tests.helpers import make_settings, running_modelium, wait_for
+from tests.helpers import ROOT, make_settings, running_modelium, wait_for
+from tests.standins.gpus import GpusFreedWhileAsleep
 from workers.temporal_server import temporal_binary
 from workers.watch import WorkflowBridge
 from workflows.contracts import (
@@ -248,6 +250,19 @@ async def rolled_back(r: Recorder, good: Path) -> None:
     await r.remove_and_save((h, "rolled-back"))
 
 
+async def parked(r: Recorder, good: Path) -> None:
+    """vLLM (its stand-in) parks when idle, a request wakes it, it parks again, then an unload."""
+    h = await r.discover("parked", good)
+    await _until(h, Phase.PARKED, 120, "parked when idle")
+    request = EnsureLoadedRequest("a request is waiting", wait_seconds=120, demand_id="gateway-1")
+    state = await h.execute_update(ModelLifecycleWorkflow.ensure_loaded, request)
+    assert state.phase == Phase.LOADED, state
+    await _until(h, Phase.PARKED, 60, "parked again")
+    state = await h.execute_update(ModelLifecycleWorkflow.ensure_unloaded, EnsureUnloadedRequest("by the API"))
+    assert state.phase == Phase.UNLOADED, state
+    await r.remove_and_save((h, "parked"))
+
+
 SCENARIOS = (lifecycle, failed_then_retried, eviction, waiting, restart)
 
 
@@ -291,6 +306,30 @@ async def main(only: list[str]) -> None:
                     await updated(r, good)
                 if not only or "rolled_back" in only:
                     await rolled_back(r, good)
+        if not only or "parked" in only:
+            # A node with a GPU (the NVML seam) and vLLM (its stand-in), idle models parked.
+            record = tmp / "standin.jsonl"
+            os.environ["MODELIUM_STANDIN_RECORD"] = str(record)
+            first = free_port()
+            gpu_node = make_settings(
+                tmp / "gpu",
+                vllm={
+                    "enabled": True,
+                    "command": [
+                        sys.executable,
+                        str(ROOT / "tests" / "standins" / "vllm_serve.py"),
+                        "serve",
+                        "{model_dir}",
+                    ],
+                    "port_range": [first, first + 10],
+                },
+                orchestration={"policies": {"evict_after_idle_seconds": 2}},
+            )
+            async with running_modelium(
+                gpu_node, env.client, gateway=False, watch=False, gpu=GpusFreedWhileAsleep(record)
+            ):
+                r = Recorder(env.client, WorkflowBridge(env.client, gpu_node), tmp, gpu_node.node.id)
+                await parked(r, good)
     finally:
         await env.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -298,5 +337,5 @@ async def main(only: list[str]) -> None:
 
 if __name__ == "__main__":
     # Scenario names (lifecycle, failed_then_retried, eviction, waiting, restart, node, updated,
-    # rolled_back) record just those.
+    # rolled_back, parked) record just those.
     asyncio.run(main(sys.argv[1:]))
