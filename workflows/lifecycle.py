@@ -126,6 +126,10 @@ class ModelLifecycleWorkflow(NewVersions, Parking):
         self._lost_races = 0
         # A rollback asked for (POST /models/{name}/rollback), until the main loop has done it.
         self._rollback_wanted: RollbackRequest | None = None
+        # While a new version is recreated (taken down, then loaded): the version that served
+        # before it, when its files are still there (a numbered version, a release a symlink
+        # pointed to), to be served again if the new one does not come up.
+        self._recreate_fallback: ModelSource | None = None
 
     # -- messages ------------------------------------------------------------------------------
     @workflow.query
@@ -653,12 +657,16 @@ class ModelLifecycleWorkflow(NewVersions, Parking):
                 await self._pass_wake_on()
                 await self._wait_for_capacity(_describe(err))
                 return
-            self._state.last_error = f"{step} failed: {_describe(err)}"
+            error = f"{step} failed: {_describe(err)}"
+            if await self._fall_back(error):
+                return
+            self._state.last_error = error
             workflow.logger.warning("model %s: %s", self._state.name, self._state.last_error)
             self._bringups += 1
             self._set_phase(Phase.FAILED)
             return
         now = workflow.now().timestamp()
+        self._recreate_fallback = None
         self._took_load(result, self._analysis, now)
         self._state.last_used_at = now
         self._state.unload_reason = None
@@ -911,6 +919,11 @@ class ModelLifecycleWorkflow(NewVersions, Parking):
                 if await self._update_beside(source):
                     return
                 await steps.count_update(steps.UpdateOutcome(self._state.name, "recreated"))
+            if workflow.patched("recreate-falls-back"):
+                self._recreate_fallback = self._serving_source(source)
+                # It was serving: its new version (or the old one again) is loaded whether or not
+                # a request waits, as a manual load would be, never left to rest.
+                self._held_demand = True
         if self._state.phase in (Phase.LOADED, Phase.PARKED):
             await self._take_down(Phase.DISCOVERED, "model files changed", UnloadKind.FILES_CHANGED)
         self._state.path, self._state.fingerprint = source.path, source.fingerprint
@@ -918,6 +931,35 @@ class ModelLifecycleWorkflow(NewVersions, Parking):
         self._retry = False
         self._want_loaded = True
         self._set_phase(Phase.DISCOVERED)
+
+    def _serving_source(self, new: ModelSource) -> ModelSource | None:
+        """The version serving now, if it can be loaded again once `new` replaced it: a numbered
+        version of the same folder, or a folder of its own (a symlink's earlier target). None
+        when its files were replaced in place."""
+        st = self._state
+        if st.version is not None:
+            return ModelSource(st.name, st.path, st.fingerprint, version=st.version)
+        serving = st.serving_path or st.path
+        return ModelSource(st.name, serving, st.fingerprint) if serving != new.path else None
+
+    async def _fall_back(self, error: str) -> bool:
+        """A recreated new version did not come up: serve the version before it again, with
+        `update_failed` and the reason, holding the new files off until newer ones arrive. False
+        when there is nothing to fall back to."""
+        back, self._recreate_fallback = self._recreate_fallback, None
+        if back is None:
+            return False
+        st = self._state
+        workflow.logger.warning("model %s: new version did not come up (%s); serving the previous one", st.name, error)
+        st.held_fingerprint = st.fingerprint
+        st.path, st.fingerprint, st.version_pin = back.path, back.fingerprint, back.version
+        st.update_error = error
+        st.update_state = "update_failed"
+        self._analysis = None
+        self._want_loaded = True
+        self._set_phase(Phase.DISCOVERED)
+        await steps.count_update(steps.UpdateOutcome(st.name, "failed"))
+        return True
 
     async def _take_down(
         self, final_phase: Phase, reason: str, kind: UnloadKind, *, unload: bool | None = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -224,6 +225,49 @@ async def test_no_room_beside_it_recreates_and_holds_requests(
         assert await answer(http, name) != old_answer
         metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
         assert metric_value(metrics, "modelium_model_updates_total", model=name, result="recreated") == 1.0
+
+
+async def test_a_recreated_version_that_fails_to_load_falls_back_to_the_one_before(
+    temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """No room beside it, and the new numbered version loads badly: the version before it (its
+    folder still there) serves again, `update_failed` says why, and no client request failed."""
+    good = demo_models["text-generation"]
+    booking = analyze_directory(good, "probe").memory_estimates["embedded"]
+    settings = make_settings(tmp_path, node={"id": unique("node"), "cpu_memory_budget_bytes": int(booking * 1.5)})
+    name = unique("fallback")
+    incoming = settings.watch_directories[0]
+    incoming.mkdir(parents=True)
+    stage = tmp_path / "stage"
+    shutil.copytree(good, stage / name / "1")
+    (stage / name).rename(incoming / name)
+    async with modelium_http(settings, temporal_env.client) as (running, http):
+        await wait_for(lambda: _loaded(http, name), 120, what=f"{name} loaded")
+        served = await answer(http, name)
+        clients = Clients(http, name)
+        clients._stream = clients._complete  # type: ignore[method-assign]  # held requests: plain ones
+        async with clients.running():
+            await wait_for(lambda: len(clients.answers) >= 5, 60)
+            broken = stage / "2"
+            shutil.copytree(good, broken)
+            config = json.loads((broken / "config.json").read_text())
+            config["n_embd"] *= 2  # analyzed fine; the load refuses weights of other shapes
+            (broken / "config.json").write_text(json.dumps(config))
+            broken.rename(incoming / name / "2")
+
+            async def fell_back() -> dict[str, Any] | None:
+                now = await model(http, name)
+                done = now["phase"] == "loaded" and now["update_state"] == "update_failed" and now["load_count"] == 2
+                return now if done else None
+
+            state = await wait_for(fell_back, 180, what="version 1 serving again")
+            await wait_for(lambda: len(clients.answers) >= 20, 60)
+        assert clients.failures() == [], clients.failures()[:5]
+        assert state["version"] == "1" and "load failed" in state["update_error"], state
+        assert "ignore_mismatched_sizes" in state["update_error"]
+        assert await answer(http, name) == served
+        metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
+        assert metric_value(metrics, "modelium_model_updates_total", model=name, result="failed") == 1.0
 
 
 def link(target: Path, at: Path) -> None:

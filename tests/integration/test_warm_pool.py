@@ -42,9 +42,14 @@ async def test_a_load_is_handed_to_a_warm_spare_and_a_new_one_is_started(
         assert abs(booking.bytes - held) < 0.1 * held, (booking.bytes, held)
 
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=120) as http:
-            listed = (await http.get("/nodes")).json()
-            [cpu] = [d for n in listed["nodes"] for d in n["devices"] if d["device"] == "cpu"]
-            assert cpu["booked_bytes"] >= booking.bytes
+
+            async def announced() -> bool:
+                # The node announces its bookings (here: the pool's alone) soon after a change.
+                listed = (await http.get("/nodes")).json()
+                cpu = [d for n in listed["nodes"] for d in n["devices"] if d["device"] == "cpu"]
+                return [d["booked_bytes"] for d in cpu] == [booking.bytes]
+
+            await wait_for(announced, timeout=30, what="GET /nodes to count the pool's booking")
 
             copy_model(demo_models["text-generation"], settings.watch_directories[0] / name)
             info = await wait_phase(http, name, "loaded", timeout=120)

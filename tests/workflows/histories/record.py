@@ -31,6 +31,7 @@ files. The node has room for one demo model, so that placement has to choose.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -263,7 +264,30 @@ async def parked(r: Recorder, good: Path) -> None:
     await r.remove_and_save((h, "parked"))
 
 
-SCENARIOS = (lifecycle, failed_then_retried, eviction, waiting, restart)
+async def fell_back(r: Recorder, good: Path) -> None:
+    """No room beside it: a new numbered version is recreated, fails to load, and the version
+    before it serves again (update_failed)."""
+    folder = r.models / "fell-back"
+    shutil.copytree(good, folder / "1")
+    h = await r.discover("fell-back", folder)
+    await _until(h, Phase.LOADED, 120, "version 1 loaded")
+    broken = folder / "2"
+    shutil.copytree(good, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["n_embd"] *= 2  # analyzed fine, refused by the load (the weights' shapes differ)
+    (broken / "config.json").write_text(json.dumps(config))
+    await r.discover("fell-back", folder)
+
+    async def fell() -> bool:
+        state = await _state(h)
+        return state.phase == Phase.LOADED and state.update_state == "update_failed" and state.load_count == 2
+
+    await wait_for(fell, 120, what="version 1 serving again")
+    assert (await _state(h)).version == "1"
+    await r.remove_and_save((h, "fell-back"))
+
+
+SCENARIOS = (lifecycle, failed_then_retried, eviction, waiting, restart, fell_back)
 
 
 async def main(only: list[str]) -> None:
@@ -337,5 +361,5 @@ async def main(only: list[str]) -> None:
 
 if __name__ == "__main__":
     # Scenario names (lifecycle, failed_then_retried, eviction, waiting, restart, node, updated,
-    # rolled_back, parked) record just those.
+    # rolled_back, parked, fell_back) record just those.
     asyncio.run(main(sys.argv[1:]))
