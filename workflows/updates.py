@@ -5,6 +5,7 @@ its steps (`_on_node`, `_take_down`, ...), declared below for the type checker."
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 from temporalio import workflow
@@ -31,6 +32,9 @@ with workflow.unsafe.imports_passed_through():
     from workflows.failures import error_type as _error_type
 
 _T = TypeVar("_T")
+# How long placement's view of the nodes may lag a booking change: the node announces it within
+# 0.1 s, and the control worker keeps a view for 0.5 s (RegistryNodes.FRESH_SECONDS).
+_PLACEMENT_SETTLE = timedelta(seconds=1.5)
 
 
 class NewVersions:
@@ -87,8 +91,8 @@ class NewVersions:
             analysis = await steps.analyze_model(source, local=self._local_steps)
             self._check_interrupt()
             step = "place"
-            decision = await steps.decide_runtime(
-                steps.DecideRequest(analysis, overrides=analysis.overrides, may_evict=True), local=self._local_steps
+            decision = await self._place_beside(
+                steps.DecideRequest(analysis, overrides=analysis.overrides, may_evict=True)
             )
             if decision.runtime not in self._input.beside_runtimes or decision.no_room is not None:
                 why = decision.no_room or f"{decision.runtime} serves many models from one server"
@@ -212,6 +216,26 @@ class NewVersions:
                 st.held_fingerprint, st.version_pin = held, target.version
         finally:
             self._rollback_wanted = None
+
+    async def _place_beside(self, request: steps.DecideRequest) -> Decision:
+        """Where the new version goes. Placement reads the nodes' announced bookings, which lag
+        a release by up to a second: right after an earlier version drained and went (a rollback
+        after a switch), its room still looks taken. No room is therefore asked once more, on a
+        fresh view, before the model is taken down for a recreate."""
+        try:
+            decision = await steps.decide_runtime(request, local=self._local_steps)
+            if decision.no_room is None or decision.runtime not in self._input.beside_runtimes:
+                return decision
+        except (ActivityError, ApplicationError) as err:
+            if _error_type(err) not in (ErrorType.NO_CAPACITY, ErrorType.INSUFFICIENT_CAPACITY):
+                raise
+            if not workflow.patched("beside-decides-twice"):
+                raise
+        else:
+            if not workflow.patched("beside-decides-twice"):
+                return decision
+        await workflow.sleep(_PLACEMENT_SETTLE)
+        return await steps.decide_runtime(request, local=self._local_steps)
 
     def _updating(self, state: str) -> None:
         self._state.update_state = state

@@ -32,12 +32,15 @@ from workflows.contracts import ActivityName, CapacityFreed, EnsureLoadedRequest
 from workflows.lifecycle import ModelLifecycleWorkflow
 from workflows.steps import (
     DecideRequest,
+    DrainRequest,
     HealthRequest,
     LoadResult,
     ParkRequest,
     ParkResult,
     ReserveRequest,
+    SmokeRequest,
     UnloadRequest,
+    UpdateOutcome,
     WakeRequest,
 )
 
@@ -52,6 +55,8 @@ class Stubs:
     no_room: str | None = None
     park_error: str | None = None
     wake_error: str | None = None
+    # Answers of the next decisions' `no_room`, first to last (then `no_room`).
+    no_room_next: list[str | None] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
 
     def activities(self) -> list[object]:
@@ -76,7 +81,11 @@ class Stubs:
         @activity.defn(name=ActivityName.DECIDE_RUNTIME)
         async def decide_runtime(request: DecideRequest) -> Decision:
             self.calls.append(f"decide may_evict={request.may_evict}")
-            return Decision("embedded", NODE, "cpu", "stub", memory_bytes=2**20, no_room=self.no_room)
+            no_room = self.no_room_next.pop(0) if self.no_room_next else self.no_room
+            if no_room is not None and request.may_evict:
+                # As the rules answer demand that finds no room: an error, not a decision.
+                raise ApplicationError(no_room, type=ErrorType.NO_CAPACITY, non_retryable=True)
+            return Decision("embedded", NODE, "cpu", "stub", memory_bytes=2**20, no_room=no_room)
 
         @activity.defn(name=ActivityName.RESERVE_GPU)
         async def reserve_gpu(request: ReserveRequest) -> Booking:
@@ -104,6 +113,20 @@ class Stubs:
         async def notify_waiting(notice: CapacityFreed) -> int:
             return 0
 
+        @activity.defn(name=ActivityName.SMOKE_CHECK)
+        async def smoke_check(request: SmokeRequest) -> str:
+            self.calls.append("smoke")
+            return "answered one token"
+
+        @activity.defn(name=ActivityName.DRAIN_RUNTIME)
+        async def drain_runtime(request: DrainRequest) -> str:
+            self.calls.append(f"drain {request.model}")
+            return "drained"
+
+        @activity.defn(name=ActivityName.COUNT_UPDATE)
+        async def count_update(outcome: UpdateOutcome) -> None:
+            self.calls.append(f"update {outcome.result}")
+
         @activity.defn(name=ActivityName.PARK_MODEL)
         async def park_model(request: ParkRequest) -> ParkResult:
             self.calls.append("park")
@@ -129,6 +152,9 @@ class Stubs:
             notify_waiting,
             park_model,
             wake_model,
+            smoke_check,
+            drain_runtime,
+            count_update,
         ]
 
 
@@ -226,3 +252,33 @@ async def test_parks_when_idle_wakes_on_demand_and_falls_back_when_either_fails(
     state = await _phase(handle, Phase.UNLOADED)
     assert stubs.calls[-3:] == ["park", "unload idle", "release"]
     assert "could not park it" in (state.last_error or "")  # type: ignore[attr-defined]
+
+
+async def test_a_new_version_placed_on_a_stale_view_decides_again_before_it_recreates(
+    stubbed: tuple[Client, Stubs, str],
+) -> None:
+    """Right after a booking was released, placement's view of the node can still count it: the
+    first decision finds no room beside the serving version, the second (on a fresh view) does,
+    and the update is blue/green, not a recreate."""
+    client, stubs, queue = stubbed
+    handle = await _start(client, queue, beside_runtimes=["embedded"])
+    state = await _phase(handle, Phase.LOADED)
+    stubs.no_room_next = ["stub-node/cpu has 0 MiB free (a view from before a release)", None]
+    await handle.signal(ModelLifecycleWorkflow.files_changed, ModelSource(state.name, state.path, "f2"))  # type: ignore[attr-defined]
+
+    async def switched() -> object:
+        now = await handle.query(ModelLifecycleWorkflow.state)
+        return now if now.switched_at is not None and now.update_state is None else None
+
+    done = await wait_for(switched, timeout=30, interval=0.05, what="the new version switched to")
+    assert done.load_count == 2 and done.key.endswith("@u1")  # type: ignore[attr-defined]
+    after = stubs.calls[stubs.calls.index("load") + 1 :]
+    assert after[:6] == [
+        "analyze",
+        "decide may_evict=True",
+        "decide may_evict=True",
+        "reserve",
+        "load",
+        "smoke",
+    ], after
+    assert "update switched" in after and "update recreated" not in after
