@@ -92,6 +92,18 @@ class NodeActivities:
             )
         return adapter
 
+    def _parking(self, runtime: str, *, waking: bool = False) -> Parking:
+        """The runtime's adapter, if it parks models (one that was parked is woken even if
+        parking was turned off since)."""
+        adapter = self._adapter(runtime)
+        if not isinstance(adapter, Parking) or not (waking or adapter.parks):
+            raise ApplicationError(
+                f"runtime {runtime} on node {self._node} does not park models",
+                type=ErrorType.RUNTIME_UNHEALTHY,
+                non_retryable=True,
+            )
+        return adapter
+
     def _refresh_loaded_gauge(self) -> None:
         for name, adapter in self._adapters.items():
             self._metrics.models_loaded.labels(runtime=name, node=self._node).set(len(adapter.running()))
@@ -328,13 +340,7 @@ class NodeActivities:
         """Put an idle model to sleep: its weights' host memory is booked in the CPU budget
         first (refused when there is no room: the workflow unloads it instead), then its GPU
         booking shrinks to what NVML says it still holds."""
-        adapter = self._adapter(request.runtime)
-        if not isinstance(adapter, Parking) or not adapter.parks:
-            raise ApplicationError(
-                f"runtime {request.runtime} on node {self._node} does not park models",
-                type=ErrorType.RUNTIME_UNHEALTHY,
-                non_retryable=True,
-            )
+        adapter = self._parking(request.runtime)
         host = parked_key(request.model)
         try:
             self._ledger.reserve(host, "cpu", request.host_bytes)
@@ -370,13 +376,7 @@ class NodeActivities:
     @activity.defn(name=ActivityName.WAKE_MODEL)
     async def wake_model(self, request: WakeRequest) -> Booking:
         """Book the GPU memory a parked model gave up, then wake it; its host booking goes."""
-        adapter = self._adapter(request.runtime)
-        if not isinstance(adapter, Parking):
-            raise ApplicationError(
-                f"runtime {request.runtime} on node {self._node} does not park models",
-                type=ErrorType.RUNTIME_UNHEALTHY,
-                non_retryable=True,
-            )
+        adapter = self._parking(request.runtime, waking=True)
         try:
             booking = self._ledger.reserve(request.model, request.device, request.bytes, request.devices or None)
         except InsufficientCapacity as exc:

@@ -920,7 +920,7 @@ class ModelLifecycleWorkflow(NewVersions, Parking):
                     return
                 await steps.count_update(steps.UpdateOutcome(self._state.name, "recreated"))
             if workflow.patched("recreate-falls-back"):
-                self._recreate_fallback = self._serving_source(source)
+                self._recreate_fallback = self._serving_source(source.path)
                 # It was serving: its new version (or the old one again) is loaded whether or not
                 # a request waits, as a manual load would be, never left to rest.
                 self._held_demand = True
@@ -931,16 +931,6 @@ class ModelLifecycleWorkflow(NewVersions, Parking):
         self._retry = False
         self._want_loaded = True
         self._set_phase(Phase.DISCOVERED)
-
-    def _serving_source(self, new: ModelSource) -> ModelSource | None:
-        """The version serving now, if it can be loaded again once `new` replaced it: a numbered
-        version of the same folder, or a folder of its own (a symlink's earlier target). None
-        when its files were replaced in place."""
-        st = self._state
-        if st.version is not None:
-            return ModelSource(st.name, st.path, st.fingerprint, version=st.version)
-        serving = st.serving_path or st.path
-        return ModelSource(st.name, serving, st.fingerprint) if serving != new.path else None
 
     async def _fall_back(self, error: str) -> bool:
         """A recreated new version did not come up: serve the version before it again, with

@@ -161,13 +161,7 @@ class NewVersions:
             return True
         # The switch: from here on the new instance is the model's.
         old_key, old_runtime, old_node, old_booking = st.key, st.runtime or "", st.node or "", st.booking
-        old_path = st.serving_path or st.path
-        if st.version is not None:
-            st.previous = ModelSource(st.name, st.path, st.fingerprint, version=st.version)
-        elif old_path != (analysis.path or source.path):
-            st.previous = ModelSource(st.name, old_path, st.fingerprint)
-        else:
-            st.previous = None  # its files were replaced in place: nothing to go back to
+        st.previous = self._serving_source(analysis.path or source.path)
         now = workflow.now().timestamp()
         st.path, st.fingerprint = source.path, source.fingerprint
         self._take_analysis(analysis)
@@ -217,22 +211,31 @@ class NewVersions:
         finally:
             self._rollback_wanted = None
 
+    def _serving_source(self, new_path: str) -> ModelSource | None:
+        """The version serving now, if it can be loaded again once the folder `new_path` serves
+        instead: a numbered version of the same folder, or a folder of its own (a symlink's earlier
+        target). None when its files were replaced in place: nothing to go back to."""
+        st = self._state
+        if st.version is not None:
+            return ModelSource(st.name, st.path, st.fingerprint, version=st.version)
+        serving = st.serving_path or st.path
+        return ModelSource(st.name, serving, st.fingerprint) if serving != new_path else None
+
     async def _place_beside(self, request: steps.DecideRequest) -> Decision:
         """Where the new version goes. Placement reads the nodes' announced bookings, which lag
         a release by up to a second: right after an earlier version drained and went (a rollback
         after a switch), its room still looks taken. No room is therefore asked once more, on a
         fresh view, before the model is taken down for a recreate."""
+        # (Histories recorded before this replay as they ran: the patch is asked only for no room.)
         try:
             decision = await steps.decide_runtime(request, local=self._local_steps)
-            if decision.no_room is None or decision.runtime not in self._input.beside_runtimes:
-                return decision
         except (ActivityError, ApplicationError) as err:
-            if _error_type(err) not in (ErrorType.NO_CAPACITY, ErrorType.INSUFFICIENT_CAPACITY):
-                raise
-            if not workflow.patched("beside-decides-twice"):
+            no_room = _error_type(err) in (ErrorType.NO_CAPACITY, ErrorType.INSUFFICIENT_CAPACITY)
+            if not no_room or not workflow.patched("beside-decides-twice"):
                 raise
         else:
-            if not workflow.patched("beside-decides-twice"):
+            settled = decision.no_room is None or decision.runtime not in self._input.beside_runtimes
+            if settled or not workflow.patched("beside-decides-twice"):
                 return decision
         await workflow.sleep(_PLACEMENT_SETTLE)
         return await steps.decide_runtime(request, local=self._local_steps)

@@ -22,7 +22,7 @@ from modelium.names import model_of
 from modelium.runtimes import EMBEDDED
 from modelium.runtimes.base import Progress, RuntimeStartError
 from modelium.runtimes.managed import ProcessRuntime
-from modelium.runtimes.process import ManagedProcess, loopback_for, process_argv, process_start_ticks, runtime_http
+from modelium.runtimes.process import ManagedProcess, loopback_for, runtime_http
 from modelium.runtimes.warm_pool import SPARE_PREFIX, Spare, WarmPool
 from modelium.types import Endpoint, EndpointProtocol, LoadRequest, Task
 
@@ -134,7 +134,7 @@ class EmbeddedRuntimeAdapter(ProcessRuntime):
             try:
                 while not (await asyncio.wait({post}, timeout=0.25))[0]:
                     if not proc.alive():
-                        raise self._exited(proc)
+                        raise proc.exited()
                     progress(f"waiting for {request.model} (warm spare pid {proc.pid})", proc.last_line())
             finally:
                 post.cancel()
@@ -144,7 +144,7 @@ class EmbeddedRuntimeAdapter(ProcessRuntime):
             response = post.result()
         except httpx.HTTPError as exc:
             if not proc.alive():
-                raise self._exited(proc) from None
+                raise proc.exited() from None
             raise RuntimeStartError(
                 f"the warm spare pid {proc.pid} did not answer when given {request.model}: {exc}; "
                 f"last lines of {proc.log_path}:\n{proc.log_tail()}"
@@ -158,12 +158,6 @@ class EmbeddedRuntimeAdapter(ProcessRuntime):
                 f"could not load {request.model}: {reason}; last lines of {proc.log_path}:\n{proc.log_tail()}"
             )
 
-    @staticmethod
-    def _exited(proc: ManagedProcess) -> RuntimeStartError:
-        return RuntimeStartError(
-            f"process {proc.pid} exited before it became healthy; last lines of {proc.log_path}:\n{proc.log_tail()}"
-        )
-
     def spare_pids(self) -> list[int]:
         return self.pool.pids()
 
@@ -173,7 +167,7 @@ class EmbeddedRuntimeAdapter(ProcessRuntime):
             for key, record in self._records.load().items():
                 if not key.startswith(SPARE_PREFIX):
                     continue
-                if process_start_ticks(record.pid) == record.start_ticks and process_argv(record.pid) == record.argv:
+                if record.same_process():
                     log.info("stopping warm spare pid %s, left running by an earlier node agent", record.pid)
                     await asyncio.to_thread(ManagedProcess.adopt(record.pid, record.argv, self.log_path(key)).stop)
                 self._records.remove(key)

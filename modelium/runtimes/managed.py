@@ -20,7 +20,7 @@ import httpx
 from modelium.gpu import process_tree
 from modelium.names import model_of
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
-from modelium.runtimes.process import ManagedProcess, free_port, process_argv, process_start_ticks, runtime_http
+from modelium.runtimes.process import ManagedProcess, free_port, runtime_http
 from modelium.runtimes.records import RuntimeRecords
 from modelium.types import Endpoint, EndpointProtocol, LoadRequest
 
@@ -164,10 +164,7 @@ class ProcessRuntime(ABC):
         deadline = loop.time() + self._load_timeout
         while True:
             if not proc.alive():
-                raise RuntimeStartError(
-                    f"process exited with code {proc.exit_code()} before it became healthy; "
-                    f"last lines of {proc.log_path}:\n{proc.log_tail()}"
-                )
+                raise proc.exited()
             try:
                 await self.probe(endpoint, model)
                 return
@@ -190,8 +187,7 @@ class ProcessRuntime(ABC):
         for model, record in self._records.load().items():
             proc = ManagedProcess.adopt(record.pid, record.argv, self.log_path(model), record.started_at)
             proc.serves = record.serves or record.argv
-            same = process_start_ticks(record.pid) == record.start_ticks and process_argv(record.pid) == record.argv
-            if same:
+            if record.same_process():
                 try:
                     await self.probe(record.endpoint, model)
                 except RuntimeUnhealthy as exc:
@@ -296,11 +292,13 @@ async def _get_ok(url: str, timeout: float = 5.0) -> httpx.Response:
     return response
 
 
-async def post_expecting(url: str, body: dict[str, Any], status: int = 200) -> httpx.Response:
+async def post_expecting(
+    url: str, body: dict[str, Any], status: int = 200, timeout: float = WARM_UP_TIMEOUT
+) -> httpx.Response:
     """POST `body` to a runtime; RuntimeUnhealthy unless it answers with `status` (a smoke
-    check's request: the default one, or a model's own)."""
+    check's request: the default one, or a model's own; vLLM's sleep and wake)."""
     try:
-        async with runtime_http(WARM_UP_TIMEOUT) as client:
+        async with runtime_http(timeout) as client:
             response = await client.post(url, json=body)
     except httpx.HTTPError as exc:
         raise RuntimeUnhealthy(f"{url} did not answer: {exc or type(exc).__name__}") from None

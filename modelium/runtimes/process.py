@@ -129,6 +129,13 @@ class ManagedProcess:
         # An adopted process is not this process's child: its exit code is not ours to read.
         return self._proc.poll() if self._proc else None
 
+    def exited(self) -> RuntimeStartError:
+        """The error of a runtime that exited before it became healthy, with its last lines."""
+        return RuntimeStartError(
+            f"process exited with code {self.exit_code()} before it became healthy; "
+            f"last lines of {self.log_path}:\n{self.log_tail()}"
+        )
+
     def log_tail(self, lines: int = 15) -> str:
         try:
             text = self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -167,10 +174,7 @@ class ManagedProcess:
         async with runtime_http(2.0) as client:
             while True:
                 if not self.alive():
-                    raise RuntimeStartError(
-                        f"process exited with code {self.exit_code()} before it became healthy; "
-                        f"last lines of {self.log_path}:\n{self.log_tail()}"
-                    )
+                    raise self.exited()
                 try:
                     response = await client.get(url)
                     if response.status_code == 200:

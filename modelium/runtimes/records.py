@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from modelium.runtimes.process import ManagedProcess, process_start_ticks
+from modelium.runtimes.process import ManagedProcess, process_argv, process_start_ticks
 from modelium.types import Endpoint
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,11 @@ class RuntimeRecord:
     started_at: float | None
     # The command that would start what it serves, when not its own argv (a warm spare's).
     serves: list[str] | None = None
+
+    def same_process(self) -> bool:
+        """The recorded process still runs: that pid, started then, with that command line (not
+        a later process given the same pid)."""
+        return process_start_ticks(self.pid) == self.start_ticks and process_argv(self.pid) == self.argv
 
 
 class RuntimeRecords:

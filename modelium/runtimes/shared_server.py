@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from modelium.runtimes.base import Progress, RuntimeUnhealthy
-from modelium.runtimes.process import ManagedProcess, loopback_for, process_argv, process_start_ticks, runtime_http
+from modelium.runtimes.process import ManagedProcess, loopback_for, runtime_http
 from modelium.runtimes.records import RuntimeRecords
 from modelium.types import Endpoint, EndpointProtocol
 
@@ -87,7 +87,7 @@ class SharedServer:
         if record is None:
             return False
         proc = ManagedProcess.adopt(record.pid, record.argv, self._log_path, record.started_at)
-        same = process_start_ticks(record.pid) == record.start_ticks and process_argv(record.pid) == record.argv
+        same = record.same_process()
         if same and await answers(record.endpoint.url):
             self.proc, self.url = proc, record.endpoint.url
             log.info("adopted %s at %s (pid %s)", self._key, self.url, record.pid)

@@ -24,13 +24,15 @@ from modelium.gpu import GpuReader, gpu_memory_held
 from modelium.names import model_of
 from modelium.runtimes import VLLM
 from modelium.runtimes.base import RuntimeStartError, RuntimeUnhealthy
-from modelium.runtimes.managed import ProcessRuntime, probe_openai
+from modelium.runtimes.managed import ProcessRuntime, post_expecting, probe_openai
 from modelium.runtimes.process import runtime_http
 from modelium.types import Endpoint, EndpointProtocol, LoadRequest
 
 log = logging.getLogger(__name__)
 
 NAME = VLLM
+# A sleep copies every weight to host memory (and a wake back): seconds for a large model.
+SLEEP_TIMEOUT = 300.0
 
 
 class VllmRuntimeAdapter(ProcessRuntime):
@@ -118,14 +120,14 @@ class VllmRuntimeAdapter(ProcessRuntime):
         """Level 1 sleep: the weights move to host memory, the KV cache is freed; confirmed by
         `/is_sleeping`. Raises RuntimeUnhealthy with what went wrong."""
         url = self._url_of(model)
-        await _post_ok(f"{url}/sleep?level=1")
+        await post_expecting(f"{url}/sleep?level=1", {}, timeout=SLEEP_TIMEOUT)
         if not await self._sleeping(url):
             raise RuntimeUnhealthy(f"{url}/is_sleeping still says awake after /sleep")
 
     async def wake(self, model: str) -> None:
         """Wake a parked model and check that it answers as before."""
         url = self._url_of(model)
-        await _post_ok(f"{url}/wake_up")
+        await post_expecting(f"{url}/wake_up", {}, timeout=SLEEP_TIMEOUT)
         if await self._sleeping(url):
             raise RuntimeUnhealthy(f"{url}/is_sleeping still says asleep after /wake_up")
         endpoint = self.endpoint(model)
@@ -200,13 +202,3 @@ class VllmRuntimeAdapter(ProcessRuntime):
                 log.error("vLLM's %s stopped (pids %s) but NVML still counts %s", model, sorted(pids), held)
                 return
             await asyncio.sleep(0.2)
-
-
-async def _post_ok(url: str) -> None:
-    try:
-        async with runtime_http(300.0) as client:  # a sleep copies every weight to host memory
-            response = await client.post(url)
-    except httpx.HTTPError as exc:
-        raise RuntimeUnhealthy(f"{url} did not answer: {exc or type(exc).__name__}") from None
-    if response.status_code != 200:
-        raise RuntimeUnhealthy(f"{url} answered {response.status_code}: {response.text[:200]}")

@@ -24,11 +24,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 from modelium.gpu import process_tree, resident_bytes
 from modelium.ledger import InsufficientCapacity, Ledger
-from modelium.runtimes.process import ManagedProcess, free_port, loopback_for, runtime_http
+from modelium.runtimes.base import RuntimeStartError
+from modelium.runtimes.process import ManagedProcess, free_port, loopback_for
 from modelium.runtimes.records import RuntimeRecords
 from modelium.types import Endpoint, EndpointProtocol
 
@@ -186,32 +185,18 @@ class WarmPool:
 
     async def _await_ready(self, spare: Spare) -> None:
         url = f"http://{loopback_for(self._host)}:{spare.port}/spare"
-        deadline = time.monotonic() + self._ready_timeout
         ready = False
         try:
-            async with runtime_http(2.0) as http:
-                while spare.proc.alive() and time.monotonic() < deadline:
-                    try:
-                        if (await http.get(url)).status_code == 200:
-                            ready = True
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(READY_POLL_SECONDS)
-            if not ready:
-                log.warning(
-                    "warm spare pid %s did not become ready (%s); last lines of %s:\n%s",
-                    spare.proc.pid,
-                    "it exited" if not spare.proc.alive() else f"not ready after {self._ready_timeout:.0f}s",
-                    self._log_path,
-                    spare.proc.log_tail(),
-                )
-                await asyncio.to_thread(spare.proc.stop)
-                if self._records is not None:
-                    self._records.remove(spare.key)
-            else:
-                self._measure(spare)
-                log.info("warm spare pid %s ready in %.1fs", spare.proc.pid, time.monotonic() - spare.started)
+            await spare.proc.wait_healthy(url, self._ready_timeout, interval=READY_POLL_SECONDS)
+            ready = True
+        except RuntimeStartError as exc:
+            log.warning("warm spare pid %s did not become ready: %s", spare.proc.pid, exc)
+            await asyncio.to_thread(spare.proc.stop)
+            if self._records is not None:
+                self._records.remove(spare.key)
+        else:
+            self._measure(spare)
+            log.info("warm spare pid %s ready in %.1fs", spare.proc.pid, time.monotonic() - spare.started)
         finally:
             if not spare.ready.done():
                 spare.ready.set_result(ready)

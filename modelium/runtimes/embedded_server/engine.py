@@ -112,6 +112,7 @@ def write_rehearsal_model(directory: str) -> None:
 
 
 def load(model_dir: str, name: str, task: str, device: str) -> Loaded:
+    log.info("loading %s (%s) from %s on %s", name, task, model_dir, device)
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cls = {

@@ -36,8 +36,5 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--model-dir, --name and --task are required (or --spare)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    logging.getLogger("modelium.embedded_server").info(
-        "loading %s (%s) from %s on %s", args.name, args.task, args.model_dir, args.device
-    )
     routes = Routes(Engine(load(args.model_dir, args.name, args.task, args.device)))
     uvicorn.run(routes.app(), host=args.host, port=args.port, log_level="warning", access_log=False)

@@ -94,7 +94,6 @@ class SpareApp:
         threads = order.get("threads")
         if isinstance(threads, int) and threads > 0:
             torch.set_num_threads(threads)
-        log.info("loading %s (%s) from %s on %s", order["name"], order["task"], order["model_dir"], order["device"])
         started = time.monotonic()
         try:
             loaded = await asyncio.to_thread(load, order["model_dir"], order["name"], order["task"], order["device"])
