@@ -18,7 +18,7 @@ from modelium.gpu import GpuReader, MemoryProfile, MemoryProfiles, gpu_memory_he
 from modelium.ledger import InsufficientCapacity, Ledger
 from modelium.metrics import Metrics
 from modelium.names import model_of, parked_key
-from modelium.runtimes.base import Parking, RuntimeAdapter, RuntimeStartError, RuntimeUnhealthy
+from modelium.runtimes.base import Parking, RuntimeAdapter, RuntimeStartError, RuntimeUnhealthy, Switching
 from modelium.runtimes.managed import post_expecting
 from modelium.runtimes.process import pid_alive
 from modelium.types import Booking, Endpoint, LoadRequest
@@ -301,12 +301,11 @@ class NodeActivities:
         """A new version's first real request, before any client's: one token from a fixed prompt,
         or one short input. Fails (not retried) with what the runtime answered."""
         adapter = self._adapter(request.runtime)
-        smoke = getattr(adapter, "smoke", None)
         try:
             await adapter.check_health(request.model)
             if request.path:
                 return await custom_smoke(request)
-            sent = bool(smoke is not None and await smoke(request.endpoint, request.model))
+            sent = isinstance(adapter, Switching) and await adapter.smoke(request.endpoint, request.model)
         except RuntimeUnhealthy as exc:
             raise expected_failure(f"smoke check failed: {exc}", ErrorType.SMOKE_FAILED) from None
         return "answered one real request" if sent else "healthy (this protocol has no request to send blind)"
@@ -321,13 +320,13 @@ class NodeActivities:
         endpoint = _endpoint_of(adapter, request.model)
         if endpoint is None:
             return "nothing to drain: it no longer runs"
-        counting = getattr(adapter, "in_flight", None)
+        counting = adapter.in_flight if isinstance(adapter, Switching) else None
         started = time.monotonic()
         deadline = started + max(request.seconds, 0.0)
         idle_checks = 0
         while time.monotonic() < deadline:
             activity.heartbeat(f"draining {request.model}")
-            count = await counting(endpoint) if counting is not None else None
+            count = await counting(endpoint, request.model) if counting is not None else None
             settled = time.monotonic() - started >= request.settle_seconds
             idle_checks = idle_checks + 1 if count == 0 else 0
             if settled and idle_checks >= 2:
@@ -426,7 +425,7 @@ async def custom_smoke(request: SmokeRequest) -> str:
 
 
 def _endpoint_of(adapter: RuntimeAdapter, key: str) -> Endpoint | None:
-    """The endpoint of a running instance, for runtimes that run one process per instance."""
+    """The endpoint of a running instance (every adapter tells it)."""
     find = getattr(adapter, "endpoint", None)
     return find(key) if callable(find) else None  # type: ignore[no-any-return]
 

@@ -20,7 +20,8 @@ def _upstream_request(state: ModelState, body: PredictRequest) -> tuple[str, dic
     assert state.endpoint is not None
     if state.endpoint.protocol == EndpointProtocol.KSERVE_V2:
         inputs: Any = body.inputs if body.inputs is not None else body.prompt
-        return kserve_request(state.name, inputs)
+        # Triton serves each instance under its key: a new version beside the old one is its own.
+        return kserve_request(state.key, inputs)
     params = body.model_dump(exclude_none=True, exclude={"prompt", "inputs"})
     if state.endpoint.protocol == EndpointProtocol.OPENAI and state.task == Task.TEXT_GENERATION:
         prompt = body.prompt if body.prompt is not None else body.inputs

@@ -42,9 +42,6 @@ class RuntimeFacts:
     load_timeout_seconds: Callable[[Settings], float | None]
     # Splits one model over several GPUs (tensor parallel).
     splits_models: bool = False
-    # Runs one process per model, so a new version can run beside the serving one during an
-    # update (Triton and Ray Serve serve every model from one server, under its name).
-    one_process_per_model: bool = False
 
 
 # Overheads measured on the embedded runtime (a Python process with torch + transformers); the
@@ -55,7 +52,6 @@ RUNTIMES: dict[str, RuntimeFacts] = {
         RuntimeProfile(overhead_bytes=400 * MIB, weight_slack=0.2, concurrent_sequences=1),
         enabled=lambda s: True,
         load_timeout_seconds=lambda s: s.runtimes.embedded.load_timeout_seconds,
-        one_process_per_model=True,
     ),
     VLLM: RuntimeFacts(
         VLLM,
@@ -63,7 +59,6 @@ RUNTIMES: dict[str, RuntimeFacts] = {
         enabled=lambda s: s.vllm.enabled,
         load_timeout_seconds=lambda s: s.vllm.load_timeout_seconds,
         splits_models=True,
-        one_process_per_model=True,
     ),
     TRITON: RuntimeFacts(
         TRITON,
@@ -81,8 +76,11 @@ RUNTIMES: dict[str, RuntimeFacts] = {
 
 # Runtimes that split a model over several GPUs.
 TENSOR_PARALLEL = frozenset(name for name, facts in RUNTIMES.items() if facts.splits_models)
-# Runtimes on which an update loads the new version beside the serving one (blue/green).
-BESIDE_RUNTIMES = frozenset(name for name, facts in RUNTIMES.items() if facts.one_process_per_model)
+# Runtimes on which an update loads the new version beside the serving one (blue/green): all of
+# them, since each keys what it serves by the instance key (a process of its own, a Triton
+# model, a Ray Serve application). Workflows started before Triton and Ray Serve were among
+# them carry the shorter list in their input and recreate on those.
+BESIDE_RUNTIMES = frozenset(RUNTIMES)
 
 
 def enabled_runtimes(settings: Settings) -> list[str]:

@@ -86,3 +86,21 @@ class Parking(Protocol):
     async def wake(self, model: str) -> None:
         """Bring a parked model back to serving. RuntimeUnhealthy if it cannot."""
         ...
+
+
+@runtime_checkable
+class Switching(Protocol):
+    """What an update needs of a runtime to switch to a new version loaded beside the serving one
+    (every adapter has it): a smoke check and how much the old instance still has to answer."""
+
+    async def smoke(self, endpoint: Endpoint, model: str) -> bool:
+        """One real request to the instance `model`, checked; RuntimeUnhealthy with what went
+        wrong. False when nothing could be sent blind (no request that needs no model-specific
+        input): the instance was only found healthy."""
+        ...
+
+    async def in_flight(self, endpoint: Endpoint, model: str) -> int | None:
+        """Requests the instance `model` is answering now; None when the runtime does not say.
+        A runtime that answers what it holds on its own when a model is stopped (Triton
+        finishes a model's in-flight inferences as it unloads it) says 0."""
+        ...

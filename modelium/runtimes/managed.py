@@ -217,34 +217,10 @@ class ProcessRuntime(ABC):
             return False
 
     async def smoke(self, endpoint: Endpoint, model: str) -> bool:
-        """The smallest real request, checked: one token from a fixed prompt (OpenAI protocol),
-        or one short input (`/predict`). Raises RuntimeUnhealthy with what went wrong; False when
-        the protocol has no request that needs no model-specific input (nothing was sent)."""
-        if endpoint.protocol == EndpointProtocol.OPENAI:
-            url, body = f"{endpoint.url}/v1/completions", {"model": model_of(model), "prompt": "Hello", "max_tokens": 1}
-        elif endpoint.protocol == EndpointProtocol.MODELIUM_JSON:
-            url, body = f"{endpoint.url}/predict", {"inputs": "Hello"}
-        else:
-            return False
-        response = await post_expecting(url, body)
-        try:
-            answer = response.json()
-        except ValueError:
-            raise RuntimeUnhealthy(f"{url} answered 200 with no JSON: {response.text[:200]}") from None
-        wanted = "choices" if endpoint.protocol == EndpointProtocol.OPENAI else "output"
-        if not isinstance(answer, dict) or wanted not in answer or answer[wanted] in ([], None):
-            raise RuntimeUnhealthy(f"{url} answered 200 without an answer: {response.text[:200]}")
-        return True
+        return await smallest_request(endpoint, model)
 
-    async def in_flight(self, endpoint: Endpoint) -> int | None:
-        """Requests the runtime is answering now, as its `/health` tells (the embedded runtime
-        does); None when it does not say."""
-        try:
-            answer = (await _get_ok(f"{endpoint.url}/health")).json()
-        except (RuntimeUnhealthy, ValueError):
-            return None
-        count = answer.get("in_flight") if isinstance(answer, dict) else None
-        return count if isinstance(count, int) and not isinstance(count, bool) else None
+    async def in_flight(self, endpoint: Endpoint, model: str) -> int | None:
+        return await reported_in_flight(endpoint)
 
     async def check_health(self, model: str) -> None:
         entry = self._procs.get(model)
@@ -279,6 +255,38 @@ class ProcessRuntime(ABC):
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(model) for model in list(self._procs)))
+
+
+async def smallest_request(endpoint: Endpoint, model: str) -> bool:
+    """The smallest real request, checked: one token from a fixed prompt (OpenAI protocol),
+    or one short input (`/predict`). Raises RuntimeUnhealthy with what went wrong; False when
+    the protocol has no request that needs no model-specific input (nothing was sent)."""
+    if endpoint.protocol == EndpointProtocol.OPENAI:
+        url, body = f"{endpoint.url}/v1/completions", {"model": model_of(model), "prompt": "Hello", "max_tokens": 1}
+    elif endpoint.protocol == EndpointProtocol.MODELIUM_JSON:
+        url, body = f"{endpoint.url}/predict", {"inputs": "Hello"}
+    else:
+        return False
+    response = await post_expecting(url, body)
+    try:
+        answer = response.json()
+    except ValueError:
+        raise RuntimeUnhealthy(f"{url} answered 200 with no JSON: {response.text[:200]}") from None
+    wanted = "choices" if endpoint.protocol == EndpointProtocol.OPENAI else "output"
+    if not isinstance(answer, dict) or wanted not in answer or answer[wanted] in ([], None):
+        raise RuntimeUnhealthy(f"{url} answered 200 without an answer: {response.text[:200]}")
+    return True
+
+
+async def reported_in_flight(endpoint: Endpoint) -> int | None:
+    """Requests the runtime is answering now, as its `/health` tells (the embedded runtime and
+    Modelium's Ray Serve application do); None when it does not say."""
+    try:
+        answer = (await _get_ok(f"{endpoint.url}/health")).json()
+    except (RuntimeUnhealthy, ValueError):
+        return None
+    count = answer.get("in_flight") if isinstance(answer, dict) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 async def _get_ok(url: str, timeout: float = 5.0) -> httpx.Response:

@@ -4,7 +4,8 @@ REST API (the dashboard's `PUT /api/serve/applications/`, which declares every a
 The cluster is the one whose dashboard is at `ray_serve.address`, or a local one this node agent
 starts (`ray start --head --block`, in its own process group). Each model is an application named
 after it with route prefix `/<model>`, running `modelium.runtimes.ray_app:build` with GPUs from its
-booking; it speaks Modelium's JSON (`/predict`, `/health`).
+booking; it speaks Modelium's JSON (`/predict`, `/health`). A new version loaded beside the
+serving one during an update is an application of its own, under its instance key (`/<model>@u2`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any
 import httpx
 
 from modelium.config import RayServe as RayServeConfig
+from modelium.names import model_of
 from modelium.runtimes import RAY_SERVE
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
+from modelium.runtimes.managed import reported_in_flight, smallest_request
 from modelium.runtimes.process import free_port, runtime_http
 from modelium.runtimes.records import RuntimeRecords
 from modelium.runtimes.shared_server import ServesManyModels, SharedServer, answers
@@ -123,7 +126,11 @@ class RayServeRuntimeAdapter(ServesManyModels):
                 "name": request.model,
                 "route_prefix": f"/{request.model}",
                 "import_path": IMPORT_PATH,
-                "args": {"model_dir": str(Path(request.path).resolve()), "task": request.task, "name": request.model},
+                "args": {
+                    "model_dir": str(Path(request.path).resolve()),
+                    "task": request.task,
+                    "name": model_of(request.model),
+                },
                 "deployments": [
                     {"name": "ModeliumModel", "num_replicas": 1, "ray_actor_options": {"num_cpus": 1, "num_gpus": gpus}}
                 ],
@@ -177,6 +184,12 @@ class RayServeRuntimeAdapter(ServesManyModels):
             raise RuntimeUnhealthy(f"{endpoint.url} does not answer: {exc}") from exc
         if response.status_code != 200:
             raise RuntimeUnhealthy(f"{endpoint.url}/health answered {response.status_code}")
+
+    async def smoke(self, endpoint: Endpoint, model: str) -> bool:
+        return await smallest_request(endpoint, model)
+
+    async def in_flight(self, endpoint: Endpoint, model: str) -> int | None:
+        return await reported_in_flight(endpoint)
 
     async def stop(self, model: str) -> bool:
         async with self._lock:

@@ -127,6 +127,10 @@ class ServesManyModels(abc.ABC):
     def running(self) -> list[str]:
         return [] if self._server.exited() else list(self._endpoints)
 
+    def endpoint(self, model: str) -> Endpoint | None:
+        """Where a served instance answers (None when the server does not serve it)."""
+        return None if self._server.exited() else self._endpoints.get(model)
+
     def dead(self) -> dict[str, int | None]:
         return dict.fromkeys(self._endpoints, self._server.pid) if self._server.exited() else {}
 

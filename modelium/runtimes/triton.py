@@ -1,5 +1,7 @@
 """NVIDIA Triton: one server per node in explicit model-control mode; Modelium writes each model's
 repository entry and loads and unloads it through `tritonclient`. Inference speaks KServe v2.
+An entry is named after the instance key, so a new version loaded beside the serving one during
+an update is a Triton model of its own (`my-model@u2`), switched to by the gateway's route.
 
 The server is the one at `triton.url`, or one this node agent starts from `triton.binary` ("auto":
 the `tritonserver` of the nvidia-pytriton wheel, as scripts/setup.sh extracts it or as the installed
@@ -17,6 +19,7 @@ site-packages on `sys.path` (the user's files are never changed; the copy is).
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import logging
@@ -27,9 +30,12 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from modelium.config import Triton as TritonConfig
 from modelium.runtimes import TRITON
 from modelium.runtimes.base import Progress, RuntimeStartError, RuntimeUnhealthy
+from modelium.runtimes.managed import post_expecting
 from modelium.runtimes.process import free_port, runtime_http
 from modelium.runtimes.records import RuntimeRecords
 from modelium.runtimes.shared_server import ServesManyModels, SharedServer, answers
@@ -40,6 +46,14 @@ log = logging.getLogger(__name__)
 NAME = TRITON
 _SERVER = "_tritonserver"
 _PROLOGUE_MARK = "# -- added by Modelium: this node's packages for the python backend's isolated interpreter"
+
+
+# How long `stop` waits for Triton to finish a model's in-flight inferences (Triton's own exit
+# timeout is 30 s).
+UNLOAD_TIMEOUT = 60.0
+# The largest input tensor a smoke check sends (elements): beyond it, only the ready state.
+SMOKE_MAX_ELEMENTS = 1 << 20
+_TEXT_TYPES = frozenset({"BYTES"})
 
 
 class TritonUnavailable(RuntimeStartError):
@@ -240,6 +254,7 @@ class TritonRuntimeAdapter(ServesManyModels):
                 return served
             write_entry(self._repository, request, request.format)
             client = self._client()
+            logged = _size(self._server.log_path)
             try:
                 progress(f"triton loads {request.model}")
                 await client.load_model(request.model)
@@ -248,8 +263,13 @@ class TritonRuntimeAdapter(ServesManyModels):
             except RuntimeStartError:
                 raise
             except Exception as exc:  # tritonclient raises InferenceServerException with Triton's words
+                # Its answer is often only "failed to poll from model repository": the reason is
+                # in the server's log, on an error line that names the model.
+                why = _logged_errors(self._server.log_path, logged, request.model)
                 raise RuntimeStartError(
-                    f"Triton could not load {request.model}: {_message(exc)}", retryable=False
+                    f"Triton could not load {request.model}: {_message(exc)}"
+                    + (f" (tritonserver: {why})" if why else ""),
+                    retryable=False,
                 ) from None
             finally:
                 await client.close()
@@ -273,6 +293,33 @@ class TritonRuntimeAdapter(ServesManyModels):
         if not ready:
             raise RuntimeUnhealthy(f"Triton says {model} is not ready")
 
+    async def smoke(self, endpoint: Endpoint, model: str) -> bool:
+        """One inference when every input's shape is known from the model's metadata (zeros, or
+        one short text for a text input of any length): it must answer outputs. False when an
+        input's shape is open (the ready state, checked before, is all there is to go on)."""
+        url = f"{self._url}/v2/models/{model}"
+        try:
+            async with runtime_http(30.0) as http:
+                metadata, config = (await http.get(url)).json(), (await http.get(f"{url}/config")).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise RuntimeUnhealthy(f"Triton does not describe {model}: {exc}") from None
+        inputs = smoke_inputs(metadata, config)
+        if inputs is None:
+            return False
+        response = await post_expecting(f"{url}/infer", {"inputs": inputs})
+        try:
+            outputs = response.json().get("outputs")
+        except (ValueError, AttributeError):
+            outputs = None
+        if not outputs:
+            raise RuntimeUnhealthy(f"{url}/infer answered 200 without outputs: {response.text[:200]}")
+        return True
+
+    async def in_flight(self, endpoint: Endpoint, model: str) -> int | None:
+        """0: Triton finishes a model's in-flight inferences as it unloads it (the model is
+        UNLOADING until they are answered; new requests are refused), and `stop` waits for that."""
+        return 0
+
     async def stop(self, model: str) -> bool:
         async with self._lock:
             if self._endpoints.pop(model, None) is None:
@@ -285,8 +332,29 @@ class TritonRuntimeAdapter(ServesManyModels):
                     log.warning("Triton could not unload %s: %s", model, _message(exc))
                 finally:
                     await client.close()
+                await self._unloaded(model)
             shutil.rmtree(self._repository / model, ignore_errors=True)
             return True
+
+    async def _unloaded(self, model: str, timeout: float = UNLOAD_TIMEOUT) -> None:
+        """Wait while Triton answers the model's in-flight inferences before it lets the model
+        go (its unload call returns at once, the model UNLOADING until then), so that its memory
+        is free before its booking is released."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                async with runtime_http(10.0) as http:
+                    index = (await http.post(f"{self._url}/v2/repository/index", json={})).json()
+            except (httpx.HTTPError, ValueError):
+                return  # the server went: nothing of the model is left
+            states = {item.get("state") for item in index if isinstance(item, dict) and item.get("name") == model}
+            if "UNLOADING" not in states:
+                return
+            if loop.time() > deadline:
+                log.warning("Triton still unloads %s after %gs; its entry is removed anyway", model, timeout)
+                return
+            await asyncio.sleep(0.2)
 
     async def stop_all(self) -> None:
         for model in list(self._endpoints):
@@ -310,6 +378,57 @@ class TritonRuntimeAdapter(ServesManyModels):
                 )
                 adopted.append(name)
         return adopted
+
+
+def smoke_inputs(metadata: dict[str, Any], config: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """KServe v2 inputs for a smoke check from a model's metadata and config: zeros (or "Hello"
+    for text) of each required input's shape, with a batch of one where the model batches.
+    None when a shape is open (a dimension of -1 other than the batch), or too large to send."""
+    optional = {i.get("name") for i in config.get("input") or [] if isinstance(i, dict) and i.get("optional")}
+    batches = int(config.get("max_batch_size") or 0) > 0
+    inputs = []
+    for tensor in metadata.get("inputs") or []:
+        name, datatype, shape = tensor.get("name"), tensor.get("datatype"), list(tensor.get("shape") or [])
+        if name in optional:
+            continue
+        if batches and shape and shape[0] == -1:
+            shape[0] = 1
+        if datatype in _TEXT_TYPES and shape and shape[-1] == -1 and all(d > 0 for d in shape[:-1]):
+            shape[-1] = 1  # a text input of any length (the generated python-backend entry's TEXT)
+        if not shape or any(not isinstance(d, int) or d < 0 for d in shape):
+            return None
+        count = 1
+        for dim in shape:
+            count *= dim
+        if count > SMOKE_MAX_ELEMENTS:
+            return None
+        value: Any = "Hello" if datatype in _TEXT_TYPES else (False if datatype == "BOOL" else 0)
+        inputs.append({"name": name, "shape": shape, "datatype": datatype, "data": [value] * count})
+    return inputs or None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+# An error line of tritonserver's log: `E1201 23:18:51.216326 31583 file.cc:1460] "message"`.
+_ERROR_LINE = re.compile(r'^E\d{4} [\d:.]+ +\d+ [^\]]+\] "?(?P<message>.*?)"?$')
+
+
+def _logged_errors(path: Path, offset: int, model: str, limit: int = 2) -> str:
+    """The last error lines the server logged after `offset` that name `model`, their messages
+    only (the server's log is shared by every model it serves)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            text = f.read(1 << 20).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    found = [m["message"] for line in text.splitlines() if model in line and (m := _ERROR_LINE.match(line))]
+    return "; ".join(found[-limit:])
 
 
 def _message(exc: Exception) -> str:

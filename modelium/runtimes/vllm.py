@@ -173,7 +173,7 @@ class VllmRuntimeAdapter(ProcessRuntime):
     async def probe(self, endpoint: Endpoint, model: str) -> None:
         await probe_openai(endpoint, model_of(model))
 
-    async def in_flight(self, endpoint: Endpoint) -> int | None:
+    async def in_flight(self, endpoint: Endpoint, model: str) -> int | None:
         """Running and waiting requests, from vLLM's Prometheus metrics; None without them."""
         try:
             async with runtime_http(5.0) as client:

@@ -1,11 +1,16 @@
 """The Ray Serve adapter against a real local Ray cluster on the CPU (started by the adapter, as
 a node agent does): a tiny locally made classifier deployed as its own Serve application, served
-through the gateway, and deleted on unload; the cluster stops with the node agent."""
+through the gateway, updated to a new version deployed beside it, and deleted on unload; the
+cluster stops with the node agent."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,7 +20,7 @@ from modelium.config import RayServe
 from modelium.runtimes.process import free_port, pid_alive, process_argv
 from modelium.runtimes.ray_serve import RayServeRuntimeAdapter
 from modelium.types import Booking, LoadRequest, Task
-from tests.helpers import copy_model, make_settings, running_modelium, unique, wait_phase
+from tests.helpers import copy_model, make_settings, running_modelium, unique, wait_for, wait_phase
 
 # Ray's daemons are looked for machine-wide: these tests must not run beside each other, and do
 # not (scripts/test.sh runs a file's tests on one worker, and no other file starts Ray).
@@ -84,6 +89,45 @@ async def test_ray_serve_through_modelium(
             answer = await http.post(f"/predict/{name}", json={"inputs": "what a day"})
             assert answer.status_code == 200, answer.text
             assert answer.json()["runtime"] == "ray_serve" and "label" in str(answer.json()["output"])
+
+            # A new version (other label names) is deployed beside the serving one as an
+            # application of its own, checked, switched to; the old application drains and goes.
+            served = settings.watch_directories[0] / name
+            config = json.loads((served / "config.json").read_text())
+            config["id2label"] = {"0": "v2-negative", "1": "v2-positive"}
+            config["label2id"] = {"v2-negative": 0, "v2-positive": 1}
+            labels: list[tuple[int, str]] = []
+            stopping = False
+
+            async def ask() -> None:
+                while not stopping:
+                    response = await http.post(f"/predict/{name}", json={"inputs": "what a day"})
+                    labels.append((response.status_code, str(response.json().get("output"))))
+
+            asker = asyncio.create_task(ask())
+            try:
+                await wait_for(lambda: len(labels) >= 3, 60, what="requests under way")
+                tmp = served / ".config.json.new"
+                tmp.write_text(json.dumps(config))
+                os.replace(tmp, served / "config.json")
+
+                async def switched() -> dict[str, Any] | None:
+                    state = (await http.get(f"/models/{name}")).json()
+                    return state if state["switched_at"] and state["update_state"] is None else None
+
+                after = await wait_for(switched, 300, what="the switch to the new version")
+                seen = len(labels)
+                await wait_for(lambda: len(labels) >= seen + 3, 60, what="requests after the switch")
+            finally:
+                stopping = True
+                await asker
+            assert [a for a in labels if a[0] != 200] == [], labels[:5]
+            assert "'negative'" in labels[0][1] or "'positive'" in labels[0][1], labels[0]
+            assert all("v2-" in text for _, text in labels[seen:]), labels[seen:]
+            assert after["phase"] == "loaded" and after["update_count"] == 1
+            assert running.node is not None
+            ray = running.node.adapters["ray_serve"]
+            await wait_for(lambda: ray.running() == [f"{name}@u1"], 60, what="the old application deleted")
             response = await http.post(f"/models/{name}/unload", json={"wait": True})
             assert response.status_code == 200 and response.json()["phase"] == "unloaded"
     # `serve` stopping takes the Ray cluster it started with it.

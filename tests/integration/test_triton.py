@@ -5,8 +5,13 @@ mode through tritonclient, and served through the gateway's `/predict` (KServe v
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +21,7 @@ from modelium.config import Triton
 from modelium.runtimes.process import pid_alive
 from modelium.runtimes.triton import TritonRuntimeAdapter, find_binary
 from modelium.types import Booking, LoadRequest, ModelFormat, Task
-from tests.helpers import copy_model, make_settings, running_modelium, unique, wait_phase
+from tests.helpers import copy_model, make_settings, metric_value, running_modelium, unique, wait_for, wait_phase
 
 pytestmark = [
     pytest.mark.slow,
@@ -139,3 +144,122 @@ async def test_a_restarted_node_agent_adopts_the_triton_server(tmp_path: Path) -
     assert endpoint.pid is not None and not pid_alive(endpoint.pid)
     # Nothing recorded is left for a third agent to adopt.
     assert await TritonRuntimeAdapter("n", tmp_path / "state", tmp_path / "logs", config).adopt() == []
+
+
+class Adders:
+    """Two clients asking the adder one after another until stopped: what each answer added."""
+
+    def __init__(self, http: httpx.AsyncClient, name: str) -> None:
+        self.http, self.name = http, name
+        self.answers: list[tuple[float, int, str]] = []
+        self.stopping = False
+
+    async def _ask(self) -> None:
+        body = {"inputs": {"INPUT0": [1.5, 2, 3, 4]}}
+        while not self.stopping:
+            response = await self.http.post(f"/predict/{self.name}", json=body)
+            ok = response.status_code == 200
+            added = str(response.json()["output"]["OUTPUT0"][0] - 1.5) if ok else response.text
+            self.answers.append((asyncio.get_running_loop().time(), response.status_code, added))
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Adders]:
+        tasks = [asyncio.create_task(self._ask()) for _ in range(2)]
+        try:
+            yield self
+        finally:
+            self.stopping = True
+            await asyncio.gather(*tasks)
+
+    def failures(self) -> list[tuple[float, int, str]]:
+        return [a for a in self.answers if a[1] != 200]
+
+
+async def test_a_triton_model_is_updated_beside_the_serving_one(
+    temporal_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    """Blue/green on Triton: the new version is a second model in the same server (its instance
+    key as its name), checked with one inference from its metadata's shapes, switched to, and
+    the old one unloaded after its drain; a version that fails to load, or loads and fails its
+    inference, leaves the serving one answering."""
+    name = unique("adder")
+    settings = make_settings(tmp_path, triton={"enabled": True}, orchestration={"updates": {"drain_seconds": 20}})
+    async with running_modelium(settings, temporal_env.client) as running:
+        assert running.node is not None
+        triton = running.node.adapters["triton"]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=120) as http:
+            served = settings.watch_directories[0] / name
+            triton_entry(tmp_path / "staging" / name).rename(served)
+            await wait_phase(http, name, "loaded", timeout=240)
+            adders = Adders(http, name)
+            async with adders.running():
+                await wait_for(lambda: len(adders.answers) >= 5, 60, what="clients under way")
+                replace_model(served, ADD_ONE_MODEL.replace("(x + 1)", "(x + 2)"))
+                after = await wait_for(
+                    lambda: _settled(http, name, switched=True), 120, what="the switch to the new version"
+                )
+                switched_at = asyncio.get_running_loop().time()
+                await wait_for(lambda: len([a for a in adders.answers if a[0] > switched_at]) >= 10, 60)
+            assert adders.failures() == [], adders.failures()[:5]
+            added = [a[2] for a in adders.answers]
+            assert "1.0" in added and "2.0" in added, sorted(set(added))
+            assert {a[2] for a in adders.answers if a[0] > switched_at} == {"2.0"}
+            assert after["phase"] == "loaded" and after["runtime"] == "triton" and after["update_count"] == 1
+            # The old version went once drained: only the new one is in the server and booked.
+            await wait_for(lambda: triton.running() == [f"{name}@u1"], 60, what="the old version unloaded")
+            bookings = [b.model for b in running.node.ledger.bookings() if b.model.startswith(name)]
+            assert bookings == [f"{name}@u1"], bookings
+            journal = running.node.ledger.journal()
+            assert all(e["booked"]["cpu"] <= running.node.ledger.capacities["cpu"] for e in journal)
+            ops = [(e["op"], e["model"]) for e in journal if e["model"].startswith(name) and e["op"] != "resize"]
+            assert ops.index(("reserve", f"{name}@u1")) < ops.index(("release", name)), ops
+
+            # One that loads but whose inference fails: its smoke check stops it.
+            failing = ADD_ONE_MODEL.replace(
+                'out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", (x + 1).astype(np.float32))]))',
+                'out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("version 3 is broken")))',
+            )
+            assert failing != ADD_ONE_MODEL
+            # One whose config Triton refuses: its load fails.
+            bad_config = ADD_ONE_CONFIG.replace("TYPE_FP32", "TYPE_NOT_A_TYPE")
+            for kind, words, change in (
+                ("inference fails", "version 3 is broken", lambda: replace_model(served, failing)),
+                ("config refused", "config.pbtxt", lambda: replace_config(served, bad_config)),
+            ):
+                adders = Adders(http, name)
+                async with adders.running():
+                    change()
+                    state = await wait_for(
+                        lambda words=words: _update_failed(http, name, words), 120, what=f"update_failed: {kind}"
+                    )
+                    await wait_for(lambda adders=adders: len(adders.answers) >= 10, 60)
+                assert adders.failures() == [], adders.failures()[:5]
+                assert {a[2] for a in adders.answers} == {"2.0"}, kind
+                assert state["phase"] == "loaded" and state["fingerprint"] == after["fingerprint"], kind
+                assert triton.running() == [f"{name}@u1"], kind
+            metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
+            assert metric_value(metrics, "modelium_model_updates_total", model=name, result="switched") == 1.0
+            assert metric_value(metrics, "modelium_model_updates_total", model=name, result="failed") == 2.0
+
+
+def replace_model(entry: Path, text: str) -> None:
+    """A new model.py for version 1 of a Triton entry, renamed into place."""
+    tmp = entry / "1" / ".model.py.new"
+    tmp.write_text(text)
+    os.replace(tmp, entry / "1" / "model.py")
+
+
+def replace_config(entry: Path, text: str) -> None:
+    tmp = entry / ".config.pbtxt.new"
+    tmp.write_text(text)
+    os.replace(tmp, entry / "config.pbtxt")
+
+
+async def _settled(http: httpx.AsyncClient, name: str, *, switched: bool) -> dict[str, Any] | None:
+    state = (await http.get(f"/models/{name}")).json()
+    return state if state["update_state"] is None and bool(state["switched_at"]) == switched else None
+
+
+async def _update_failed(http: httpx.AsyncClient, name: str, words: str) -> dict[str, Any] | None:
+    state = (await http.get(f"/models/{name}")).json()
+    return state if state["update_state"] == "update_failed" and words in (state["update_error"] or "") else None
