@@ -88,6 +88,7 @@ def create_app(
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
+            await registry.close()
             await events.stop()
             await usage.stop()
             await upstream.aclose()

@@ -1,7 +1,10 @@
 """What the gateway knows about models: their workflow state, cached for a short while.
 
 Routing reads a model's endpoint from its workflow's `state` query; to keep that off the hot
-path the answer is reused for `ttl` seconds, and dropped at once when the endpoint fails.
+path the answer is reused for `ttl` seconds, and dropped at once when the endpoint fails. For
+each loaded model it routes to, the gateway also keeps a question open with its workflow (the
+`route_changed` update), answered in the workflow step that moves its route (a switch to a new
+version, an unload), so that requests follow a switch at once rather than after the cache time.
 While Temporal is unreachable, a model last seen loaded is routed to its last known endpoint
 (until that endpoint fails), and every other model is refused at once with a 503.
 """
@@ -24,8 +27,10 @@ from modelium.names import workflow_id
 from modelium.types import ModelState, NodeInventory, Phase
 from workflows.contracts import (
     PHASE_KEY,
+    SWITCH_NEAR,
     UPDATED_KEY,
     ActivityName,
+    RouteWatch,
     listed_inventory,
     listed_state,
     models_changed_query,
@@ -37,6 +42,12 @@ from workflows.lifecycle import ModelLifecycleWorkflow
 log = logging.getLogger(__name__)
 
 NOT_LOADED_TTL = 0.2
+# Route notices (route_changed): loaded models followed at most; one whose question was refused
+# is not asked about for this long; one is asked about again only if this gateway sent it a
+# request this recently.
+MAX_FOLLOWED = 256
+UNFOLLOWED_SECONDS = 5.0
+FOLLOW_IF_USED_WITHIN = 300.0
 QUERY_TIMEOUT = timedelta(seconds=10)
 # How far before the latest change seen a listing asks again: covers a visibility store that
 # makes a write visible after later ones (its writes are asynchronous).
@@ -61,6 +72,10 @@ class ModelRegistry:
         self._listed_loaded: dict[str, ModelState] = {}
         self._phases: Counter[str] = Counter()
         self._fleet = FleetIndex(client)
+        # Loaded models whose route changes this gateway waits to be told of (route_changed), and
+        # those not asked about again until a time (their question was refused).
+        self._watches: dict[str, asyncio.Task[None]] = {}
+        self._unfollowed_until: dict[str, float] = {}
 
     async def get(self, model: str, *, fresh: bool = False, timeout: timedelta = QUERY_TIMEOUT) -> ModelState | None:
         """The model's state, or None when no such model exists (or it was removed)."""
@@ -94,15 +109,53 @@ class ModelRegistry:
         finally:
             self._inflight.pop(model, None)
 
-    def _remember(self, model: str, state: ModelState | None) -> None:
+    def _remember(self, model: str, state: ModelState | None, *, follow: bool = True) -> None:
         if state is None:
             self._cache.pop(model, None)
         else:
             self._cache[model] = (time.monotonic(), state)
         if state is not None and state.phase == Phase.LOADED and state.endpoint is not None:
             self._last_loaded[model] = state
+            if follow:
+                self._follow(model, state)
         else:
             self._last_loaded.pop(model, None)
+
+    def _follow(self, model: str, state: ModelState) -> None:
+        """Keep a `route_changed` question open for a loaded model this gateway routes to."""
+        if model in self._watches or len(self._watches) >= MAX_FOLLOWED or not self._control.available:
+            return
+        if time.monotonic() < self._unfollowed_until.get(model, 0.0):
+            return
+        self._watches[model] = asyncio.create_task(self._await_route(model, state.key), name=f"route-watch-{model}")
+
+    async def _await_route(self, model: str, key: str) -> None:
+        """Wait for the workflow to say that requests should leave instance `key` (a switch to a
+        new version, an unload, ...), and take the state it answers with. When it cannot (the
+        state changed first, a workflow older than the question, Temporal unreachable), the
+        model's state is read again on the next request, and not asked about for a while."""
+        handle = self._client.get_workflow_handle(workflow_id(model))
+        try:
+            state = await handle.execute_update(ModelLifecycleWorkflow.route_changed, RouteWatch(key))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a refused or failed update, or an RPC error: all mean "read it"
+            log.debug("no route notice for %s: %s", model, exc)
+            self._cache.pop(model, None)
+            self._unfollowed_until[model] = time.monotonic() + UNFOLLOWED_SECONDS
+            return
+        finally:
+            self._watches.pop(model, None)
+        # Asked again only for a model this gateway still sends requests to.
+        used = time.time() - self._last_request.get(model, 0.0) < FOLLOW_IF_USED_WITHIN
+        self._remember(model, None if state.phase == Phase.REMOVED else state, follow=used)
+
+    async def close(self) -> None:
+        """Stop waiting for route notices (the gateway stops)."""
+        watches = list(self._watches.values())
+        for task in watches:
+            task.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
 
     def _last_known(self, model: str) -> ModelState:
         """Temporal is down: the model's last serving state, or a 503 at once."""
@@ -117,11 +170,14 @@ class ModelRegistry:
 
     def _ttl_for(self, state: ModelState) -> float:
         # A serving endpoint is stable; a model on its way up changes any moment, and a stale
-        # "not loaded" would turn clients away after the load finished. So does one whose new
-        # version is about to be switched to (or was, and the old one drains): read again within
-        # NOT_LOADED_TTL, the switch reaches requests at once rather than after the cache time.
-        stable = state.phase == Phase.LOADED and state.update_state in (None, "update_failed", "analyzing")
-        return self._ttl if stable else min(self._ttl, NOT_LOADED_TTL)
+        # "not loaded" would turn clients away after the load finished: read again within
+        # NOT_LOADED_TTL. A switch to a new version is pushed (route_changed) while this gateway
+        # waits for its notice; without one, the state is read again within NOT_LOADED_TTL too.
+        if state.phase != Phase.LOADED:
+            return min(self._ttl, NOT_LOADED_TTL)
+        if state.update_state in SWITCH_NEAR and state.name not in self._watches:
+            return min(self._ttl, NOT_LOADED_TTL)
+        return self._ttl
 
     async def _query(self, model: str, timeout: timedelta) -> ModelState | None:
         handle = self._client.get_workflow_handle(workflow_id(model))

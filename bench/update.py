@@ -9,6 +9,9 @@ clients sending one-token completions without pause, then puts a new version's f
   second load);
 - the serving gap: the longest time between two answered requests (for blue/green the old
   version answers until the new one does);
+- route lag (blue/green): how long after the switch the gateway still sent a request to the old
+  version (the last request the old version answered, by the answers' `system_fingerprint`,
+  sent that long after `switched_at`; 0 or less: none was);
 - requests that failed (must be 0);
 - p50 / p99 latency before the change and from the change to the end of the drain, and the p99
   added.
@@ -47,7 +50,7 @@ def put_in_place(source: Path, target: Path) -> float:
 class Load:
     def __init__(self, url: str, model: str, clients: int) -> None:
         self.url, self.model = url, model
-        self.samples: list[tuple[float, float, int]] = []  # (sent at, seconds, status)
+        self.samples: list[tuple[float, float, int, str]] = []  # (sent at, seconds, status, version)
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
@@ -57,11 +60,15 @@ class Load:
             while not self.stop.is_set():
                 sent = time.time()
                 t0 = time.perf_counter()
+                version = ""
                 try:
-                    status = http.post(f"{self.url}/v1/completions", json=body).status_code
+                    response = http.post(f"{self.url}/v1/completions", json=body)
+                    status = response.status_code
+                    if status == 200:
+                        version = response.json().get("system_fingerprint") or ""
                 except httpx.HTTPError:
                     status = 0
-                self.samples.append((sent, time.perf_counter() - t0, status))
+                self.samples.append((sent, time.perf_counter() - t0, status, version))
 
     def __enter__(self) -> Load:
         for t in self.threads:
@@ -113,8 +120,13 @@ def one_run(workdir: Path, strategy: str, clients: int, run: int) -> dict[str, f
         gap = max((b - a for a, b in zip(ok, ok[1:], strict=False) if b > changed - 1), default=0.0)
         before_lat = [s[1] for s in load.samples if s[0] < changed and s[2] == 200]
         during = [s[1] for s in load.samples if changed <= s[0] <= switched + 5 and s[2] == 200]
+        old = {s[3] for s in load.samples if s[0] < changed and s[2] == 200}
+        to_old_after = [s[0] - switched for s in load.samples if s[3] in old and s[0] >= switched]
         return {
             "to_switch_s": switched - changed,
+            "route_lag_ms": (max(to_old_after) * 1000 if to_old_after else 0.0)
+            if strategy == "blue_green"
+            else float("nan"),
             "gap_s": gap,
             "failed": sum(1 for s in load.samples if s[2] != 200),
             "requests": len(load.samples),
@@ -125,13 +137,18 @@ def one_run(workdir: Path, strategy: str, clients: int, run: int) -> dict[str, f
         }
 
 
+def lag(ms: float) -> str:
+    return f"{ms:>7.0f}ms" if ms == ms else f"{'-':>9}"  # NaN: no old version serves beside the new
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--strategy", default="blue_green,recreate")
     args = parser.parse_args()
-    columns = ("strategy   ", "run", "to switch", "serving gap", "failed/requests", "p50 before", "p99 before")
+    columns = ("strategy   ", "run", "to switch", "route lag", "serving gap", "failed/requests", "p50 before")
+    columns = (*columns, "p99 before")
     print("  ".join((*columns, "p50 during", "p99 during", "p99 added")))
     with tempfile.TemporaryDirectory(prefix="modelium-update-") as tmp:
         for strategy in args.strategy.split(","):
@@ -140,7 +157,8 @@ def main() -> None:
                 r = one_run(Path(tmp), strategy, args.clients, run)
                 rows.append(r)
                 print(
-                    f"{strategy:<11} {run:>3}  {r['to_switch_s']:>8.2f}s  {r['gap_s']:>10.3f}s  "
+                    f"{strategy:<11} {run:>3}  {r['to_switch_s']:>8.2f}s  {lag(r['route_lag_ms'])}  "
+                    f"{r['gap_s']:>10.3f}s  "
                     f"{r['failed']:>6}/{r['requests']:<8}  {r['p50_before_ms']:>8.1f}ms  {r['p99_before_ms']:>8.1f}ms  "
                     f"{r['p50_during_ms']:>8.1f}ms  {r['p99_during_ms']:>8.1f}ms  "
                     f"{r['p99_during_ms'] - r['p99_before_ms']:>+8.1f}ms",
@@ -148,7 +166,8 @@ def main() -> None:
                 )
             med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
             print(
-                f"{strategy:<11} med  {med['to_switch_s']:>8.2f}s  {med['gap_s']:>10.3f}s  "
+                f"{strategy:<11} med  {med['to_switch_s']:>8.2f}s  {lag(med['route_lag_ms'])}  "
+                f"{med['gap_s']:>10.3f}s  "
                 f"{med['failed']:>6.0f}          p99 added {med['p99_during_ms'] - med['p99_before_ms']:+.1f} ms",
                 flush=True,
             )

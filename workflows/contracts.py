@@ -236,6 +236,20 @@ class RollbackRequest:
     reason: str = "rollback requested"
 
 
+# Update states in which the model's route is about to change: its new version loads beside the
+# serving one, or is being checked. A gateway not told of route changes (`route_changed`) reads
+# the state of a model in one of them again within a fraction of a second.
+SWITCH_NEAR = ("loading_beside", "smoke_check")
+
+
+@dataclass
+class RouteWatch:
+    """A gateway's question (`route_changed`): tell me when requests should no longer go to
+    instance `key` where it serves now."""
+
+    key: str = ""
+
+
 @dataclass
 class UsageReport:
     """Requests served since the last report (the gateway coalesces them)."""

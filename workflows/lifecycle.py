@@ -54,6 +54,7 @@ with workflow.unsafe.imports_passed_through():
         RemoveCommand,
         RetryRequest,
         RollbackRequest,
+        RouteWatch,
         UnloadCommand,
         UsageReport,
         WithdrawDemand,
@@ -75,6 +76,11 @@ _CAPACITY_RECHECK_MAX = 30.0
 _PRELOAD_RACES = 3
 # Usage alone (no phase change) refreshes the visibility summary at most this often.
 _SUMMARY_USAGE_INTERVAL = 30.0
+# A gateway's route_changed question is answered, changed or not, after this long: one left by a
+# gateway that went away does not stay open (a timer each, per loaded model a gateway routes to).
+ROUTE_WATCH_SECONDS = 300.0
+# Open route_changed questions at most (one per gateway that routes to the model).
+MAX_ROUTE_WATCHES = 4
 
 
 @workflow.defn(name=WORKFLOW_TYPE)
@@ -130,6 +136,10 @@ class ModelLifecycleWorkflow(NewVersions, Parking):
         # before it, when its files are still there (a numbered version, a release a symlink
         # pointed to), to be served again if the new one does not come up.
         self._recreate_fallback: ModelSource | None = None
+        # Gateways' open `route_changed` questions, and whether this run is handing over to the
+        # next (continue-as-new), which answers them all.
+        self._route_watches = 0
+        self._handing_over = False
 
     # -- messages ------------------------------------------------------------------------------
     @workflow.query
@@ -150,6 +160,44 @@ class ModelLifecycleWorkflow(NewVersions, Parking):
                 counts[org] = counts.get(org, 0) + n
         self._state.last_used_at = workflow.now().timestamp()
         self._usage_seq += 1
+
+    @workflow.update
+    async def route_changed(self, watch: RouteWatch | None = None) -> ModelState:
+        """Answers the model's state once requests should no longer go where they go now (to
+        instance `watch.key` at its endpoint): a switch to a new version, an unload, a park, a
+        restart, a move, a removal. Gateways keep one such question open for each loaded model
+        they route to, so that they follow a switch in the step that makes it, not after their
+        cache time. It is also answered, unchanged, after ROUTE_WATCH_SECONDS (a gateway that
+        went away leaves no question open for long) and when this run hands over to the next."""
+        assert watch is not None  # the validator refuses a question without input
+        endpoint = self._state.endpoint
+        self._route_watches += 1
+        try:
+            await workflow.wait_condition(
+                lambda: (
+                    self._state.key != watch.key
+                    or self._state.phase != Phase.LOADED
+                    or self._state.endpoint != endpoint
+                    or self._handing_over
+                ),
+                timeout=ROUTE_WATCH_SECONDS,
+            )
+        except TimeoutError:
+            pass
+        finally:
+            self._route_watches -= 1
+        return self._state
+
+    @route_changed.validator
+    def _validate_route_changed(self, watch: RouteWatch | None = None) -> None:
+        st = self._state
+        if watch is None or not isinstance(watch.key, str) or not watch.key:
+            raise ApplicationError('route_changed needs {"key": the instance requests go to now}')
+        if st.phase != Phase.LOADED or st.key != watch.key or self._handing_over:
+            raise ApplicationError(f"{st.name} is {st.phase} as {st.key}, not {watch.key}; read its state")
+        if self._route_watches >= MAX_ROUTE_WATCHES:
+            # Temporal admits 10 updates in flight per workflow: these must leave room for the rest.
+            raise ApplicationError(f"{st.name} has {self._route_watches} route watches open; read its state")
 
     @workflow.signal
     def files_changed(self, source: ModelSource | None = None) -> None:
@@ -1002,6 +1050,7 @@ class ModelLifecycleWorkflow(NewVersions, Parking):
             await self._notify_waiting(CapacityFreed(freed.node, self._state.name, freed.bytes))
 
     async def _continue_as_new(self) -> None:
+        self._handing_over = True  # open route_changed questions are answered, to be asked anew
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(replace(self._input, state=self._state))
 

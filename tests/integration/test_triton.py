@@ -18,6 +18,7 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from modelium.config import Triton
+from modelium.names import workflow_id
 from modelium.runtimes.process import pid_alive
 from modelium.runtimes.triton import TritonRuntimeAdapter, find_binary
 from modelium.types import Booking, LoadRequest, ModelFormat, Task
@@ -205,6 +206,9 @@ async def test_a_triton_model_is_updated_beside_the_serving_one(
             assert "1.0" in added and "2.0" in added, sorted(set(added))
             assert {a[2] for a in adders.answers if a[0] > switched_at} == {"2.0"}
             assert after["phase"] == "loaded" and after["runtime"] == "triton" and after["update_count"] == 1
+            # The gateway was told of the switch by the workflow (its route_changed update, one
+            # answered), not left to find it on its next read.
+            assert True in await route_notices(temporal_env, name)
             # The old version went once drained: only the new one is in the server and booked.
             await wait_for(lambda: triton.running() == [f"{name}@u1"], 60, what="the old version unloaded")
             bookings = [b.model for b in running.node.ledger.bookings() if b.model.startswith(name)]
@@ -240,6 +244,20 @@ async def test_a_triton_model_is_updated_beside_the_serving_one(
             metrics = (await http.get(f"http://127.0.0.1:{running.metrics_port}/metrics")).text
             assert metric_value(metrics, "modelium_model_updates_total", model=name, result="switched") == 1.0
             assert metric_value(metrics, "modelium_model_updates_total", model=name, result="failed") == 2.0
+
+
+async def route_notices(env: WorkflowEnvironment, name: str) -> list[bool]:
+    """Each `route_changed` update the model's workflow accepted: whether it was answered."""
+    history = await env.client.get_workflow_handle(workflow_id(name)).fetch_history()
+    accepted, completed = {}, set()
+    for event in history.events:
+        if event.HasField("workflow_execution_update_accepted_event_attributes"):
+            attrs = event.workflow_execution_update_accepted_event_attributes
+            if attrs.accepted_request.input.name == "route_changed":
+                accepted[attrs.accepted_request.meta.update_id] = True
+        elif event.HasField("workflow_execution_update_completed_event_attributes"):
+            completed.add(event.workflow_execution_update_completed_event_attributes.meta.update_id)
+    return [update in completed for update in accepted]
 
 
 def replace_model(entry: Path, text: str) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from temporalio import activity
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError, WorkflowUpdateStage
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -28,7 +28,15 @@ from modelium.types import (
     Task,
 )
 from tests.helpers import end_workflows_of, unique, wait_for
-from workflows.contracts import ActivityName, CapacityFreed, EnsureLoadedRequest, ErrorType, LifecycleInput, Preload
+from workflows.contracts import (
+    ActivityName,
+    CapacityFreed,
+    EnsureLoadedRequest,
+    ErrorType,
+    LifecycleInput,
+    Preload,
+    RouteWatch,
+)
 from workflows.lifecycle import ModelLifecycleWorkflow
 from workflows.steps import (
     DecideRequest,
@@ -57,6 +65,8 @@ class Stubs:
     wake_error: str | None = None
     # Answers of the next decisions' `no_room`, first to last (then `no_room`).
     no_room_next: list[str | None] = field(default_factory=list)
+    # When set, a smoke check waits for it (a switch held near).
+    smoke_gate: asyncio.Event | None = None
     calls: list[str] = field(default_factory=list)
 
     def activities(self) -> list[object]:
@@ -116,6 +126,8 @@ class Stubs:
         @activity.defn(name=ActivityName.SMOKE_CHECK)
         async def smoke_check(request: SmokeRequest) -> str:
             self.calls.append("smoke")
+            if self.smoke_gate is not None:
+                await self.smoke_gate.wait()
             return "answered one token"
 
         @activity.defn(name=ActivityName.DRAIN_RUNTIME)
@@ -282,3 +294,32 @@ async def test_a_new_version_placed_on_a_stale_view_decides_again_before_it_recr
         "smoke",
     ], after
     assert "update switched" in after and "update recreated" not in after
+
+
+async def test_a_gateway_is_told_of_the_switch_it_asked_about(stubbed: tuple[Client, Stubs, str]) -> None:
+    """`route_changed`, asked about a loaded model's instance, answers with the new instance in
+    the step that switches to it (here while its new version was being checked); asked about an
+    instance requests no longer go to, it is refused."""
+    client, stubs, queue = stubbed
+    handle = await _start(client, queue, beside_runtimes=["embedded"])
+    state = await _phase(handle, Phase.LOADED)
+    with pytest.raises(WorkflowUpdateFailedError) as refused:
+        await handle.execute_update(ModelLifecycleWorkflow.route_changed, RouteWatch(f"{state.name}@u9"))  # type: ignore[attr-defined]
+    assert "read its state" in str(refused.value.cause)
+    notice = await handle.start_update(
+        ModelLifecycleWorkflow.route_changed,
+        RouteWatch(state.key),  # type: ignore[attr-defined]
+        wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+    )
+    stubs.smoke_gate = asyncio.Event()
+    await handle.signal(ModelLifecycleWorkflow.files_changed, ModelSource(state.name, state.path, "f2"))  # type: ignore[attr-defined]
+
+    async def checking() -> object:
+        now = await handle.query(ModelLifecycleWorkflow.state)
+        return now if now.update_state == "smoke_check" else None
+
+    await wait_for(checking, timeout=30, interval=0.05, what="the new version's smoke check")
+    stubs.smoke_gate.set()
+    switched = await notice.result()
+    assert switched.key == f"{state.name}@u1" and switched.update_state == "draining"  # type: ignore[attr-defined]
+    assert switched.switched_at is not None
