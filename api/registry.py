@@ -146,9 +146,16 @@ class ModelRegistry:
             return
         finally:
             self._watches.pop(model, None)
+        if state.phase != Phase.LOADED:
+            # Taken down (unloaded, parked, restarting, removed): the answer is the state at the
+            # step that began it, its reason maybe not written yet. Requests stop going to the
+            # old endpoint, and the next one reads the state as it is then.
+            self._cache.pop(model, None)
+            self._last_loaded.pop(model, None)
+            return
         # Asked again only for a model this gateway still sends requests to.
         used = time.time() - self._last_request.get(model, 0.0) < FOLLOW_IF_USED_WITHIN
-        self._remember(model, None if state.phase == Phase.REMOVED else state, follow=used)
+        self._remember(model, state, follow=used)
 
     async def close(self) -> None:
         """Stop waiting for route notices (the gateway stops)."""

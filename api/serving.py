@@ -299,8 +299,10 @@ async def relay(gw: Gateway, state: ModelState, stream: Stream, tally: Tally, cl
         status = 499  # the client went away (the stream was cancelled)
         raise
     finally:
-        await stream.aclose()
+        # Counted first: when the client hung up, this task is being cancelled, and the close
+        # below (an await) may be cancelled in turn before anything after it runs.
         tally.finish(status)
+        await stream.aclose()
 
 
 async def stream_after_load(
