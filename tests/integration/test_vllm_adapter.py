@@ -211,6 +211,18 @@ async def test_vllm_through_modelium_streams_and_unloads(
             await wait_for(lambda: not pid_alive(pid), timeout=30, what="the vLLM stand-in to stop")
 
 
+async def wait_parked(http: httpx.AsyncClient, name: str, timeout: float) -> dict[str, Any]:
+    """The model once parked: in phase `parked` from the step that begins it (no request is
+    routed to it from then on), with its weights' host booking once the runtime is asleep."""
+
+    async def asleep() -> dict[str, Any] | None:
+        response = await http.get(f"/models/{name}")
+        state = response.json() if response.status_code == 200 else {}
+        return state if state.get("phase") == "parked" and state.get("parked_bytes") else None
+
+    return await wait_for(asleep, timeout=timeout, what=f"{name} parked")
+
+
 async def test_an_idle_vllm_model_is_parked_and_a_request_wakes_it(
     temporal_env: WorkflowEnvironment, demo_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -227,7 +239,7 @@ async def test_an_idle_vllm_model_is_parked_and_a_request_wakes_it(
     async with running_modelium(settings, temporal_env.client, gpu=gpu) as running:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=120) as http:
             copy_model(demo_models["text-generation"], settings.watch_directories[0] / name)
-            parked = await wait_phase(http, name, "parked", timeout=180)
+            parked = await wait_parked(http, name, timeout=180)
             [started] = [r for r in _records(record) if "argv" in r]
             pid = started["pid"]
             assert parked["runtime"] == "vllm" and pid_alive(pid)
@@ -265,7 +277,7 @@ async def test_an_idle_vllm_model_is_parked_and_a_request_wakes_it(
             assert info["load_count"] == 1 and info["endpoint"]["pid"] == pid, info
 
             # Idle again, it parks again; unloaded, its process and both bookings go.
-            await wait_phase(http, name, "parked", timeout=60)
+            await wait_parked(http, name, timeout=60)
             response = await http.post(f"/models/{name}/unload", json={"wait": True})
             assert response.status_code == 200, response.text
             await wait_for(lambda: not pid_alive(pid), timeout=30, what="the vLLM stand-in to stop")
@@ -298,7 +310,7 @@ async def test_a_parked_models_host_memory_is_evicted_for_a_model_that_needs_it(
     async with running_modelium(settings, temporal_env.client, gpu=GpusFreedWhileAsleep(record)) as running:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway_port}", timeout=120) as http:
             copy_model(demo_models["text-generation"], settings.watch_directories[0] / sleeper)
-            await wait_phase(http, sleeper, "parked", timeout=180)
+            await wait_parked(http, sleeper, timeout=180)
             [pid] = [r["pid"] for r in _records(record) if "argv" in r]
             assert f"{sleeper}~parked" in json.loads(ledger.read_text())["bookings"]
             copy_model(demo_models["text-generation"], settings.watch_directories[0] / needy)
