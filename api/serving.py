@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from api.auth import Principal
 from api.coldstart import failed_model
@@ -280,6 +282,21 @@ async def open_stream(gw: Gateway, state: ModelState, path: str, content: bytes)
             raise await _unreachable(gw, state, exc) from exc
         raise upstream_failure(state, stream.status, body)
     return stream
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streamed answer whose body is closed as soon as the response ends, however it ends.
+    When the client hangs up while the answer is being sent, Starlette stops iterating the body
+    but leaves the generator suspended; it was then closed (and the request counted, as 499)
+    only when the garbage collector got to it, which could take many seconds."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 async def relay(gw: Gateway, state: ModelState, stream: Stream, tally: Tally, client: Request) -> AsyncIterator[bytes]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from api.auth import Principal
@@ -18,6 +18,7 @@ from api.deps import Gateway, GatewayDep, PrincipalDep, RegistryDep
 from api.errors import InvalidRequest, describe_validation
 from api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIModel, OpenAIModelList
 from api.serving import (
+    ClosingStreamingResponse,
     answered,
     check_max_tokens,
     open_stream,
@@ -65,7 +66,7 @@ async def _proxy(
             state = await routable_model(gw, body.model, principal, tally, route=path)
             if state.phase != Phase.LOADED or state.endpoint is None:
                 tally.status = 0  # the stream's own end decides
-                return StreamingResponse(
+                return ClosingStreamingResponse(
                     stream_after_load(gw, state, path, raw, tally, request),
                     media_type="text/event-stream",
                     headers=_SSE_HEADERS,
@@ -76,7 +77,7 @@ async def _proxy(
         if body.stream:
             upstream = await open_stream(gw, state, path, raw)
             tally.status = 0  # the stream's own end decides
-            return StreamingResponse(
+            return ClosingStreamingResponse(
                 relay(gw, state, upstream, tally, request), media_type="text/event-stream", headers=_SSE_HEADERS
             )
         _, content = await post(gw, state, path, raw)
