@@ -280,13 +280,16 @@ class ModelRegistry:
         written since (the fleet index GET /models keeps too)."""
         while True:
             if self._control.available:
+                seen = self._fleet.version
                 try:
                     states = await self._fleet.states(full_refresh=False)
                 except RPCError as exc:
                     log.debug("state refresh skipped: %s", exc.message)
                 else:
-                    self._listed_loaded = {s.name: s for s in states if s.phase == Phase.LOADED}
-                    self._phases = Counter(str(s.phase) for s in states)
+                    # Counted again only when something changed: at rest, nothing is.
+                    if self._fleet.version != seen or not self._phases:
+                        self._listed_loaded = {s.name: s for s in states if s.phase == Phase.LOADED}
+                        self._phases = Counter(str(s.phase) for s in states)
             await asyncio.sleep(interval)
 
     async def fleet(self) -> list[ModelState]:
@@ -347,8 +350,10 @@ class FleetIndex:
     """Every model's summary as the visibility store lists it, kept here between listings.
 
     The first listing reads them all (10 pages at 10,000 models: seconds). Each later one asks
-    only for the runs whose summary was written since the latest one it saw (less an overlap):
-    one List call whose size is the churn, not the fleet. A new model, or a new run of one,
+    only for the runs whose summary was written since the latest one it saw (less an overlap,
+    for writes made visible out of order), or since the time before which every write was
+    visible at the last listing's start, if that is later: one List call whose size is the
+    churn, not the fleet, and none at all while nothing changes. A new model, or a new run of one,
     writes its summary as it starts; a removed one writes `removed` as it ends. The times
     compared are all the workflows' (the server's clock), so clocks here do not matter. What
     writes no summary (a workflow terminated by hand, one from before the summary's time was
@@ -359,8 +364,17 @@ class FleetIndex:
         self._overlap = overlap
         # How many runs the last List call returned (the whole fleet, or the changes).
         self.last_read = 0
+        # Goes up whenever a listing changed the index.
+        self.version = 0
         self._runs: dict[str, tuple[str, ModelState]] = {}  # workflow id -> (run id, summary)
         self._latest: datetime | None = None
+        # When the latest summary was first seen here (monotonic): the server's clock was at or
+        # past its time then.
+        self._latest_seen_at = 0.0
+        # Every summary written before this is in the index (None: only `_latest - overlap` is
+        # known to be). It moves on while nothing changes, so a resting fleet's listings come
+        # back empty instead of reading the last overlap's writes again each time.
+        self._floor: datetime | None = None
         self._full_at = 0.0
         self._lock = asyncio.Lock()
         self._refresh: asyncio.Task[None] | None = None
@@ -372,10 +386,21 @@ class FleetIndex:
             if self._latest is None:
                 await self._read_all()
             else:
-                await self._read_changes(self._latest - self._overlap)
+                bound = self._visible_before()
+                since = self._latest - self._overlap
+                await self._read_changes(max(since, self._floor) if self._floor else since)
+                self._floor = max(bound, self._floor) if self._floor else bound
                 if full_refresh:
                     self._refresh_in_background()
             return [state for _, state in self._runs.values()]
+
+    def _visible_before(self) -> datetime:
+        """A time before which every summary write is visible now: a write is visible within
+        the overlap of its time, and the server's clock is now at least the latest summary's time
+        plus the time passed here since it was seen (a monotonic difference, so no clock here is
+        compared with the server's). A listing that starts now reads all of them."""
+        assert self._latest is not None
+        return self._latest + timedelta(seconds=time.monotonic() - self._latest_seen_at) - self._overlap
 
     def _refresh_in_background(self) -> None:
         if time.monotonic() - self._full_at < FULL_LISTING_SECONDS or self._refresh is not None:
@@ -383,9 +408,12 @@ class FleetIndex:
 
         async def refresh() -> None:
             # Without the lock: listings go on meanwhile. A change they applied that this read
-            # (begun earlier) misses is within the overlap, so the next listing reads it again.
+            # (begun earlier) misses was written after it began: the floor goes back to where it
+            # was then, so the next listing reads that change again.
+            floor = self._visible_before() if self._latest is not None else None
             try:
                 await self._read_all()
+                self._floor = floor
             except RPCError as exc:
                 log.info("background model listing failed: %s", exc.message)
             finally:
@@ -403,6 +431,7 @@ class FleetIndex:
             if state is not None and state.phase != Phase.REMOVED:
                 runs[execution.id] = (execution.run_id or "", state)
         self._runs = runs
+        self.version += 1
         self.last_read = len(executions)
         self._see(executions)
         self._full_at = started
@@ -426,6 +455,8 @@ class FleetIndex:
             # A model whose workflow ended is gone, unless a newer run of it is known.
             if wf_id not in running and wf_id in self._runs and self._runs[wf_id][0] == run_id:
                 del self._runs[wf_id]
+        if executions:
+            self.version += 1
         self.last_read = len(executions)
         self._see(executions)
 
@@ -435,3 +466,4 @@ class FleetIndex:
             at = execution.typed_search_attributes.get(UPDATED_KEY) or execution.start_time
             if self._latest is None or at > self._latest:
                 self._latest = at
+                self._latest_seen_at = time.monotonic()

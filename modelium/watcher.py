@@ -150,6 +150,10 @@ class ModelFolderWatcher:
         self._warned: set[Path] = set()
         # Each watched directory's modification time when _rescan last listed it.
         self._listed_mtime: dict[Path, int] = {}
+        # Set (from the observer's thread) when a folder is marked: an idle watcher sleeps until
+        # then, or until its next rescan, instead of ticking.
+        self._woken: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def directories(self) -> list[Path]:
@@ -169,7 +173,10 @@ class ModelFolderWatcher:
 
     def _mark(self, root: Path, entry: str) -> None:
         with self._lock:
+            first = not self._dirty
             self._dirty.add((root, entry))
+        if first and self._loop is not None and self._woken is not None:
+            self._loop.call_soon_threadsafe(self._woken.set)
 
     def _observer(self, polling: bool) -> BaseObserver:
         observer: BaseObserver = PollingObserver(timeout=self._poll_interval) if polling else Observer()
@@ -219,6 +226,14 @@ class ModelFolderWatcher:
             "polling" if self._polling else "events",
             self._settle,
         )
+        self._loop = asyncio.get_running_loop()
+        woken = self._woken = asyncio.Event()
+
+        async def wake_on_stop() -> None:
+            await stop.wait()
+            woken.set()
+
+        stopper = asyncio.create_task(wake_on_stop(), name="watcher-stop")
         try:
             for root in self._dirs:
                 for child in root.iterdir():
@@ -228,17 +243,33 @@ class ModelFolderWatcher:
             while not stop.is_set():
                 if time.monotonic() - rescanned >= self._rescan_seconds:
                     rescanned = time.monotonic()
-                    known = {entry.path for entry in self._entries.values()}
-                    await asyncio.to_thread(self._rescan, known)
+                    if self._roots_changed():
+                        known = {entry.path for entry in self._entries.values()}
+                        await asyncio.to_thread(self._rescan, known)
                 await self._tick()
                 self._scanned.set()
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=tick)
-                except TimeoutError:
-                    pass
+                # Cleared before looking: a folder marked from here on wakes the wait below.
+                woken.clear()
+                with self._lock:
+                    idle = not self._dirty and not self._pending
+                # Ticking only while a folder is settling; idle, until a change or the rescan.
+                timeout = max(self._rescan_seconds - (time.monotonic() - rescanned), 0.0) if idle else tick
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), timeout=timeout)
         finally:
+            stopper.cancel()
             observer.stop()
             await asyncio.to_thread(observer.join, 5)
+
+    def _roots_changed(self) -> bool:
+        """Whether a watched directory's modification time differs from its last listing's."""
+        for root in self._dirs:
+            try:
+                if self._listed_mtime.get(root) != root.stat().st_mtime_ns:
+                    return True
+            except OSError:
+                continue
+        return False
 
     def _rescan(self, known: set[Path]) -> None:
         """List the watched directories again: events can be lost (the kernel's inotify queue

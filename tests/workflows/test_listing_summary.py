@@ -143,6 +143,12 @@ async def test_fleet_index_reads_everything_once_then_only_changes() -> None:
             assert fleet.last_read == 12, "the first listing reads every summary"
             assert await listed_by(fleet) == {n: "unloaded" for n in names}
             assert fleet.last_read == 1, f"listing an unchanged fleet read {fleet.last_read} runs, not the latest"
+            # Once the latest write is older than the overlap, a listing that starts then reads
+            # everything written before: the one after it reads nothing.
+            await asyncio.sleep(1.1)
+            assert await listed_by(fleet) == {n: "unloaded" for n in names}
+            assert await listed_by(fleet) == {n: "unloaded" for n in names}
+            assert fleet.last_read == 0, f"listing a fleet at rest read {fleet.last_read} runs"
 
             # One summary changes, one model is removed (its workflow ends), one is added, and
             # one continues as new.
